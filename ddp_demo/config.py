@@ -1,0 +1,107 @@
+"""Typed training configuration and the command line built from it.
+
+Each field's ``help`` is its one-line documentation and its ``--flag`` help text.
+``__post_init__`` rejects bad values with a :class:`ConfigError` whose message names
+the flag and the fix; the caller prints it once (rank 0) and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from .models import MODEL_NAMES
+
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """A bad flag or input file; its message is the one line the user sees."""
+
+
+def _opt(default, help, choices=None, type_=None):
+    return field(default=default, metadata={"help": help, "choices": choices, "type": type_})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = _opt("mlp", "which of the article's modules to train", MODEL_NAMES)
+    steps: int = _opt(300, "optimizer steps to run (across epochs)")
+    global_batch_size: int = _opt(64, "samples per step over all ranks; must divide by the world size")
+    lr: float = _opt(0.05, "learning rate")
+    optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
+    seed: int = _opt(0, "seeds the model init, the built-in data and the sampler order")
+    dtype: str = _opt("float32", "parameter and data dtype", DTYPES)
+    data: str | None = _opt(None, "a .pt file holding a tuple (x, y) to train on instead of built-in data", type_=str)
+    out: str = _opt("runs/latest", "directory for final.pt, metrics.jsonl and summary.json")
+    device: str = _opt("auto", "cuda:LOCAL_RANK when CUDA is available, else cpu", DEVICES)
+    backend: str = _opt("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS)
+    timeout: float = _opt(120.0, "seconds a collective may wait for its peers before failing")
+    log_all_ranks: bool = _opt(False, "also log from non-zero ranks, prefixed [rank N]")
+
+    def __post_init__(self):
+        for name in ("model", "optimizer", "dtype", "device", "backend"):
+            choices = _field(name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"--{name} {getattr(self, name)!r} is not known; use one of: {', '.join(choices)}"
+                )
+        for name in ("steps", "global_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_flag(name)} must be a positive integer (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be a positive number (got {self.lr})")
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout must be a positive number of seconds (got {self.timeout})")
+
+    def check_world_size(self, world_size: int) -> None:
+        """The global batch is split evenly: each rank gets ``B / N`` samples per step."""
+        if self.global_batch_size % world_size:
+            b = self.global_batch_size
+            fix = (b // world_size or 1) * world_size
+            raise ConfigError(
+                f"--global-batch-size {b} does not divide by the world size {world_size}; "
+                f"use a multiple of {world_size}, e.g. --global-batch-size {fix}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field(name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises ConfigError (one line, printed once by the caller)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see --help")
+
+
+def build_parser(prog: str = "ddp_demo.train", description: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description)
+    for f in dataclasses.fields(TrainConfig):
+        meta, flag = f.metadata, _flag(f.name)
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        # choices are validated in __post_init__ so the message names the fix the same way
+        kind = meta["type"] or type(f.default)
+        extra = f" ({'|'.join(meta['choices'])})" if meta["choices"] else ""
+        parser.add_argument(flag, type=kind, default=f.default, help=f"{meta['help']}{extra} [default: {f.default}]")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line into a validated :class:`TrainConfig` (raises ConfigError)."""
+    args = build_parser().parse_args(argv)
+    return TrainConfig(**vars(args))

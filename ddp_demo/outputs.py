@@ -1,0 +1,49 @@
+"""Writing results: every file appears whole or not at all.
+
+Each file is written to a temporary name in the same directory, flushed to disk and
+renamed over the target (``os.replace`` is atomic on POSIX), so a crash never leaves a
+half-written ``final.pt`` that a later run or a reader would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+
+def check_out_dir(path: str) -> None:
+    """Fail early (before any training) if ``--out`` can never be written."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"--out {path}: {p} is a file, not a directory; pick another --out")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: {p} is not writable; pick a writable --out")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(out: str, state_dict: dict, metrics: list[dict], summary: dict) -> None:
+    """final.pt (plain state_dict), metrics.jsonl (a line per step), summary.json."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(m) + "\n" for m in metrics)
+    atomic_write(d / "final.pt", lambda p: torch.save(state_dict, p))
+    atomic_write(d / "metrics.jsonl", lambda p: p.write_text(lines))
+    atomic_write(d / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
