@@ -42,6 +42,9 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS)
     timeout: float = _opt(120.0, "seconds a collective may wait for its peers before failing")
     log_all_ranks: bool = _opt(False, "also log from non-zero ranks, prefixed [rank N]")
+    skip_grad_sync: bool = _opt(
+        False, "negative control: never all-reduce gradients (DDP.no_sync every step); the run then fails its check"
+    )
 
     def __post_init__(self):
         for name in ("model", "optimizer", "dtype", "device", "backend"):

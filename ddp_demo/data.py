@@ -64,20 +64,19 @@ def _regression(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
     return x, 3.0 * x + 0.01 * torch.randn(n, generator=g)
 
 
-_BUILTIN = {"mlp": _two_class, "cnn": _shapes, "multiply": _regression}
+# model -> (generator, number of classes; 0 for regression)
+_BUILTIN = {"mlp": (_two_class, 2), "cnn": (_shapes, 3), "multiply": (_regression, 0)}
 
 
 def builtin_task(model: str, seed: int, dtype: torch.dtype, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT) -> Task:
-    g = torch.Generator().manual_seed(seed)
-    x, y = _BUILTIN[model](n_train + n_heldout, g)
-    return _split(model, x.to(dtype), y, n_train)
+    make, num_classes = _BUILTIN[model]
+    x, y = make(n_train + n_heldout, torch.Generator().manual_seed(seed))
+    return _split(x.to(dtype), y, n_train, num_classes)
 
 
-def _split(model: str, x: torch.Tensor, y: torch.Tensor, n_train: int) -> Task:
-    if model == "multiply":
-        y, num_classes = y.to(x.dtype), 0
-    else:
-        num_classes = int(y.max()) + 1
+def _split(x: torch.Tensor, y: torch.Tensor, n_train: int, num_classes: int) -> Task:
+    if num_classes == 0:
+        y = y.to(x.dtype)
     return Task(TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]), num_classes)
 
 
@@ -91,12 +90,14 @@ def load_task(path: str, model: str, dtype: torch.dtype, seed: int) -> Task:
         raise ConfigError(f"--data {path}: not a readable torch file ({type(e).__name__}); "
                           "write it with torch.save((x, y), path)") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
-        raise ConfigError(f"--data {path}: expected a tuple (x, y) of two tensors; save it with torch.save((x, y), path)")
+        raise ConfigError(f"--data {path}: expected a tuple (x, y) of two tensors; "
+                          "save it with torch.save((x, y), path)")
     x, y = obj
     _check_shapes(path, model, x, y)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm].to(dtype), y[perm]
-    return _split(model, x, y, n_train=int(0.8 * len(x)))
+    num_classes = 0 if model == "multiply" else int(y.max()) + 1
+    return _split(x, y, int(0.8 * len(x)), num_classes)
 
 
 def _check_shapes(path: str, model: str, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ class LaunchEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False  # started by a launcher: join a process group even when N = 1
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
+        """A process group exists (torchrun, even with N = 1); plain ``python`` has none."""
+        return dist.is_initialized()
 
 
 def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
@@ -58,6 +60,7 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
         rank=int(env["RANK"]),
         local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
         world_size=int(env["WORLD_SIZE"]),
+        launched=True,
     )
 
 
@@ -94,7 +97,7 @@ def setup(
     be = pick_backend(dev, backend)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if env.world_size > 1 or store is not None:
+    if env.launched or env.world_size > 1 or store is not None:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(
             be,

@@ -27,6 +27,10 @@ from .outputs import check_out_dir, write_outputs
 from .training import DTYPES, loss_function, make_optimizer, train_loop
 
 
+class ParametersDiverged(RuntimeError):
+    """The ranks disagree at the end: the run is not a data-parallel run of one model."""
+
+
 def make_task(cfg: TrainConfig) -> Task:
     dtype = DTYPES[cfg.dtype]
     if cfg.data:
@@ -64,9 +68,9 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext) -> dict:
     log.each(ctx.rank, f"device {ctx.device}, local rank {ctx.local_rank}", cfg.log_all_ranks)
     logs = train_loop(ddp, optimizer, loader, loss_function(task), cfg, ctx)
 
-    if not all_ranks_equal(flat_parameters(model), ctx):
-        raise RuntimeError("ranks hold different parameters after training: gradients were not synchronised")
-    log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
+    identical = all_ranks_equal(flat_parameters(model), ctx)
+    if identical:
+        log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
     correct, total = heldout_counts(model, task, ctx)
     summary = {
         "config": cfg.to_dict(),
@@ -77,6 +81,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext) -> dict:
         "final_loss": logs[-1].loss,
         "heldout_accuracy": correct / total,
         "heldout_samples": total,
+        "params_identical_across_ranks": identical,
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
     if ctx.is_main:
@@ -84,6 +89,11 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext) -> dict:
         write_outputs(cfg.out, state, [vars(s) for s in logs], summary)
     log.info(ctx.rank, f"held-out accuracy {correct}/{total} = {correct / total:.3f}; "
                        f"final loss {logs[-1].loss:.4f}; wall time {summary['wall_time_s']:.1f} s; wrote {cfg.out}/")
+    if not identical:
+        raise ParametersDiverged(
+            "ranks hold different parameters after training: gradients were not synchronised"
+            + (" (--skip-grad-sync was given)" if cfg.skip_grad_sync else "")
+        )
     return summary
 
 
@@ -106,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, task, ctx)
         return 0
+    except ParametersDiverged as e:
+        log.error(ctx.rank, str(e))
+        return 1
     except Exception as e:
         # Print it from the rank it happened on, then drop the traceback's frames so the
         # DDP model they hold is freed before teardown (see dist.teardown for why).

@@ -7,6 +7,7 @@ already wrapped (``DistributedDataParallel`` for torchrun) and, if needed, its o
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,8 +83,10 @@ def train_loop(
         start = time.perf_counter()
         x, y = x.to(ctx.device), y.to(ctx.device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        backward(loss)  # DDP all-reduces gradient buckets while backward runs
+        no_sync = getattr(model, "no_sync", contextlib.nullcontext) if cfg.skip_grad_sync else contextlib.nullcontext
+        with no_sync():
+            loss = loss_fn(model(x), y)  # no_sync must be entered before forward (DDP docs)
+            backward(loss)  # DDP all-reduces gradient buckets while backward runs
         optimizer.step()
         loss_value = global_mean(loss, ctx)
         rate = cfg.global_batch_size / (time.perf_counter() - start)

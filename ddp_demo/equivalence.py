@@ -1,0 +1,99 @@
+"""The equivalence checks: DDP on N ranks against one process on the whole batch.
+
+Each ``*_on_rank`` function runs inside one worker (see ``spawn.run_on_ranks``) and
+returns what that rank ended up with; the matching ``reference_*`` function computes
+what a single process gets from the same seed and the same global batch. The tests
+compare the two. ``sync=False`` runs backward under ``DDP.no_sync()``: gradients stay
+local, which is the negative control showing that the comparison can fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .config import TrainConfig
+from .data import builtin_task
+from .dist import DistContext
+from .models import build_model
+from .training import DTYPES, loss_function, make_optimizer
+
+SEED = 1234
+GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4
+LR = {"sgd": 0.05, "adam": 0.01}
+
+
+def _setup(model_name: str, dtype: str, steps: int):
+    """The same initial Module and the same ``steps`` global batches, in any process."""
+    task = builtin_task(model_name, SEED, DTYPES[dtype], n_train=GLOBAL_BATCH * steps, n_heldout=0)
+    torch.manual_seed(SEED)
+    model = build_model(model_name, task.x_shape, task.num_classes).to(DTYPES[dtype])
+    x, y = task.train.tensors
+    batches = [(x[t * GLOBAL_BATCH : (t + 1) * GLOBAL_BATCH], y[t * GLOBAL_BATCH : (t + 1) * GLOBAL_BATCH])
+               for t in range(steps)]
+    return model, batches, loss_function(task)
+
+
+def _shard(batch, ctx: DistContext):
+    """Rank r's part of a global batch: samples r, r+N, ... (DistributedSampler's layout)."""
+    return [t[ctx.rank :: ctx.world_size] for t in batch]
+
+
+def _optimizer(name: str, params):
+    return make_optimizer(TrainConfig(optimizer=name, lr=LR[name]), params)
+
+
+def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True) -> dict[str, torch.Tensor]:
+    """One forward/backward of this rank's shard through DDP; the resulting .grad tensors."""
+    model, (batch,), loss_fn = _setup(model_name, dtype, steps=1)
+    ddp = DDP(model)
+    x, y = _shard(batch, ctx)
+    with contextlib.nullcontext() if sync else ddp.no_sync():
+        loss_fn(ddp(x), y).backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def reference_grads(model_name: str, dtype: str) -> dict[str, torch.Tensor]:
+    model, (batch,), loss_fn = _setup(model_name, dtype, steps=1)
+    x, y = batch
+    loss_fn(model(x), y).backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, steps: int = 5,
+                   sync: bool = True) -> dict[str, torch.Tensor]:
+    """``steps`` optimizer steps through DDP; the parameters afterwards."""
+    model, batches, loss_fn = _setup(model_name, dtype, steps)
+    ddp = DDP(model)
+    opt = _optimizer(optimizer, ddp.parameters())
+    for batch in batches:
+        x, y = _shard(batch, ctx)
+        opt.zero_grad()
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            loss_fn(ddp(x), y).backward()
+        opt.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def reference_params(model_name: str, dtype: str, optimizer: str, steps: int = 5) -> dict[str, torch.Tensor]:
+    model, batches, loss_fn = _setup(model_name, dtype, steps)
+    opt = _optimizer(optimizer, model.parameters())
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def all_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, dict[str, torch.Tensor]]:
+    """Run many cases in one set of processes (start-up costs seconds; a case, milliseconds).
+
+    A case is ``("grads", model, dtype, sync)`` or ``("params", model, dtype, optimizer, sync)``.
+    """
+    out = {}
+    for case in cases:
+        kind, *rest = case
+        out[case] = grads_on_rank(ctx, *rest) if kind == "grads" else params_on_rank(ctx, *rest[:3], sync=rest[3])
+    return out

@@ -1,0 +1,90 @@
+"""Run a function on N fresh processes joined by a FileStore (no ports), with a timeout.
+
+The test suite uses this to run the multi-process bodies in ``equivalence.py``;
+you can too::
+
+    from ddp_demo.spawn import run_on_ranks
+    results = run_on_ranks(my_fn, world_size=2, args=(...,))   # my_fn(ctx, *args)
+
+Each worker goes through the same ``setup()``/``teardown()`` as the trainer. A
+worker that raises, exits non-zero (an abort at exit included) or outlives the
+timeout fails the whole call, with every rank's error attached.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .dist import LaunchEnv, setup, teardown
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, args: tuple, results) -> None:
+    # One thread per rank: N ranks share the cores, as torchrun's OMP_NUM_THREADS=1 does.
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    ctx = setup(LaunchEnv(rank, rank, world_size), device="cpu", backend="gloo", timeout_s=timeout, store=store)
+    try:
+        out = fn(ctx, *args)
+        buf = io.BytesIO()
+        torch.save(out, buf)  # tensors travel as bytes: no shared-memory handles outlive the worker
+        results.put((rank, True, buf.getvalue()))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        del store
+        teardown()
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 120.0) -> list[Any]:
+    """Return ``[fn(ctx_0, *args), ..., fn(ctx_{N-1}, *args)]`` computed on N processes."""
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [
+            spawn.Process(target=_worker, args=(fn, r, world_size, store_path, timeout, args, results), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        outputs: dict[int, tuple[bool, Any]] = {}
+        try:
+            while len(outputs) < world_size and time.monotonic() < deadline:
+                try:
+                    rank, ok, payload = results.get(timeout=0.5)
+                    outputs[rank] = (ok, payload)
+                except queue.Empty:
+                    if all(p.exitcode is not None for p in procs):
+                        break  # everyone has exited and flushed: nothing more can arrive
+            for p in procs:
+                p.join(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    errors = [f"rank {r}:\n{payload}" for r, (ok, payload) in sorted(outputs.items()) if not ok]
+    errors += [f"rank {r}: exit code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode != 0]
+    missing = [r for r in range(world_size) if r not in outputs]
+    if missing:
+        errors.append(f"ranks {missing} returned nothing within {timeout:.0f} s")
+    if errors:
+        raise WorkerError("\n".join(errors))
+    return [torch.load(io.BytesIO(outputs[r][1]), weights_only=False) for r in range(world_size)]
+
