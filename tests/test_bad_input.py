@@ -1,0 +1,75 @@
+"""Bad input: one clear line naming the flag and the fix, once, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import torchrun, train
+
+
+def _bad_files(d):
+    (d / "text.pt").write_text("not a torch file")
+    torch.save({"x": torch.randn(4)}, d / "dict.pt")
+    torch.save((torch.randn(20, 3), torch.zeros(20, dtype=torch.long)), d / "shape.pt")
+    torch.save((torch.randn(20, 10), torch.zeros(7, dtype=torch.long)), d / "length.pt")
+
+
+CASES = {
+    "unknown model": (["--model", "resnet"], "--model"),
+    "unknown dtype": (["--dtype", "float16"], "--dtype"),
+    "zero steps": (["--steps", "0"], "--steps"),
+    "negative steps": (["--steps", "-3"], "--steps"),
+    "steps not a number": (["--steps", "ten"], "--steps"),
+    "missing data file": (["--data", "{d}/missing.pt"], "--data"),
+    "data not a torch file": (["--data", "{d}/text.pt"], "--data"),
+    "data not a tuple": (["--data", "{d}/dict.pt"], "--data"),
+    "data wrong shape for model": (["--data", "{d}/shape.pt", "--model", "cnn"], "--data"),
+    "data lengths differ": (["--data", "{d}/length.pt"], "--data"),
+}
+
+
+def assert_one_clear_line(proc, flag, out_dir):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ddp_demo: error: ") and flag in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_single_process(name, tmp_path):
+    _bad_files(tmp_path)
+    flags, flag = CASES[name]
+    out = tmp_path / "out"
+    proc = train(*[f.format(d=tmp_path) for f in flags], "--out", str(out), cwd=tmp_path)
+    assert_one_clear_line(proc, flag, out)
+
+
+def test_negative_control_good_input_writes_outputs(tmp_path):
+    torch.save((torch.randn(64, 10), torch.randint(0, 3, (64,))), tmp_path / "good.pt")
+    out = tmp_path / "out"
+    proc = train("--data", str(tmp_path / "good.pt"), "--steps", "3", "--global-batch-size", "8",
+                 "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "final.pt").exists()
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--global-batch-size", "63"], "--global-batch-size"),
+    (["--model", "resnet"], "--model"),
+])
+def test_under_torchrun_printed_once_by_rank_zero(flags, flag, tmp_path):
+    out = tmp_path / "out"
+    proc = torchrun(2, "ddp_demo.train", *flags, "--out", str(out), cwd=tmp_path)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
+    assert len(ours) == 1 and flag in ours[0], proc.stderr
+    assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's report: both workers exited 2
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_batch_fix_is_named(tmp_path):
+    proc = torchrun(4, "ddp_demo.train", "--global-batch-size", "30", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert "use a multiple of 4, e.g. --global-batch-size 28" in proc.stderr

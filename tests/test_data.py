@@ -1,0 +1,91 @@
+"""How the global batch is split: the sampler union property, epochs, exact held-out counting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from ddp_demo.data import builtin_task, heldout_counts, rank_loader
+from ddp_demo.dist import DistContext
+from ddp_demo.spawn import run_on_ranks
+from ddp_demo.training import epoch_batches
+
+GLOBAL_BATCH = 24
+
+
+def fake_ctx(rank: int, world_size: int) -> DistContext:
+    """The sampler only needs rank and world size: no process group required."""
+    return DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
+
+
+def ids_dataset(n: int = 100) -> TensorDataset:
+    return TensorDataset(torch.arange(n), torch.zeros(n))
+
+
+def global_batches(world_size: int, steps: int, dataset=None) -> list[list[int]]:
+    """The union, over ranks, of the sample ids each rank sees at every step."""
+    dataset = dataset or ids_dataset()
+    per_rank = []
+    for rank in range(world_size):
+        loader = rank_loader(dataset, fake_ctx(rank, world_size), GLOBAL_BATCH, seed=7)
+        per_rank.append([batch[0].tolist() for _, batch in epoch_batches(loader, steps)])
+    return [sorted(sum((per_rank[r][t] for r in range(world_size)), [])) for t in range(steps)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_each_step_sees_the_same_samples_whatever_the_world_size(world_size):
+    steps = 10  # 100 samples / 24 per step = 4 steps an epoch: this crosses two epoch boundaries
+    assert global_batches(world_size, steps) == global_batches(1, steps)
+
+
+def test_every_step_is_a_full_global_batch_without_repeats():
+    for batch in global_batches(3, 8):
+        assert len(batch) == GLOBAL_BATCH and len(set(batch)) == GLOBAL_BATCH
+
+
+def test_each_epoch_sees_distinct_samples_and_a_new_order():
+    epochs = [sum(global_batches(1, 4)[0:4], []), sum(global_batches(1, 8)[4:8], [])]
+    assert all(len(set(e)) == len(e) == 4 * GLOBAL_BATCH for e in epochs)
+    loader = rank_loader(ids_dataset(), fake_ctx(0, 1), GLOBAL_BATCH, seed=7)
+    order = [[b[0].tolist() for _, b in epoch_batches(loader, 8)]]
+    assert order[0][:4] != order[0][4:8], "set_epoch must reshuffle every epoch"
+
+
+def test_negative_control_without_set_epoch_every_epoch_repeats():
+    loader = rank_loader(ids_dataset(), fake_ctx(0, 1), GLOBAL_BATCH, seed=7)
+    first = [b[0].tolist() for b in loader]
+    second = [b[0].tolist() for b in loader]  # no set_epoch in between
+    assert first == second
+
+
+def test_negative_control_union_breaks_when_batch_is_not_split_evenly():
+    """With per-rank batches that do not add up to B, the union property fails."""
+    dataset = ids_dataset()
+    samplers = [DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=7) for r in range(2)]
+    loaders = [DataLoader(dataset, batch_size=10, sampler=s) for s in samplers]  # 20 != 24
+    union = sorted(next(iter(loaders[0]))[0].tolist() + next(iter(loaders[1]))[0].tolist())
+    assert union != global_batches(1, 1)[0]
+
+
+def _counts_on_rank(ctx, n_heldout):
+    task = builtin_task("mlp", 0, torch.float32, n_train=8, n_heldout=n_heldout)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 2)
+    return heldout_counts(model, task, ctx, batch=16)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_heldout_accuracy_counts_every_sample_exactly_once(world_size):
+    n = 100  # not divisible by 3: DistributedSampler would pad with duplicates here
+    single = _counts_on_rank(fake_ctx(0, 1), n)
+    per_rank = run_on_ranks(_counts_on_rank, world_size, (n,), timeout=120)
+    assert single[1] == n
+    assert all(counts == single for counts in per_rank)
+
+
+def test_negative_control_padded_sampler_would_count_duplicates():
+    n, world = 100, 3
+    seen = sum(len(list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)))
+               for r in range(world))
+    assert seen == 102 != n

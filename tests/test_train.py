@@ -1,0 +1,84 @@
+"""The trainer as users run it: real torchrun, real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from .conftest import torchrun, train
+
+FLAGS = ["--dtype", "float64", "--steps", "40", "--global-batch-size", "16", "--seed", "3"]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same job at N = 1, 2 and 4 under torchrun (4 oversubscribes 2 cores: fine)."""
+    out = {}
+    for n in (1, 2, 4):
+        d = tmp_path_factory.mktemp(f"n{n}")
+        proc = torchrun(n, "ddp_demo.train", *FLAGS, "--model", "cnn", "--out", str(d), cwd=d)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[n] = (d, proc)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_whole_run_is_world_size_invariant(runs, n):
+    d1, d = runs[1][0], runs[n][0]
+    assert max_diff(load(d / "final.pt"), load(d1 / "final.pt")) <= 1e-10
+    losses = [[json.loads(line)["loss"] for line in open(x / "metrics.jsonl")] for x in (d1, d)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-10)
+
+
+def test_outputs_have_the_promised_shape(runs):
+    d, proc = runs[2]
+    state = load(d / "final.pt")
+    assert state and not any(k.startswith("module.") for k in state)
+    metrics = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == list(range(1, 41))
+    assert all(set(m) == {"step", "loss", "samples_per_s"} for m in metrics)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["config"]["model"] == "cnn"
+    assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and summary["params_identical_across_ranks"]
+    assert summary["final_loss"] == metrics[-1]["loss"]
+
+
+def test_non_zero_ranks_stay_quiet(runs):
+    _, proc = runs[4]
+    assert proc.stdout.count("bit-identical parameters") == 1
+    assert "[rank" not in proc.stdout
+
+
+def test_plain_python_equals_torchrun(runs, tmp_path):
+    proc = train(*FLAGS, "--model", "cnn", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert max_diff(load(tmp_path / "final.pt"), load(runs[1][0] / "final.pt")) <= 1e-10
+
+
+def test_negative_control_skipping_gradient_sync_is_caught(runs, tmp_path):
+    proc = torchrun(2, "ddp_demo.train", *FLAGS, "--model", "cnn", "--skip-grad-sync", "--out", str(tmp_path),
+                    cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("ranks hold different parameters") == 1
+    assert max_diff(load(tmp_path / "final.pt"), load(runs[1][0] / "final.pt")) > 1e-3
+    assert json.loads((tmp_path / "summary.json").read_text())["params_identical_across_ranks"] is False
+
+
+def test_default_run_learns(tmp_path):
+    """The README's main job: no flags, 2 CPU processes, >= 90% held-out accuracy."""
+    proc = torchrun(2, "ddp_demo.train", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["heldout_accuracy"] >= 0.90
