@@ -32,6 +32,9 @@ class TrainConfig:
     model: str = _opt("mlp", "which of the article's modules to train", MODEL_NAMES)
     steps: int = _opt(300, "optimizer steps to run (across epochs)")
     global_batch_size: int = _opt(64, "samples per step over all ranks; must divide by the world size")
+    grad_accum_steps: int = _opt(
+        1, "split each rank's batch into K micro-batches and sync gradients once, after the K-th"
+    )
     lr: float = _opt(0.05, "learning rate")
     optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
     seed: int = _opt(0, "seeds the model init, the built-in data and the sampler order")
@@ -42,6 +45,17 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS)
     timeout: float = _opt(120.0, "seconds a collective may wait for its peers before failing")
     log_all_ranks: bool = _opt(False, "also log from non-zero ranks, prefixed [rank N]")
+    preflight: bool = _opt(False, "first run the launch doctor's checks (python -m ddp_demo.doctor); a failure exits 2")
+    # resilience: checkpoints, resume, fault injection for tests and demos
+    checkpoint_dir: str | None = _opt(None, "save checkpoints here and resume from the newest valid one", type_=str)
+    checkpoint_every: int = _opt(50, "steps between checkpoints (one is always written at the last step)")
+    keep_last: int = _opt(3, "how many checkpoints to keep in --checkpoint-dir")
+    resume: str = _opt("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH")
+    record_samples: bool = _opt(False, "record each step's global batch sample ids in metrics.jsonl")
+    inject_fault: str | None = _opt(
+        None, "for tests and demos: KIND:RANK:STEP with KIND kill (SIGKILL) or hang (SIGSTOP), first attempt only",
+        type_=str,
+    )
     skip_grad_sync: bool = _opt(
         False, "negative control: never all-reduce gradients (DDP.no_sync every step); the run then fails its check"
     )
@@ -53,23 +67,44 @@ class TrainConfig:
                 raise ConfigError(
                     f"--{name} {getattr(self, name)!r} is not known; use one of: {', '.join(choices)}"
                 )
-        for name in ("steps", "global_batch_size"):
+        for name in ("steps", "global_batch_size", "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be a positive integer (got {getattr(self, name)})")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be a positive number (got {self.lr})")
+        for name in ("checkpoint_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_flag(name)} must be a positive integer (got {getattr(self, name)})")
+        if self.inject_fault is not None:
+            self.fault()  # validates the format
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be a positive number of seconds (got {self.timeout})")
 
     def check_world_size(self, world_size: int) -> None:
-        """The global batch is split evenly: each rank gets ``B / N`` samples per step."""
-        if self.global_batch_size % world_size:
+        """The global batch is split evenly: each rank gets ``B / N`` samples per step, in
+        ``K`` equal micro-batches of ``B / (N * K)`` (equal, so that the mean of the
+        micro-batch means is the mean over the rank's batch)."""
+        parts, k = world_size * self.grad_accum_steps, self.grad_accum_steps
+        if self.global_batch_size % parts:
             b = self.global_batch_size
-            fix = (b // world_size or 1) * world_size
+            fix = (b // parts or 1) * parts
+            what = f"the world size {world_size}" if k == 1 else \
+                f"the world size {world_size} times --grad-accum-steps {k}"
             raise ConfigError(
-                f"--global-batch-size {b} does not divide by the world size {world_size}; "
-                f"use a multiple of {world_size}, e.g. --global-batch-size {fix}"
+                f"--global-batch-size {b} does not divide by {what}; "
+                f"use a multiple of {parts}, e.g. --global-batch-size {fix}"
             )
+
+    def fault(self) -> tuple[str, int, int] | None:
+        """``--inject-fault kill:1:7`` -> ("kill", 1, 7)."""
+        if self.inject_fault is None:
+            return None
+        parts = self.inject_fault.split(":")
+        if len(parts) != 3 or parts[0] not in ("kill", "hang") or not all(p.isdigit() for p in parts[1:]):
+            raise ConfigError(
+                f"--inject-fault {self.inject_fault!r} is not KIND:RANK:STEP; use e.g. --inject-fault kill:1:7"
+            )
+        return parts[0], int(parts[1]), int(parts[2])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

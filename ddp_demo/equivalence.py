@@ -10,10 +10,12 @@ local, which is the negative control showing that the comparison can fail.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .accumulate import GradSync, accumulate_gradients, ddp_grad_sync
 from .config import TrainConfig
 from .data import builtin_task
 from .dist import DistContext
@@ -85,6 +87,39 @@ def reference_params(model_name: str, dtype: str, optimizer: str, steps: int = 5
         loss_fn(model(x), y).backward()
         opt.step()
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def recording(sync: GradSync, model: torch.nn.Module, snapshots: list) -> GradSync:
+    """``sync``, plus a copy of every ``.grad`` after each micro-batch's backward."""
+
+    @contextlib.contextmanager
+    def context(is_last: bool) -> Iterator[None]:
+        with sync.context(is_last):
+            yield
+        snapshots.append(grads_of(model))
+
+    return GradSync(context, sync.backward)
+
+
+def micro_grads_on_rank(ctx: DistContext, model_name: str, dtype: str, k: int) -> list[dict[str, torch.Tensor]]:
+    """One step accumulated over ``k`` micro-batches of this rank's shard, as ``train_loop``
+    does it under torchrun; ``.grad`` after each micro-batch. The last must equal
+    ``reference_grads``; the first ``k - 1`` ran under ``no_sync``, so they are this rank's
+    own partial sums and must differ between ranks (the negative control)."""
+    model, (batch,), loss_fn = _setup(model_name, dtype, steps=1)
+    ddp = DDP(model)
+    snapshots: list = []
+    accumulate_gradients(ddp, *_shard(batch, ctx), loss_fn, k, recording(ddp_grad_sync(ddp, k), model, snapshots))
+    return snapshots
+
+
+def accum_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, list]:
+    """Many ``("accum", model, dtype, k)`` cases in one set of processes."""
+    return {case: micro_grads_on_rank(ctx, *case[1:]) for case in cases}
 
 
 def all_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, dict[str, torch.Tensor]]:

@@ -1,0 +1,91 @@
+"""Gradient accumulation on the torchrun path (``--grad-accum-steps K``).
+
+The gradient accumulated over K micro-batches on N ranks equals one process's gradient
+over the whole global batch; after micro-batch K-1, run under ``DDP.no_sync``, the
+ranks still disagree (the negative control: the K-1 micro-batches skipped the
+all-reduce). Then a whole run: ``final.pt`` with K = 2 on 2 ranks equals K = 1 on one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from ddp_demo.equivalence import GLOBAL_BATCH
+from ddp_demo.models import MODEL_NAMES
+from ddp_demo.verify import ACCUM_STEPS, DTYPE_NAMES, TOLERANCE, accum_cases, accum_ok, check_accumulation
+
+from .conftest import torchrun, train
+
+WORLD_SIZES = (2, 3)
+# the (N, K) for which the global batch splits into N * K equal micro-batches (N=3, K=3 does not)
+SPLITS = [(n, k) for n in WORLD_SIZES for k in ACCUM_STEPS if GLOBAL_BATCH % (n * k) == 0]
+
+
+@functools.cache
+def rows_for(world_size: int) -> dict[tuple, list[dict]]:
+    """Start ``world_size`` processes once and run every accumulation case in them."""
+    by_case: dict[tuple, list[dict]] = {}
+    for row in check_accumulation(world_size, accum_cases(world_size), timeout=240):
+        by_case.setdefault(row["case"], []).append(row)
+    return by_case
+
+
+def _describe(rows, key="max_abs_diff"):
+    return ", ".join(f"rank {r['rank']}: {r[key]:.3g}" for r in rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("world_size, k", SPLITS)
+def test_accumulated_gradient_equals_single_process(world_size, k, model, dtype):
+    rows = rows_for(world_size)[("accum", model, dtype, k)]
+    assert len(rows) == world_size
+    assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[dtype]}: {_describe(rows)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("world_size, k", SPLITS)
+def test_negative_control_ranks_differ_before_the_last_micro_batch(world_size, k, model, dtype):
+    rows = rows_for(world_size)[("accum", model, dtype, k)]
+    agree = all(r["mid_close"] for r in rows)
+    assert not agree, f"ranks agree after micro-batch {k - 1}: {_describe(rows, 'mid_diff')}"
+    assert accum_ok(rows)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
+
+
+def test_whole_run_with_accumulation_equals_single_process(tmp_path):
+    """torchrun, 2 ranks x 2 micro-batches of 4 samples, against one process taking 16 at once."""
+    single, accum = tmp_path / "single", tmp_path / "accum"
+    proc = train(*FLAGS, "--out", str(single), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(2, "ddp_demo.train", *FLAGS, "--grad-accum-steps", "2", "--out", str(accum), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_diff(load(accum / "final.pt"), load(single / "final.pt")) <= 1e-10
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be a positive integer (got 0)"),
+    (["--grad-accum-steps", "3", "--global-batch-size", "16"],
+     "--global-batch-size 16 does not divide by the world size 1 times --grad-accum-steps 3; "
+     "use a multiple of 3, e.g. --global-batch-size 15"),
+])
+def test_bad_accumulation_gets_one_line_naming_the_fix(flags, message, tmp_path):
+    proc = train(*flags, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"ddp_demo: error: {message}"
+    assert not (tmp_path / "out").exists()
