@@ -22,6 +22,7 @@ from . import log
 from .config import ConfigError, TrainConfig, parse_config
 from .data import Task, builtin_task, heldout_counts, load_task, rank_loader
 from .dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, setup, teardown
+from .doctor import LaunchProblem, preflight
 from .models import build_model
 from .outputs import check_out_dir, write_outputs
 from .training import DTYPES, loss_function, make_optimizer, train_loop
@@ -100,6 +101,9 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext) -> dict:
 def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task]:
     """Everything that can reject the input, done before any process group or file exists."""
     cfg = parse_config(argv)
+    if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
+        passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend)
+        log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_world_size(env.world_size)
     check_out_dir(cfg.out)
     return cfg, make_task(cfg)
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, task = prepare(argv, env)
         ctx = setup(env, cfg.device, cfg.backend, cfg.timeout)
+    except LaunchProblem as e:  # a node's own setup: each node's first process says it, once per node
+        log.error(env.local_rank, str(e))
+        return 2
     except (ConfigError, RuntimeError) as e:
         log.error(env.rank, str(e))
         return 2

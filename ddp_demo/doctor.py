@@ -1,0 +1,290 @@
+"""Launch doctor: find the multi-node traps before torchrun hangs on them.
+
+    python -m ddp_demo.doctor [--device cuda] [--world-size N]   # on every node, before the launch
+    torchrun ... -m ddp_demo.train --preflight                    # the same checks in every worker
+
+It reads the launch configuration the way ``launch/multinode.sh`` does: ``NNODES``,
+``NPROC_PER_NODE``, ``NODE_RANK``, ``RDZV_HOST``, ``RDZV_PORT``, ``LOCAL_ADDR``,
+``GLOO_SOCKET_IFNAME``, ``MASTER_ADDR``, ``MASTER_PORT``. Each check prints a verdict
+and, when it fails, the fix. Exit 0 when every check passes, 1 otherwise, 2 on bad input.
+
+It imports torch only to look for GPUs when CUDA is asked for, so it answers in a blink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+CONNECT_TIMEOUT_S = 5.0
+DEFAULT_RDZV_PORT = 29400  # torchrun's own default for the c10d rendezvous endpoint
+
+
+class LaunchProblem(RuntimeError):
+    """A preflight check failed; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How this node is about to launch, or (``launched``) how its workers were launched."""
+
+    nnodes: int | None = None
+    nproc_per_node: int | None = None
+    node_rank: int | None = None
+    rdzv_host: str | None = None
+    rdzv_port: int = DEFAULT_RDZV_PORT
+    local_addr: str | None = None
+    gloo_ifname: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    device: str = "auto"
+    backend: str = "auto"
+    world_size: int | None = None  # the world size the job must have (the trainer passes the real one)
+    launched: bool = False  # inside torchrun's workers: rendezvous is over and the store listens
+
+    @property
+    def multinode(self) -> bool:
+        return (self.nnodes or 1) > 1
+
+    @property
+    def hosts_store(self) -> bool:
+        """Node 0 runs the store the other nodes connect to (launch/multinode.sh: is_host=1)."""
+        return self.node_rank == 0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    verdict: str
+    fix: str = ""
+
+
+def _int(environ: dict[str, str], name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r} is not a whole number; set {name} to one, e.g. {name}=2")
+    return int(value)
+
+
+def plan_from_env(environ: dict[str, str], **given) -> Plan:
+    """The launch scripts' variables (empty counts as unset); ``given`` adds what flags know."""
+    text = {k: environ.get(k, "").strip() or None for k in ("RDZV_HOST", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME")}
+    return Plan(
+        nnodes=_int(environ, "NNODES") or (2 if text["RDZV_HOST"] else None),  # launch/multinode.sh's default
+        nproc_per_node=_int(environ, "NPROC_PER_NODE"),
+        node_rank=_int(environ, "NODE_RANK"),
+        rdzv_host=text["RDZV_HOST"],
+        rdzv_port=_int(environ, "RDZV_PORT") or DEFAULT_RDZV_PORT,
+        local_addr=text["LOCAL_ADDR"],
+        gloo_ifname=text["GLOO_SOCKET_IFNAME"],
+        master_addr=environ.get("MASTER_ADDR") or None,
+        master_port=_int(environ, "MASTER_PORT"),
+        **given,
+    )
+
+
+def _resolve(host: str) -> str | None:
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError):
+        return None
+
+
+def _is_loopback(addr: str | None) -> bool:
+    return addr is not None and ipaddress.ip_address(addr.split("%")[0]).is_loopback
+
+
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def _own_address(addr: str) -> str | None:
+    """None when this machine has ``addr`` (a socket can bind to it), else why not."""
+    try:
+        with socket.socket(_family(addr), socket.SOCK_STREAM) as s:
+            s.bind((addr, 0))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_cuda(plan: Plan) -> Check:
+    if plan.device != "cuda" and plan.backend != "nccl":
+        return Check("cuda", True, f"not requested (device {plan.device}, backend {plan.backend})")
+    import torch  # only here: every other check works without torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return Check("cuda", False, f"CUDA requested (device {plan.device}, backend {plan.backend}) but torch "
+                     f"{torch.__version__} sees no GPU", "use --device cpu --backend gloo, or install a CUDA build "
+                     "of torch and expose the GPUs (docker: docker-compose.gpu.yml)")
+    if (plan.nproc_per_node or 1) > gpus:
+        return Check("cuda", False, f"NPROC_PER_NODE={plan.nproc_per_node} but this node has {gpus} GPU(s); "
+                     "nccl needs a GPU per process", f"set NPROC_PER_NODE={gpus}")
+    return Check("cuda", True, f"{gpus} GPU(s) visible")
+
+
+def check_world_size(plan: Plan) -> Check:
+    if plan.world_size is None or (plan.nnodes is None and plan.nproc_per_node is None):
+        return Check("world size", True, "no expected world size to compare with")
+    nnodes, nproc = plan.nnodes or 1, plan.nproc_per_node or 1
+    if plan.world_size == nnodes * nproc:
+        return Check("world size", True, f"{plan.world_size} = NNODES {nnodes} x NPROC_PER_NODE {nproc}")
+    # torchrun sums the processes of the nodes that joined, so a node started with another
+    # NPROC_PER_NODE, or an elastic --nnodes range, silently changes the world size.
+    return Check("world size", False, f"world size {plan.world_size} != NNODES {nnodes} x NPROC_PER_NODE {nproc} "
+                 f"= {nnodes * nproc}", "start exactly NNODES nodes, every one with the same NPROC_PER_NODE")
+
+
+def check_hostname(plan: Plan) -> Check:
+    """The 127.0.1.1 trap (Debian's /etc/hosts): torchrun advertises the address the hostname
+    resolves to, and gloo binds to it, unless --local-addr and GLOO_SOCKET_IFNAME say otherwise."""
+    name = socket.gethostname()
+    addr = _resolve(name)
+    if not plan.multinode:
+        return Check("hostname", True, f"{name!r} -> {addr}; one node, so loopback would be fine")
+    if plan.rdzv_host and _is_loopback(_resolve(plan.rdzv_host)):
+        return Check("hostname", True, f"{name!r} -> {addr}; rendezvous on loopback: all nodes on this machine")
+    if addr is not None and not _is_loopback(addr) and _own_address(addr) is None:
+        return Check("hostname", True, f"{name!r} -> {addr}, an address of this machine")
+    wanted = {"LOCAL_ADDR": (plan.local_addr, "<this node's address>"),
+              "GLOO_SOCKET_IFNAME": (plan.gloo_ifname, "<its interface>")}
+    missing = [f"{var}={hint}" for var, (value, hint) in wanted.items() if not value]
+    if not missing:
+        return Check("hostname", True, f"{name!r} -> {addr}, overridden by LOCAL_ADDR and GLOO_SOCKET_IFNAME")
+    # Loopback, or (a stale /etc/hosts, a container's copy) an address this machine does not have.
+    return Check("hostname", False, f"{name!r} resolves to {addr or 'nothing'}, not an address other nodes can reach: "
+                 "torchrun would advertise it and gloo would bind to it", f"set {' and '.join(missing)} "
+                 f"(see `ip -br addr`), or map {name!r} to this node's address in /etc/hosts")
+
+
+def check_local_addr(plan: Plan) -> Check:
+    if not plan.local_addr:
+        return Check("LOCAL_ADDR", True, "unset: torchrun advertises the address the hostname resolves to")
+    error = _own_address(plan.local_addr)
+    if error:
+        return Check("LOCAL_ADDR", False, f"LOCAL_ADDR {plan.local_addr} is not an address of this machine "
+                     f"({error})", "set LOCAL_ADDR to this node's own address (see `ip -br addr`)")
+    return Check("LOCAL_ADDR", True, f"{plan.local_addr} is an address of this machine")
+
+
+def check_ifname(plan: Plan) -> Check:
+    if not plan.gloo_ifname:
+        return Check("GLOO_SOCKET_IFNAME", True, "unset: gloo uses the address the hostname resolves to")
+    # gloo accepts a comma-separated list of interfaces (torch.distributed docs, "Common environment variables")
+    known = [name for _, name in socket.if_nameindex()]
+    unknown = [n for n in plan.gloo_ifname.split(",") if n not in known]
+    if unknown:
+        return Check("GLOO_SOCKET_IFNAME", False, f"GLOO_SOCKET_IFNAME names no interface of this machine: "
+                     f"{', '.join(unknown)}", f"use one of: {', '.join(known)}")
+    return Check("GLOO_SOCKET_IFNAME", True, f"{plan.gloo_ifname}: interface present")
+
+
+
+
+def _bindable(name: str, target: str, addr: str, port: int) -> Check:
+    """The store host must be able to listen there: the port free, the address its own."""
+    try:
+        with socket.socket(_family(addr), socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store does: TIME_WAIT is no conflict
+            s.bind((addr, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return Check(name, False, f"port {port} is in use on this machine ({target})",
+                         f"pick a free port, or stop what listens there (`ss -ltnp 'sport = :{port}'`)")
+        return Check(name, False, f"{target}: this node hosts the store but {addr} is not one of its addresses "
+                     f"({e.strerror})", "on node 0 use its own address; on the other nodes NODE_RANK must not be 0")
+    return Check(name, True, f"this node hosts the store at {target}; the port is free")
+
+
+def _reachable(name: str, target: str, addr: str, port: int, store_up: bool) -> Check:
+    try:
+        socket.create_connection((addr, port), timeout=CONNECT_TIMEOUT_S).close()
+    except ConnectionRefusedError:
+        if not store_up:
+            return Check(name, True, f"{target}: the host answers; nothing listens yet (fine until node 0 starts)")
+        return Check(name, False, f"{target}: connection refused, nothing listens there",
+                     "check that the address is node 0's as seen from this node (LOCAL_ADDR on node 0)")
+    except OSError as e:
+        return Check(name, False, f"{target} is unreachable ({e.strerror or 'timed out'})",
+                     f"check that node 0 is up, that this is its address as seen from here, "
+                     f"and that no firewall blocks port {port}")
+    return Check(name, True, f"{target} accepts connections")
+
+
+def check_endpoint(name: str, host: str, port: int, hosting: bool, store_up: bool) -> Check:
+    """Rendezvous endpoint or MASTER_ADDR: resolvable, then free (its host) or reachable (the others)."""
+    target = f"{host}:{port}"
+    addr = _resolve(host)
+    if addr is None:
+        return Check(name, False, f"{target}: {host!r} does not resolve",
+                     "use node 0's IP address, or a name every node resolves (DNS or /etc/hosts)")
+    if hosting and not store_up:
+        return _bindable(name, target, addr, port)
+    return _reachable(name, target, addr, port, store_up)
+
+
+def run_checks(plan: Plan) -> list[Check]:
+    found = [check_cuda(plan), check_world_size(plan), check_hostname(plan), check_local_addr(plan),
+             check_ifname(plan)]
+    if plan.rdzv_host and not plan.launched:  # once launched, rendezvous is over and its port is taken
+        found.append(check_endpoint("rendezvous", plan.rdzv_host, plan.rdzv_port, plan.hosts_store, False))
+    if plan.master_addr and plan.master_port:
+        found.append(check_endpoint("MASTER_ADDR", plan.master_addr, plan.master_port, plan.hosts_store,
+                                    plan.launched))
+    return found
+
+
+def preflight(launched: bool, world_size: int, device: str, backend: str) -> int:
+    """The trainer's ``--preflight``: raise LaunchProblem (one line) on the first failure."""
+    try:
+        plan = plan_from_env(dict(os.environ), device=device, backend=backend, launched=launched,
+                             world_size=world_size if launched else None)
+    except ValueError as e:
+        raise LaunchProblem(f"preflight: {e}") from None
+    found = run_checks(plan)
+    for check in found:
+        if not check.ok:
+            raise LaunchProblem(f"preflight: {check.name}: {check.verdict}; fix: {check.fix}")
+    return len(found)
+
+
+def report(plan: Plan, found: list[Check]) -> str:
+    where = f"node {plan.node_rank if plan.node_rank is not None else '?'} of {plan.nnodes or 1}"
+    lines = [f"ddp_demo doctor: {where}, {plan.nproc_per_node or 1} process(es) per node, host {socket.gethostname()}"]
+    for c in found:
+        lines.append(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name:<18} {c.verdict}")
+        if not c.ok:
+            lines.append(f"        {'':<18} fix: {c.fix}")
+    failed = sum(not c.ok for c in found)
+    lines.append(f"{len(found) - failed} of {len(found)} checks passed" + (f"; {failed} failed" if failed else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddp_demo.doctor", description="Check a (multi-node) launch before it.")
+    parser.add_argument("--device", default="auto", help="the device the trainer will use (auto|cpu|cuda)")
+    parser.add_argument("--backend", default="auto", help="the process-group backend (auto|gloo|nccl)")
+    parser.add_argument("--world-size", type=int, help="the world size the job must have")
+    # The trainer's other flags are accepted and ignored, so a launch script can hand both the same ones.
+    args, _ = parser.parse_known_args(argv)
+    try:
+        plan = plan_from_env(dict(os.environ), device=args.device, backend=args.backend, world_size=args.world_size)
+    except ValueError as e:
+        print(f"ddp_demo.doctor: error: {e}", file=sys.stderr)
+        return 2
+    found = run_checks(plan)
+    print(report(plan, found), flush=True)
+    return 0 if all(c.ok for c in found) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One node of a multi-node job: run it on every node, in any order. Every parameter comes
+# from the environment; python -m ddp_demo.doctor checks them first (DOCTOR=0 skips it).
+USAGE="RDZV_HOST=<node 0's address> NODE_RANK=<0 on node 0, else 1..NNODES-1> [NNODES=2] [NPROC_PER_NODE=1] \
+[RDZV_PORT=29400] [RDZV_ID=ddp_demo] [LOCAL_ADDR=<this node's address>] [GLOO_SOCKET_IFNAME=<its interface>] \
+[DOCTOR=1] launch/multinode.sh [train flags]"
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+require RDZV_HOST NODE_RANK
+export NNODES=${NNODES:-2} NPROC_PER_NODE=${NPROC_PER_NODE:-1} RDZV_PORT=${RDZV_PORT:-29400}
+export RDZV_ID=${RDZV_ID:-ddp_demo}
+
+# Node 0 hosts the rendezvous store. Said explicitly because torch only guesses it by comparing
+# RDZV_HOST with this machine's hostname and addresses (torch/distributed/elastic/rendezvous/
+# c10d_rendezvous_backend.py, _create_tcp_store), a guess that fails for an IP on a second NIC.
+is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)
+
+[ "${DOCTOR:-1}" = 0 ] || "$PYTHON" -m ddp_demo.doctor "$@"
+
+# --local-addr: the address this node advertises to the others; without it torchrun uses what
+# the hostname resolves to, which is loopback on many machines (the doctor's "hostname" check).
+torchrun_train --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+  --rdzv-backend=c10d --rdzv-endpoint="$RDZV_HOST:$RDZV_PORT" --rdzv-id="$RDZV_ID" \
+  --rdzv-conf="is_host=$is_host" ${LOCAL_ADDR:+--local-addr="$LOCAL_ADDR"} \
+  -m ddp_demo.train "$@"

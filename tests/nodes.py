@@ -1,0 +1,107 @@
+"""Helpers for multi-node tests: start several "nodes" at once, and make two real hosts.
+
+Two hosts are two Linux network namespaces joined by a veth pair: each has its own
+loopback, its own interface and its own address, and reaches the other only over that
+link, as two machines on a LAN do. They share the filesystem, which plays the part of
+the shared volume the outputs go to.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MULTINODE = str(ROOT / "launch" / "multinode.sh")
+# Launch settings a CI machine might have set: every test states its own.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NPROC_PER_NODE",
+               "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "RDZV_ID", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME", "DOCTOR")
+
+
+def node_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_nodes(commands: list[list[str]], envs: list[dict[str, str]], cwd: Path,
+              timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start every node at once and wait for all; at ``timeout`` kill them and fail with their output."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=node_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for cmd, env in zip(commands, envs, strict=True)]
+    deadline = time.monotonic() + timeout
+    outputs: list[tuple[str, str]] = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        for p in procs:  # each node is its own session: its process group holds its workers too
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        outputs += [p.communicate() for p in procs[len(outputs):]]
+        tails = [f"--- node {i} ---\n{out[-1500:]}\n{err[-1500:]}" for i, (out, err) in enumerate(outputs)]
+        raise AssertionError(f"the nodes were still running after {timeout:g} s:\n" + "\n".join(tails)) from None
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            for p, (out, err) in zip(procs, outputs, strict=True)]
+
+
+@dataclass(frozen=True)
+class Host:
+    netns: str
+    ifname: str
+    addr: str
+
+    def cmd(self, *args: str) -> list[str]:
+        """``args`` run inside this host's network namespace."""
+        return ["ip", "netns", "exec", self.netns, *args]
+
+    def free_port(self) -> int:
+        """Bind port 0 on this host's address: the kernel names a free port."""
+        probe = f"import socket; s = socket.socket(); s.bind(({self.addr!r}, 0)); print(s.getsockname()[1])"
+        out = subprocess.run(self.cmd(sys.executable, "-c", probe), capture_output=True, text=True, timeout=30)
+        return int(out.stdout)
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if proc.returncode:
+        raise OSError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+@contextmanager
+def two_hosts() -> Iterator[tuple[Host, Host]]:
+    """Hosts ``a`` (x.x.x.1) and ``b`` (x.x.x.2) on a private /24 that exists only between them.
+
+    Names are unique per run (interface names stay under Linux's 15 characters), and both
+    namespaces are deleted on the way out, which deletes the veth pair with them.
+    """
+    tag = secrets.token_hex(4)
+    net = f"10.213.{secrets.randbelow(254) + 1}"
+    a = Host(f"ddp-a-{tag}", f"vda{tag}", f"{net}.1")
+    b = Host(f"ddp-b-{tag}", f"vdb{tag}", f"{net}.2")
+    made: list[str] = []
+    try:
+        for host in (a, b):
+            try:
+                _ip("netns", "add", host.netns)
+            except OSError as e:  # the one reason to skip: this kernel (or sandbox) refuses namespaces
+                pytest.skip(f"network namespaces are refused here, so there is no second host: {e}")
+            made.append(host.netns)
+        _ip("link", "add", a.ifname, "netns", a.netns, "type", "veth", "peer", "name", b.ifname, "netns", b.netns)
+        for host in (a, b):
+            _ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
+            _ip("-n", host.netns, "link", "set", host.ifname, "up")
+            _ip("-n", host.netns, "link", "set", "lo", "up")  # a new namespace's loopback starts down
+        yield a, b
+    finally:
+        for netns in made:
+            subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)

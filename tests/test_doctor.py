@@ -1,0 +1,125 @@
+"""The launch doctor catches each multi-node trap (simulated with environment variables and
+a bound port) with a verdict and a fix, and passes a healthy setup. Its run on a real second
+host is in test_multinode.py."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from ddp_demo import doctor
+
+from .conftest import PYTHON, TORCHRUN, run_cmd
+from .nodes import LAUNCH_VARS
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    """A clean launch environment: each test sets only the variables it is about."""
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+    def set_env(**values) -> None:
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+
+    return set_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def diagnose(capsys, *argv: str) -> tuple[int, str]:
+    code = doctor.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def only_failure(out: str) -> str:
+    """The one check that failed, with its fix: every trap below trips exactly one check."""
+    fails = [line for line in out.splitlines() if line.lstrip().startswith("FAIL")]
+    assert len(fails) == 1, out
+    assert "fix: " in out.split(fails[0], 1)[1].splitlines()[1], out
+    return fails[0]
+
+
+def test_healthy_single_node(launch_env, capsys):
+    code, out = diagnose(capsys)
+    assert code == 0 and "5 of 5 checks passed" in out and "FAIL" not in out
+
+
+def test_healthy_two_nodes_on_this_machine(launch_env, capsys):
+    launch_env(NNODES=2, NODE_RANK=0, RDZV_HOST="127.0.0.1", RDZV_PORT=free_port(), GLOO_SOCKET_IFNAME="lo")
+    code, out = diagnose(capsys, "--world-size", "2")
+    assert code == 0 and "6 of 6 checks passed" in out, out
+    assert "this node hosts the store" in out and "the port is free" in out
+
+
+def test_hostname_resolving_to_loopback(launch_env, capsys, monkeypatch):
+    """Debian's 127.0.1.1 trap, made here by a hostname that always resolves to loopback."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "localhost")
+    launch_env(NNODES=2)
+    code, out = diagnose(capsys)
+    assert code == 1 and "hostname" in only_failure(out)
+    assert "LOCAL_ADDR=<this node's address> and GLOO_SOCKET_IFNAME=<its interface>" in out
+    launch_env(LOCAL_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")  # what the fix says: both, and it passes
+    assert diagnose(capsys)[0] == 0
+
+
+def test_gloo_socket_ifname_naming_no_interface(launch_env, capsys):
+    launch_env(GLOO_SOCKET_IFNAME="lo,nosuchnic0")
+    code, out = diagnose(capsys)
+    assert code == 1 and "names no interface of this machine: nosuchnic0" in only_failure(out)
+    assert "use one of: " in out and "lo" in out
+
+
+def test_port_in_use_on_the_store_host(launch_env, capsys):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        launch_env(NNODES=2, NODE_RANK=0, RDZV_HOST="127.0.0.1", RDZV_PORT=held.getsockname()[1])
+        code, out = diagnose(capsys)
+    assert code == 1 and "is in use" in only_failure(out)
+
+
+def test_master_addr_unreachable_once_launched(launch_env):
+    """Inside the workers the store must listen already; nothing does at a fresh free port."""
+    launch_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    with pytest.raises(doctor.LaunchProblem, match=r"^preflight: MASTER_ADDR: .*connection refused.*; fix: "):
+        doctor.preflight(launched=True, world_size=1, device="cpu", backend="gloo")
+
+
+def test_world_size_not_nnodes_times_nproc(launch_env, capsys):
+    launch_env(NNODES=2, NPROC_PER_NODE=2, RDZV_HOST="127.0.0.1", RDZV_PORT=free_port(), NODE_RANK=0)
+    code, out = diagnose(capsys, "--world-size", "3")
+    assert code == 1 and "world size 3 != NNODES 2 x NPROC_PER_NODE 2 = 4" in only_failure(out)
+
+
+def test_cuda_requested_but_absent(launch_env, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out = diagnose(capsys, "--device", "cuda", "--model", "cnn")  # trainer flags are ignored
+    assert code == 1 and "CUDA requested" in only_failure(out)
+    assert "--device cpu --backend gloo" in out
+
+
+def test_bad_variable_is_one_line_and_exit_2(tmp_path):
+    proc = run_cmd([PYTHON, "-m", "ddp_demo.doctor"], tmp_path, timeout=60, env={"NNODES": "two"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "ddp_demo.doctor: error: NNODES='two' is not a whole number; set NNODES to one, " \
+                                  "e.g. NNODES=2"
+
+
+def test_trainer_preflight_stops_a_mismatched_launch(tmp_path):
+    """torchrun starts 2 processes where the node was told 2 x 2: one line, exit 2, nothing written."""
+    out = tmp_path / "out"
+    proc = run_cmd([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "ddp_demo.train", "--preflight",
+                    "--steps", "2", "--out", str(out)], tmp_path, timeout=180,
+                   env={"NNODES": "1", "NPROC_PER_NODE": "4"})
+    assert proc.returncode != 0 and not out.exists()
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
+    assert ours == ["ddp_demo: error: preflight: world size: world size 2 != NNODES 1 x NPROC_PER_NODE 4 = 4; "
+                    "fix: start exactly NNODES nodes, every one with the same NPROC_PER_NODE"], proc.stderr
