@@ -17,15 +17,15 @@ import torch
 from .config import ConfigError
 
 
-def check_out_dir(path: str) -> None:
-    """Fail early (before any training) if ``--out`` can never be written."""
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """Fail early (before any training) if a directory flag can never be written."""
     p = Path(path).absolute()
     while not p.exists():
         p = p.parent
     if not p.is_dir():
-        raise ConfigError(f"--out {path}: {p} is a file, not a directory; pick another --out")
+        raise ConfigError(f"{flag} {path}: {p} is a file, not a directory; pick another {flag}")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path}: {p} is not writable; pick a writable --out")
+        raise ConfigError(f"{flag} {path}: {p} is not writable; pick a writable {flag}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

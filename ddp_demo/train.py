@@ -18,18 +18,15 @@ import traceback
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import log
+from . import checkpoint, log
 from .config import ConfigError, TrainConfig, parse_config
 from .data import Task, builtin_task, heldout_counts, load_task, rank_loader
 from .dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, setup, teardown
 from .doctor import LaunchProblem, preflight
 from .models import build_model
 from .outputs import check_out_dir, write_outputs
-from .training import DTYPES, loss_function, make_optimizer, train_loop
-
-
-class ParametersDiverged(RuntimeError):
-    """The ranks disagree at the end: the run is not a data-parallel run of one model."""
+from .resilience import Checkpointer, StopSignals, checkpoint_state, is_peer_failure, resolve_resume
+from .training import DTYPES, NonFiniteLoss, StepLog, StopRequested, loss_function, make_optimizer, train_loop
 
 
 def make_task(cfg: TrainConfig) -> Task:
@@ -53,22 +50,84 @@ def wrap(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     return DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
 
+class Torchrun:
+    """How this entry point starts and wraps; ddp_demo.train_accelerate passes its own.
+
+    Launchers differ only here: ``start`` joins the process group, ``wrap`` returns the
+    model, optimizer and :class:`GradSync` (None: DDP ``no_sync``) the loop trains with,
+    ``release`` drops what the launcher holds before ``teardown``.
+    """
+
+    def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext:
+        return setup(env, cfg.device, cfg.backend, cfg.timeout)
+
+    def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:
+        return wrap(model, ctx), optimizer, None
+
+    def release(self) -> None:
+        pass
+
+
 def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def run(cfg: TrainConfig, task: Task, ctx: DistContext) -> dict:
-    """Train, verify the ranks agree, write the outputs; returns the summary."""
+class RunFailed(Exception):
+    """A failure every rank agrees on: rank 0 prints its one line, the process exits ``code``."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def restore(found: checkpoint.Found | None, model, optimizer, ctx: DistContext) -> tuple[int, list[StepLog]]:
+    """Load a checkpoint into the unwrapped model and the optimizer; return (step, history)."""
+    if found is None:
+        return 0, []
+    state = found.state
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    checkpoint.set_rng_state(state["rng"])
+    log.info(ctx.rank, f"resuming from {found.path}: step {state['step']}, epoch {state['epoch']}, "
+                       f"saved by {state['world_size']} process(es)")
+    if state["world_size"] != ctx.world_size:
+        log.info(ctx.rank, f"world size {state['world_size']} -> {ctx.world_size}: the global batch and data order "
+                           "are kept; results match within float rounding, not bit for bit")
+    return state["step"], [StepLog(**entry) for entry in state["logs"]]
+
+
+def run(cfg: TrainConfig, task: Task, ctx: DistContext, found=None, restart_count: int = 0, stop=None,
+        launcher=None) -> dict:
+    """Train (resuming if asked), verify the ranks agree, write the outputs; returns the summary."""
     start = time.perf_counter()
     model = make_model(cfg, task, ctx.device)
-    ddp = wrap(model, ctx)
-    optimizer = make_optimizer(cfg, ddp.parameters())
+    optimizer = make_optimizer(cfg, model.parameters())
+    start_step, history = restore(found, model, optimizer, ctx)
+    ddp, wrapped_optimizer, grad_sync = (launcher or Torchrun()).wrap(model, optimizer, cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), device {ctx.device}, "
-                       f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step")
+                       f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step"
+                       + (f" in {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else ""))
     log.each(ctx.rank, f"device {ctx.device}, local rank {ctx.local_rank}", cfg.log_all_ranks)
-    logs = train_loop(ddp, optimizer, loader, loss_function(task), cfg, ctx)
+    ckpt = Checkpointer(cfg, ctx, restart_count, lambda step, epoch, logs: checkpoint_state(
+        model, optimizer, cfg, ctx, len(loader), history + logs, step, epoch))
+    ckpt.last_saved = start_step
+    try:
+        logs = history + train_loop(ddp, wrapped_optimizer, loader, loss_function(task), cfg, ctx, grad_sync,
+                                    start_step=start_step, after_step=ckpt, stop_requested=stop or (lambda: False))
+    except NonFiniteLoss as e:
+        kept = (f"checkpoint of step {ckpt.last_saved} kept in {cfg.checkpoint_dir}" if ckpt.last_saved
+                else "no checkpoint had been written yet" if cfg.checkpoint_dir else "no --checkpoint-dir was given")
+        raise RunFailed(f"{e}; {kept}; lower --lr and rerun") from None
+    except StopRequested as e:
+        ckpt.save_latest()
+        where = f"checkpoint of step {e.step} in {cfg.checkpoint_dir}; rerun the same command to resume" \
+            if cfg.checkpoint_dir else "no --checkpoint-dir, so this progress is lost"
+        raise RunFailed(f"{e}: {where}", stop.exit_code()) from None
+    return finish(cfg, task, ctx, model, logs, start)
 
+
+def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float) -> dict:
     identical = all_ranks_equal(flat_parameters(model), ctx)
     if identical:
         log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
@@ -87,18 +146,18 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext) -> dict:
     }
     if ctx.is_main:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # no "module." prefix
-        write_outputs(cfg.out, state, [vars(s) for s in logs], summary)
+        write_outputs(cfg.out, state, [entry.to_dict() for entry in logs], summary)
     log.info(ctx.rank, f"held-out accuracy {correct}/{total} = {correct / total:.3f}; "
                        f"final loss {logs[-1].loss:.4f}; wall time {summary['wall_time_s']:.1f} s; wrote {cfg.out}/")
     if not identical:
-        raise ParametersDiverged(
+        raise RunFailed(
             "ranks hold different parameters after training: gradients were not synchronised"
             + (" (--skip-grad-sync was given)" if cfg.skip_grad_sync else "")
         )
     return summary
 
 
-def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task]:
+def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, checkpoint.Found | None]:
     """Everything that can reject the input, done before any process group or file exists."""
     cfg = parse_config(argv)
     if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
@@ -106,33 +165,44 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task]:
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_world_size(env.world_size)
     check_out_dir(cfg.out)
-    return cfg, make_task(cfg)
+    if cfg.checkpoint_dir:
+        check_out_dir(cfg.checkpoint_dir, flag="--checkpoint-dir")
+    task = make_task(cfg)
+    return cfg, task, resolve_resume(cfg, env.rank)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launcher=None) -> int:
+    launcher = launcher or Torchrun()
     env = launch_env()
     try:
-        cfg, task = prepare(argv, env)
-        ctx = setup(env, cfg.device, cfg.backend, cfg.timeout)
+        cfg, task, found = prepare(argv, env)
+        ctx = launcher.start(env, cfg)
     except LaunchProblem as e:  # a node's own setup: each node's first process says it, once per node
         log.error(env.local_rank, str(e))
         return 2
     except (ConfigError, RuntimeError) as e:
         log.error(env.rank, str(e))
         return 2
+    stop = StopSignals()
     try:
-        run(cfg, task, ctx)
+        run(cfg, task, ctx, found, env.restart_count, stop, launcher)
         return 0
-    except ParametersDiverged as e:
+    except RunFailed as e:
         log.error(ctx.rank, str(e))
-        return 1
+        return e.code
     except Exception as e:
-        # Print it from the rank it happened on, then drop the traceback's frames so the
-        # DDP model they hold is freed before teardown (see dist.teardown for why).
-        print(f"[rank {ctx.rank}] " + "".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
+        if is_peer_failure(e):
+            print(f"ddp_demo: error: [rank {ctx.rank}] lost contact with another rank (it died, hung or is "
+                  f"unreachable; collectives give up after --timeout {cfg.timeout:g} s): "
+                  f"{str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+        else:  # a bug: the full traceback, from the rank it happened on
+            print(f"[rank {ctx.rank}] " + "".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
+        # Drop the traceback's frames so the DDP model they hold is freed before teardown
+        # (see dist.teardown for why that ordering matters).
         traceback.clear_frames(e.__traceback__)
         return 1
     finally:
+        launcher.release()
         teardown()
 
 

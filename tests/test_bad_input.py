@@ -65,7 +65,8 @@ def test_under_torchrun_printed_once_by_rank_zero(flags, flag, tmp_path):
     proc = torchrun(2, "ddp_demo.train", *flags, "--out", str(out), cwd=tmp_path)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
     assert len(ours) == 1 and flag in ours[0], proc.stderr
-    assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's report: both workers exited 2
+    # torchrun's report names the first worker to exit (code 2); it may stop the other before it exits itself
+    assert "exitcode  : 2" in proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not out.exists()
 
