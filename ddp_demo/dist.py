@@ -79,9 +79,9 @@ def attempt_store(env: LaunchEnv, timeout_s: float) -> dist.Store:
 
     torchrun's agent keeps one TCPStore for the whole job. After an elastic restart the
     new workers would find the dead workers' keys (gloo's peer addresses) under the same
-    names and try to connect to them: measured here, about 4 restarts in 10 failed or
-    hung. A per-attempt prefix gives every attempt a clean namespace (8/8 and, with the
-    soak script, 20/20 restarts succeeded).
+    names and may connect to them, failing or hanging (the issue that asked for this
+    measured 4 restarts in 10). A per-attempt prefix gives every attempt a clean
+    namespace; ``launch/soak_restart.sh`` measures both ways (README, "Checkpoints").
     """
     store = dist.TCPStore(
         env.master_addr,
