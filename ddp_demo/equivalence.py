@@ -27,7 +27,7 @@ GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4
 LR = {"sgd": 0.05, "adam": 0.01}
 
 
-def _setup(model_name: str, dtype: str, steps: int):
+def case_setup(model_name: str, dtype: str, steps: int):
     """The same initial Module and the same ``steps`` global batches, in any process."""
     task = builtin_task(model_name, SEED, DTYPES[dtype], n_train=GLOBAL_BATCH * steps, n_heldout=0)
     torch.manual_seed(SEED)
@@ -38,7 +38,7 @@ def _setup(model_name: str, dtype: str, steps: int):
     return model, batches, loss_function(task)
 
 
-def _shard(batch, ctx: DistContext):
+def shard(batch, ctx: DistContext):
     """Rank r's part of a global batch: samples r, r+N, ... (DistributedSampler's layout)."""
     return [t[ctx.rank :: ctx.world_size] for t in batch]
 
@@ -49,16 +49,16 @@ def _optimizer(name: str, params):
 
 def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True) -> dict[str, torch.Tensor]:
     """One forward/backward of this rank's shard through DDP; the resulting .grad tensors."""
-    model, (batch,), loss_fn = _setup(model_name, dtype, steps=1)
+    model, (batch,), loss_fn = case_setup(model_name, dtype, steps=1)
     ddp = DDP(model)
-    x, y = _shard(batch, ctx)
+    x, y = shard(batch, ctx)
     with contextlib.nullcontext() if sync else ddp.no_sync():
         loss_fn(ddp(x), y).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
 def reference_grads(model_name: str, dtype: str) -> dict[str, torch.Tensor]:
-    model, (batch,), loss_fn = _setup(model_name, dtype, steps=1)
+    model, (batch,), loss_fn = case_setup(model_name, dtype, steps=1)
     x, y = batch
     loss_fn(model(x), y).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
@@ -67,11 +67,11 @@ def reference_grads(model_name: str, dtype: str) -> dict[str, torch.Tensor]:
 def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, steps: int = 5,
                    sync: bool = True) -> dict[str, torch.Tensor]:
     """``steps`` optimizer steps through DDP; the parameters afterwards."""
-    model, batches, loss_fn = _setup(model_name, dtype, steps)
+    model, batches, loss_fn = case_setup(model_name, dtype, steps)
     ddp = DDP(model)
     opt = _optimizer(optimizer, ddp.parameters())
     for batch in batches:
-        x, y = _shard(batch, ctx)
+        x, y = shard(batch, ctx)
         opt.zero_grad()
         with contextlib.nullcontext() if sync else ddp.no_sync():
             loss_fn(ddp(x), y).backward()
@@ -80,7 +80,7 @@ def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str
 
 
 def reference_params(model_name: str, dtype: str, optimizer: str, steps: int = 5) -> dict[str, torch.Tensor]:
-    model, batches, loss_fn = _setup(model_name, dtype, steps)
+    model, batches, loss_fn = case_setup(model_name, dtype, steps)
     opt = _optimizer(optimizer, model.parameters())
     for x, y in batches:
         opt.zero_grad()
@@ -110,10 +110,10 @@ def micro_grads_on_rank(ctx: DistContext, model_name: str, dtype: str, k: int) -
     does it under torchrun; ``.grad`` after each micro-batch. The last must equal
     ``reference_grads``; the first ``k - 1`` ran under ``no_sync``, so they are this rank's
     own partial sums and must differ between ranks (the negative control)."""
-    model, (batch,), loss_fn = _setup(model_name, dtype, steps=1)
+    model, (batch,), loss_fn = case_setup(model_name, dtype, steps=1)
     ddp = DDP(model)
     snapshots: list = []
-    accumulate_gradients(ddp, *_shard(batch, ctx), loss_fn, k, recording(ddp_grad_sync(ddp, k), model, snapshots))
+    accumulate_gradients(ddp, *shard(batch, ctx), loss_fn, k, recording(ddp_grad_sync(ddp, k), model, snapshots))
     return snapshots
 
 

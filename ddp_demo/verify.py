@@ -95,7 +95,13 @@ def check_accumulation(world_size: int, case_list: list[tuple], timeout: float =
     comparison can fail at all).
     """
     per_rank = run_on_ranks(accum_cases_on_rank, world_size, (case_list,), timeout=timeout)
-    rows = []
+    return accum_rows(per_rank, case_list)
+
+
+def accum_rows(per_rank: list[dict], case_list: list[tuple]) -> list[dict]:
+    """The rows of :func:`check_accumulation` from every rank's ``{case: [.grad after each
+    micro-batch]}``, however the ranks were started (here, or ``accelerate launch``)."""
+    world_size, rows = len(per_rank), []
     for case in case_list:
         _, model, dtype, _ = case
         want, mid0 = reference_grads(model, dtype), per_rank[0][case][-2]

@@ -1,0 +1,120 @@
+"""ddp_demo under ``accelerate launch`` on the CPU: real launcher subprocesses, with timeouts.
+
+Each launch costs seconds, so each runs once per module (fixtures) and several tests read
+its results: the equivalence checks inside ``accelerate launch``
+(``ddp_demo.accelerate_checks``), whole training runs against the torchrun path, and
+the refusal to run unsynchronised copies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_demo.equivalence import reference_grads
+from ddp_demo.models import MODEL_NAMES
+from ddp_demo.verify import DTYPE_NAMES, TOLERANCE, accum_cases, accum_ok, accum_rows, max_abs_diff, within_tolerance
+
+from .conftest import PYTHON, run_cmd, torchrun
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
+
+
+def accelerate_cpu(*flags: str, cwd: Path, entry: str = "ddp_demo.train_accelerate", timeout: float = 240):
+    """``NPROC=2 launch/accelerate_cpu.sh flags``, as the README says to run it."""
+    env = {"NPROC": "2", "ENTRY": entry, "PYTHON": PYTHON}
+    return run_cmd(["bash", str(ROOT / "launch" / "accelerate_cpu.sh"), *flags], cwd, timeout, env)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory) -> list[dict]:
+    """Every rank's results of ``ddp_demo.accelerate_checks``."""
+    d = tmp_path_factory.mktemp("checks")
+    proc = accelerate_cpu("--out", str(d), cwd=d, entry="ddp_demo.accelerate_checks")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [load(d / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same job through torchrun and through accelerate, with and without accumulation."""
+    out = {name: tmp_path_factory.mktemp(name) for name in ("torchrun", "accelerate", "accelerate_k2")}
+    procs = [
+        torchrun(2, "ddp_demo.train", *FLAGS, "--out", str(out["torchrun"]), cwd=out["torchrun"], timeout=240),
+        accelerate_cpu(*FLAGS, "--out", str(out["accelerate"]), cwd=out["accelerate"]),
+        accelerate_cpu(*FLAGS, "--grad-accum-steps", "2", "--out", str(out["accelerate_k2"]), cwd=out["accelerate_k2"]),
+    ]
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_processes_and_the_prepared_model_is_ddp(checks):
+    assert [c["world_size"] for c in checks] == [2, 2]
+    assert all(c["prepared_is_ddp"] and c["distributed_type"] == "MULTI_CPU" for c in checks), checks[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_gradients_after_one_step_equal_single_process(checks, model, dtype):
+    want = reference_grads(model, dtype)
+    for rank, c in enumerate(checks):
+        got = c["grads"][(model, dtype)]
+        assert within_tolerance(got, want, dtype), f"rank {rank}: max diff {max_abs_diff(got, want):.3g}"
+
+
+def _id(case: tuple) -> str:
+    return "-".join(map(str, case[1:]))
+
+
+@pytest.mark.parametrize("case", accum_cases(2), ids=_id)
+def test_accumulated_gradient_equals_single_process(checks, case):
+    rows = accum_rows([c["accum"] for c in checks], [case])
+    assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[case[2]]}: {[r['max_abs_diff'] for r in rows]}"
+
+
+@pytest.mark.parametrize("case", accum_cases(2), ids=_id)
+def test_negative_control_ranks_differ_before_the_last_micro_batch(checks, case):
+    rows = accum_rows([c["accum"] for c in checks], [case])
+    assert not all(r["mid_close"] for r in rows), f"ranks agree mid-step: {[r['mid_diff'] for r in rows]}"
+    assert accum_ok(rows)
+
+
+def final_diff(a: Path, b: Path) -> float:
+    return max_abs_diff(load(a / "final.pt"), load(b / "final.pt"))
+
+
+def test_accelerate_final_pt_equals_torchrun(runs):
+    assert final_diff(runs["accelerate"], runs["torchrun"]) <= 1e-10
+    torchrun_losses, accelerate_losses = ([json.loads(line)["loss"] for line in open(runs[n] / "metrics.jsonl")]
+                                          for n in ("torchrun", "accelerate"))
+    assert accelerate_losses == pytest.approx(torchrun_losses, abs=1e-10)
+    summary = json.loads((runs["accelerate"] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["params_identical_across_ranks"]
+
+
+def test_accelerate_accumulation_whole_run_equals_torchrun(runs):
+    """2 ranks x 2 micro-batches of 4 (accelerator.accumulate) against torchrun's 2 x 8."""
+    assert final_diff(runs["accelerate_k2"], runs["torchrun"]) <= 1e-10
+
+
+def test_refuses_unsynchronised_copies(tmp_path):
+    """The CPU pitfall: the multi-process launcher without ACCELERATE_USE_CPU=1 starts 2
+    processes whose Accelerator each see one, so nothing would ever sync."""
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate_cpu.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", "-m", "ddp_demo.train_accelerate", "--out", str(out)]
+    proc = run_cmd(cmd, tmp_path, timeout=240, env={"ACCELERATE_USE_CPU": "false"})
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
+    assert len(ours) == 1 and "Accelerate sees only one" in ours[0] and "ACCELERATE_USE_CPU=1" in ours[0], proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # the launcher's report: a worker exited 2
+    assert "ddp_demo/" not in proc.stderr  # no traceback through our code (the launcher prints its own)
+    assert not out.exists()
