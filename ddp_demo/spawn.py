@@ -33,11 +33,13 @@ class WorkerError(RuntimeError):
     pass
 
 
-def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, args: tuple, results) -> None:
+def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, args: tuple, results,
+            device: str = "cpu") -> None:
     # One thread per rank: N ranks share the cores, as torchrun's OMP_NUM_THREADS=1 does.
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
-    ctx = setup(LaunchEnv(rank, rank, world_size), device="cpu", backend="gloo", timeout_s=timeout, store=store)
+    # The backend follows the device: gloo on the CPU (the default here), nccl on CUDA.
+    ctx = setup(LaunchEnv(rank, rank, world_size), device=device, backend="auto", timeout_s=timeout, store=store)
     try:
         out = fn(ctx, *args)
         buf = io.BytesIO()
@@ -50,14 +52,18 @@ def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, arg
         teardown()
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 120.0) -> list[Any]:
-    """Return ``[fn(ctx_0, *args), ..., fn(ctx_{N-1}, *args)]`` computed on N processes."""
+def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 120.0,
+                 device: str = "cpu") -> list[Any]:
+    """Return ``[fn(ctx_0, *args), ..., fn(ctx_{N-1}, *args)]`` computed on N processes.
+
+    ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``."""
     spawn = mp.get_context("spawn")
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            spawn.Process(target=_worker, args=(fn, r, world_size, store_path, timeout, args, results), daemon=True)
+            spawn.Process(target=_worker, args=(fn, r, world_size, store_path, timeout, args, results, device),
+                          daemon=True)
             for r in range(world_size)
         ]
         for p in procs:

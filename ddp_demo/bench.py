@@ -1,0 +1,197 @@
+"""What data parallelism costs here: ``python -m ddp_demo.bench [--out DIR] [--quick]``.
+
+Measures, on this machine (CPU + gloo, or CUDA + nccl where GPUs exist):
+
+1. weak scaling: samples/s at N = 1, 2, 4 processes, the same per-rank batch, for the
+   trainer's CNN job (compute-bound) and a 3.2M-parameter MLP (communication-heavy);
+2. where the time goes at N = 2: the bare step, the DDP step, and the bare step plus one
+   raw ``all_reduce`` of all gradients in one flat buffer; gloo's bus bandwidth;
+3. DDP's knobs (``bucket_cap_mb``, ``gradient_as_bucket_view``, ``static_graph``,
+   ``no_sync`` accumulation) with each one's peak memory per rank;
+4. wrapper overhead: DDP at N = 1 vs the bare module, accelerate vs torchrun on one job;
+
+and writes ``results.json``, ``results.md`` and ``bench.png`` under ``--out``. One
+process group per world size does all of that size's work (``bench_ranks``); the
+launcher comparison runs the real commands (``bench_launchers``). The full run takes
+a few minutes on a 2-core machine; ``--quick`` checks the whole pipeline in seconds
+on tiny models, and its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import bench_launchers, bench_report
+from .bench_ranks import STOCK, suite_on_rank
+from .bench_timing import Reps, Variant, Workload
+from .spawn import run_on_ranks
+
+TUNED = {"bucket_cap_mb": 100, "gradient_as_bucket_view": True, "static_graph": True}
+VARIANTS = [
+    Variant("raw all-reduce", flat_all_reduce=True),  # the floor for a sync not overlapped with backward
+    STOCK,  # bucket_cap_mb = 25 is DDP's default
+    Variant("bucket_cap_mb=1", ddp={"bucket_cap_mb": 1}),
+    Variant("bucket_cap_mb=5", ddp={"bucket_cap_mb": 5}),
+    Variant("bucket_cap_mb=100", ddp={"bucket_cap_mb": 100}),
+    Variant("gradient_as_bucket_view", ddp={"gradient_as_bucket_view": True}),
+    Variant("static_graph", ddp={"static_graph": True}),
+    Variant("tuned (all three)", ddp=TUNED),
+    Variant("no_sync, sync every 2", ddp={}, accumulate=2),
+    Variant("no_sync, sync every 4", ddp={}, accumulate=4),
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one run measures; ``--quick`` shrinks every size, never the pipeline."""
+
+    world_sizes: tuple[int, ...]
+    workloads: list[Workload]
+    busbw_mb: list[float]
+    reps: Reps
+    launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
+    launches: int  # launches per launcher, alternated
+    variants: list[Variant] = field(default_factory=lambda: VARIANTS)
+
+
+def make_plan(quick: bool, launchers: bool) -> Plan:
+    if quick:
+        return Plan((1, 2), [Workload("cnn", 8, 2), Workload("mlp", 8, 2, mlp_width=64, mlp_depth=2)],
+                    [0.25, 1.0], Reps(warmup=1, reps=2), launcher_steps=12, launches=int(launchers))
+    # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank). MLP: 3 x 1024
+    # hidden, 3.16M parameters = 12.6 MB of float32 gradients to all-reduce every step.
+    return Plan((1, 2, 4), [Workload("cnn", 32, 20), Workload("mlp", 32, 6)],
+                [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
+                launcher_steps=220, launches=2 * int(launchers))
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_info(device: str) -> dict:
+    """Recorded with every result: numbers mean little without the machine they came from."""
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    cuda = device == "cuda"
+    return {"cpu": cpu, "cores": cores(), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": device, "backend": "nccl" if cuda else "gloo",
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "threads_per_rank": 1, "load_average_before": list(os.getloadavg())}
+
+
+class ProgressBar:
+    """A tqdm bar in this (the parent) process, moved by labels rank 0 puts on a queue."""
+
+    def __init__(self, total: int):
+        self.queue = mp.get_context("spawn").Queue()  # passed to the workers when they start
+        self.bar = tqdm(total=total, unit="part", dynamic_ncols=True, file=sys.stderr)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set() or not self.queue.empty():
+            try:
+                label = self.queue.get(timeout=0.2)
+            except Exception:  # queue.Empty; nothing arrived in this slice
+                continue
+            self.bar.set_postfix_str(label)
+            self.bar.update()
+
+    def step(self, label: str) -> None:
+        self.queue.put(label)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.bar.close()
+
+
+def units(plan: Plan) -> int:
+    """How many progress labels the run will produce."""
+    per_n = len(plan.workloads)
+    return per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + 2 * plan.launches
+
+
+def measure(plan: Plan, device: str, timeout: float, bar: ProgressBar) -> dict:
+    """One process group per world size; N = 2 also measures bandwidth and the knobs."""
+    results: dict = {"weak_scaling": {}}
+    for n in plan.world_sizes:
+        tasks: dict = {"weak": plan.workloads}
+        if n == 2:
+            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.workloads[-1], plan.variants)}
+        bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
+        per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
+        results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
+        if n == 2:
+            results["busbw"] = per_rank[0]["busbw"]
+            results["knobs"] = merge_memory(per_rank)
+    return results
+
+
+def merge_memory(per_rank: list[dict]) -> dict:
+    """Times are equal on every rank (slowest rank's); memory is per rank: keep each rank's."""
+    knobs = per_rank[0]["knobs"]
+    for i, row in enumerate(knobs["rows"]):
+        for key in ("rss_base_mb", "rss_peak_mb"):
+            row[key] = [r["knobs"]["rows"][i][key] for r in per_rank]
+    knobs["check"] = {key: max(r["knobs"]["check"][key] for r in per_rank) for key in knobs["check"]}
+    return knobs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ddp_demo.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/bench", help="directory for results.json, results.md and bench.png")
+    p.add_argument("--quick", action="store_true", help="tiny models, 2 repetitions: checks the pipeline, "
+                   "measures nothing")
+    p.add_argument("--no-launchers", dest="launchers", action="store_false",
+                   help="skip the accelerate vs torchrun comparison (it starts 4 real jobs)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda (nccl) when available, else cpu (gloo)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one process group may take before failing")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    plan = make_plan(args.quick, args.launchers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = {"machine": machine_info(device), "quick": args.quick, "plan": asdict(plan)}
+    bar = ProgressBar(units(plan))
+    try:
+        results |= measure(plan, device, args.timeout, bar)
+        if plan.launches:
+            results["launchers"] = bench_launchers.compare(plan.launcher_steps, plan.launches, device, bar)
+    finally:
+        bar.close()
+    results["machine"]["load_average_after"] = list(os.getloadavg())
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    results["summary"] = bench_report.summarize(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    bench_report.write(results, out)
+    print(bench_report.headline(results))
+    print(f"wrote {out}/results.json, results.md, bench.png in {results['wall_time_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The benchmark's picture: four panels, one per question, drawn from ``results["summary"]``.
+
+matplotlib is the ``bench`` extra (``pip install -e ".[bench]"``); the Agg backend
+draws straight to a PNG file, with no display needed.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot(results: dict, path) -> None:
+    s = results["summary"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    weak_scaling_panel(axes[0][0], s)
+    if "knobs" in s:
+        time_panel(axes[0][1], s)
+        busbw_panel(axes[1][0], s)
+    overhead_panel(axes[1][1], s)
+    m = results["machine"]
+    where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    fig.suptitle(f"ddp_demo benchmark: {where}, torch {m['torch']}, {m['backend']}"
+                 + ("  [--quick: numbers mean nothing]" if results["quick"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def weak_scaling_panel(ax, s: dict) -> None:
+    """Speed-up over one process, N x efficiency, per model and N (ideal: N); labels give the
+    efficiency, whiskers the N-process step's min-max."""
+    rows = s["weak_scaling"]
+    models = sorted({r["model"] for r in rows})
+    ns = sorted({r["n"] for r in rows})
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        mine = [r for r in rows if r["model"] == model]
+        xs = [ns.index(r["n"]) + (i - (len(models) - 1) / 2) * width for r in mine]
+        up = [r["n"] * r["efficiency"] for r in mine]
+        lo = [u - u * r["step_s"]["median"] / r["step_s"]["max"] for u, r in zip(up, mine, strict=True)]
+        hi = [u * r["step_s"]["median"] / r["step_s"]["min"] - u for u, r in zip(up, mine, strict=True)]
+        bars = ax.bar(xs, up, width, yerr=[lo, hi], capsize=3, label=f"{model} ({mine[0]['params'] / 1e6:.2f}M params)")
+        for bar, r in zip(bars, mine, strict=True):
+            bar.set_hatch("//" if r["oversubscribed"] else "")
+            ax.text(bar.get_x() + bar.get_width() / 2, 0.05, f"{r['efficiency']:.2f}", ha="center", fontsize=8)
+    ax.hlines(ns, [i - 0.45 for i in range(len(ns))], [i + 0.45 for i in range(len(ns))], colors="k",
+              linestyles="--", lw=1, label="ideal: N")
+    ax.set_xticks(range(len(ns)), [f"N = {n}" + ("\n(oversubscribed: hatched)" if any(
+        r["oversubscribed"] for r in rows if r["n"] == n) else "") for n in ns])
+    ax.set_ylabel("speed-up in samples/s over N = 1")
+    ax.set_title("Weak scaling, same batch per rank (bar labels: efficiency)")
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def time_panel(ax, s: dict) -> None:
+    """Bare step + exposed sync per DDP variant, MLP at N = 2; labels give memory added."""
+    rows = s["knobs"][::-1]
+    names = [r["name"] for r in rows]
+    exposed = [max(r["exposed_s"]["median"], 0) * 1e3 for r in rows]
+    bare = [r["step_s"]["median"] * 1e3 - e for r, e in zip(rows, exposed, strict=True)]
+    ax.barh(names, bare, color="0.75", label="bare step (no sync)")
+    ax.barh(names, exposed, left=bare, color="tab:red", label="exposed sync")
+    for i, r in enumerate(rows):
+        added = "" if r["rss_added_mb"] is None else f", +{r['rss_added_mb']:.0f} MiB"
+        ax.text(bare[i] + exposed[i], i, f" {r['ratio_to_raw']:.2f}× raw{added}", va="center", fontsize=8)
+    ax.set_xlabel("ms per step (no_sync rows: per micro-batch)")
+    ax.set_title("Where the time goes: MLP, N = 2")
+    ax.set_xlim(0, max(b + e for b, e in zip(bare, exposed, strict=True)) * 1.45)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def busbw_panel(ax, s: dict) -> None:
+    rows = s["busbw"]
+    sizes = [r["size_mb"] for r in rows]
+    bw = [r["busbw_gbps"] for r in rows]
+    lo = [b - b * r["time_s"]["median"] / r["time_s"]["max"] for b, r in zip(bw, rows, strict=True)]
+    hi = [b * r["time_s"]["median"] / r["time_s"]["min"] - b for b, r in zip(bw, rows, strict=True)]
+    ax.errorbar(sizes, bw, yerr=[lo, hi], marker="o", capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
+    ax.set_xlabel("all-reduce size, MB")
+    ax.set_ylabel("busbw, GB/s  (S/t · 2(N−1)/N)")
+    ax.set_title("gloo all-reduce bus bandwidth, N = 2")
+    ax.set_ylim(bottom=0)
+
+
+def overhead_panel(ax, s: dict) -> None:
+    """What the wrappers cost: DDP at N = 1 over the bare module, accelerate over torchrun."""
+    labels, values, limits = [], [], []
+    for model, o in s["ddp_overhead_n1"].items():
+        labels.append(f"DDP at N = 1\n{model}")
+        values.append(o["median"] * 100)
+        limits.append(3.0 if model == "cnn" else None)
+    lr = s.get("launchers")
+    if lr and "ratio" in lr:
+        labels.append("accelerate /\ntorchrun")
+        values.append((lr["ratio"] - 1) * 100)
+        limits.append(2.0)
+    ax.bar(range(len(values)), values, color=["tab:blue"] * len(values))
+    for i, limit in enumerate(limits):
+        if limit is not None:
+            ax.hlines(limit, i - 0.4, i + 0.4, colors="k", linestyles="--", label="target" if i == 0 else None)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(values)), labels)
+    ax.set_ylabel("overhead, % of the step")
+    ax.set_title("Wrapper overhead (dashed: target)")

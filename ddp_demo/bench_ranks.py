@@ -1,0 +1,115 @@
+"""The benchmark's bodies: what every worker process runs (via ``spawn.run_on_ranks``).
+
+One process group per world size runs :func:`suite_on_rank`, which does that size's
+share of the benchmark and returns plain numbers. Rank 0 reports each finished piece
+on ``queue`` so the parent process can move its progress bar.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+
+import torch
+import torch.distributed as dist
+
+from .bench_timing import (
+    MB,
+    Reps,
+    Step,
+    Variant,
+    Workload,
+    build_workload,
+    interleaved,
+    param_count,
+    peak_rss_mb,
+    progress,
+    reset_peak_rss,
+    warm_up,
+)
+from .dist import DistContext
+
+STOCK = Variant("DDP", ddp={})  # what ddp_demo.train wraps with: DistributedDataParallel(model)
+
+
+def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
+    """Run the pieces named in ``tasks`` at this world size: ``weak`` (always),
+    ``busbw`` and ``knobs`` (at N = 2)."""
+    out = {"weak_scaling": weak_scaling_on_rank(ctx, tasks["weak"], r, queue)}
+    if "busbw" in tasks:
+        out["busbw"] = busbw_on_rank(ctx, tasks["busbw"], r, queue)
+    if "knobs" in tasks:
+        workload, variants = tasks["knobs"]
+        out["knobs"] = knobs_on_rank(ctx, workload, variants, r, queue)
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, queue) -> dict:
+    """Per-step seconds of the bare module ("local", no sync at all) and of stock DDP,
+    interleaved, at the same per-rank batch whatever N is (weak scaling)."""
+    out = {}
+    for w in workloads:
+        model, x, y = build_workload(w, ctx)
+        fns = {"local": Step(model, x, y, Variant("local"), ctx), "ddp": Step(model, x, y, STOCK, ctx)}
+        warm_up(fns, r)
+        times = interleaved(fns, {name: w.steps for name in fns}, r, ctx)
+        out[w.model] = {"params": param_count(model), "batch": w.batch, "local_s": times["local"],
+                        "ddp_s": times["ddp"]}
+        del fns
+        gc.collect()
+        progress(queue, ctx, f"N={ctx.world_size} {w.model}")
+    return out
+
+
+def busbw_on_rank(ctx: DistContext, sizes_mb: list[float], r: Reps, queue) -> list[dict]:
+    """Seconds per ``all_reduce`` of one float32 buffer of each size."""
+    rows = []
+    for size in sizes_mb:
+        buf = torch.zeros(int(size * MB) // 4, device=ctx.device)  # zeros stay zeros: no overflow to inf
+        fn = functools.partial(dist.all_reduce, buf)
+        calls = max(1, round(8 / size))  # at least ~8 MB per repetition, far above the clock's resolution
+        warm_up({"all_reduce": fn}, r)
+        rows.append({"size_mb": size, "time_s": interleaved({"all_reduce": fn}, {"all_reduce": calls}, r, ctx)
+                     ["all_reduce"]})
+        progress(queue, ctx, f"all_reduce {size:g} MB")
+    return rows
+
+
+def knobs_on_rank(ctx: DistContext, w: Workload, variants: list[Variant], r: Reps, queue) -> dict:
+    """For each variant: peak RSS after its warm-up, then its step interleaved with the bare step.
+
+    The bare steps (one per accumulation count) are built and warmed up first, so they
+    are part of every variant's memory baseline and not of its own cost.
+    """
+    model, x, y = build_workload(w, ctx)
+    check = check_raw_all_reduce(model, x, y, ctx)
+    local = {k: Step(model, x, y, Variant("local", accumulate=k), ctx) for k in {v.accumulate for v in variants}}
+    warm_up(local, r)
+    rows = []
+    for v in variants:
+        base = reset_peak_rss()
+        step = Step(model, x, y, v, ctx)
+        warm_up({v.name: step}, r)
+        peak = peak_rss_mb()
+        n = max(1, w.steps // v.accumulate)  # about the same number of forward/backward passes per repetition
+        times = interleaved({"local": local[v.accumulate], "variant": step}, {"local": n, "variant": n}, r, ctx)
+        rows.append({"name": v.name, "ddp": v.ddp, "flat_all_reduce": v.flat_all_reduce, "accumulate": v.accumulate,
+                     "local_s": times["local"], "step_s": times["variant"], "rss_base_mb": base, "rss_peak_mb": peak})
+        del step  # freed by the next reset_peak_rss(), which collects garbage first
+        progress(queue, ctx, v.name)
+    return {"params": param_count(model), "batch": w.batch, "rows": rows, "check": check}
+
+
+def check_raw_all_reduce(model, x: torch.Tensor, y: torch.Tensor, ctx: DistContext) -> dict:
+    """The raw all-reduce is hand-written, so it is checked against the real thing: after one
+    step its gradients must equal DDP's (up to float32 rounding); the negative control, no
+    sync at all, must differ from DDP's (on N > 1 ranks with different data)."""
+    steps = {"raw": Step(model, x, y, Variant("raw", flat_all_reduce=True), ctx),
+             "ddp": Step(model, x, y, STOCK, ctx), "unsynced": Step(model, x, y, Variant("local"), ctx)}
+    grads = {}
+    for name, step in steps.items():
+        step()
+        grads[name] = step.gradients()
+    return {"max_diff_raw_vs_ddp": float((grads["raw"] - grads["ddp"]).abs().max()),
+            "max_diff_unsynced_vs_ddp": float((grads["unsynced"] - grads["ddp"]).abs().max())}

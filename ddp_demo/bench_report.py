@@ -1,0 +1,205 @@
+"""From raw benchmark times to ratios, targets, a Markdown report and a plot.
+
+Conventions (the README's Performance section explains them for readers):
+
+- every time is a median over repetitions, shown with its min-max range;
+- a comparison of two interleaved variants is taken per repetition first (the
+  difference or ratio of the pair run back to back), then the median of those;
+- exposed sync = DDP step - bare step: the part of gradient sync that backward did
+  not hide. The raw all-reduce row measures the same for the bare step plus one
+  ``all_reduce`` of every gradient in a single flat buffer: the cost of a sync that is
+  not overlapped at all, so exposed / raw < 1 means DDP's overlap paid off.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from .bench_timing import MB
+
+# (key in summary["targets"], what it is, threshold, True if lower is better)
+TARGETS = [
+    ("cnn_weak_scaling_efficiency_n2", "CNN weak-scaling efficiency at N = 2", 0.90, False),
+    ("mlp_exposed_sync_ratio_stock", "MLP exposed DDP sync / raw all-reduce, stock DDP, N = 2", 1.0, True),
+    ("cnn_ddp_overhead_n1", "CNN: DDP at N = 1 over the bare module", 0.03, True),
+    ("accelerate_over_torchrun", "accelerate step time / torchrun step time", 1.02, True),
+]
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def paired(a: list[float], b: list[float], op) -> dict:
+    """Median (min-max) over repetitions of ``op(a_i, b_i)`` for back-to-back pairs."""
+    return stats([op(x, y) for x, y in zip(a, b, strict=True)])
+
+
+def weak_scaling(results: dict, cores: int) -> list[dict]:
+    """Samples/s and efficiency per model and N; efficiency = t(N=1) / t(N) at a fixed per-rank
+    batch, split into core sharing (bare step, N=1 vs N) times sync (bare vs DDP at N)."""
+    rows = []
+    one = results["weak_scaling"]["1"]
+    for n, per_model in results["weak_scaling"].items():
+        for model, m in per_model.items():
+            t, t1 = stats(m["ddp_s"]), statistics.median(one[model]["ddp_s"])
+            local, local1 = statistics.median(m["local_s"]), statistics.median(one[model]["local_s"])
+            rows.append({"model": model, "n": int(n), "params": m["params"], "oversubscribed": int(n) > cores,
+                         "step_s": t, "samples_per_s": int(n) * m["batch"] / t["median"],
+                         "efficiency": t1 / t["median"], "core_sharing": local1 / local,
+                         "sync": local / t["median"]})
+    return rows
+
+
+def knobs(results: dict) -> list[dict]:
+    rows = results["knobs"]["rows"]
+    raw = next(r for r in rows if r["flat_all_reduce"])
+    raw_exposed = paired(raw["step_s"], raw["local_s"], lambda a, b: a - b)["median"]
+    out = []
+    for r in rows:
+        k = r["accumulate"]  # times per micro-batch: sync happens once every k of them
+        exposed = paired(r["step_s"], r["local_s"], lambda a, b, k=k: (a - b) / k)
+        out.append({"name": r["name"], "step_s": stats([t / k for t in r["step_s"]]), "exposed_s": exposed,
+                    "ratio_to_raw": exposed["median"] / raw_exposed, "rss_peak_mb": max(r["rss_peak_mb"] or [0]),
+                    "rss_added_mb": max((p - b for p, b in zip(r["rss_peak_mb"], r["rss_base_mb"], strict=True)
+                                         if p is not None and b is not None), default=None)})
+    return out
+
+
+def busbw(results: dict, n: int = 2) -> list[dict]:
+    """busbw = S / t * 2(N-1)/N: what each link carries in a ring all-reduce (nccl-tests' definition)."""
+    rows = []
+    for r in results["busbw"]:
+        t = stats(r["time_s"])
+        rows.append({"size_mb": r["size_mb"], "time_s": t,
+                     "busbw_gbps": r["size_mb"] * MB / t["median"] * 2 * (n - 1) / n / 1e9})
+    return rows
+
+
+def launchers(results: dict) -> dict | None:
+    lr = results.get("launchers")
+    if not lr or "skipped" in lr:
+        return lr
+    t, a = stats(lr["torchrun"]["block_step_s"]), stats(lr["accelerate"]["block_step_s"])
+    return {"torchrun_step_s": t, "accelerate_step_s": a, "ratio": a["median"] / t["median"],
+            "torchrun_wall_s": stats(lr["torchrun"]["wall_s"]), "accelerate_wall_s": stats(lr["accelerate"]["wall_s"])}
+
+
+def summarize(results: dict) -> dict:
+    cores = results["machine"]["cores"]
+    n1 = {m: paired(d["ddp_s"], d["local_s"], lambda a, b: a / b - 1) for m, d in results["weak_scaling"]["1"].items()}
+    s = {"weak_scaling": weak_scaling(results, cores), "ddp_overhead_n1": n1}
+    if "knobs" in results:
+        s |= {"knobs": knobs(results), "busbw": busbw(results)}
+    s["launchers"] = launchers(results)
+    s["targets"] = targets(s)
+    return s
+
+
+def targets(s: dict) -> list[dict]:
+    by_name = {r["name"]: r for r in s.get("knobs", [])}
+    values = {
+        "cnn_weak_scaling_efficiency_n2": next((r["efficiency"] for r in s["weak_scaling"]
+                                                if r["model"] == "cnn" and r["n"] == 2), None),
+        "mlp_exposed_sync_ratio_stock": by_name.get("DDP", {}).get("ratio_to_raw"),
+        "cnn_ddp_overhead_n1": s["ddp_overhead_n1"].get("cnn", {}).get("median"),
+        "accelerate_over_torchrun": (s["launchers"] or {}).get("ratio"),
+    }
+    out = []
+    for key, what, limit, lower in TARGETS:
+        v = values[key]
+        met = None if v is None else (v <= limit if lower else v >= limit)
+        out.append({"key": key, "what": what, "value": v, "target": ("<= " if lower else ">= ") + f"{limit:g}",
+                    "met": met})
+    return out
+
+
+def headline(results: dict) -> str:
+    lines = []
+    for t in results["summary"]["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        verdict = {True: "met", False: "MISSED", None: "-"}[t["met"]]
+        lines.append(f"{t['what']}: {value} (target {t['target']}: {verdict})")
+    return "\n".join(lines)
+
+
+def ms(s: dict) -> str:
+    """A time as 'median [min-max]' in milliseconds."""
+    return f"{s['median'] * 1e3:.2f} [{s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f}]"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
+
+
+def machine_line(results: dict) -> str:
+    m, r = results["machine"], results["plan"]["reps"]
+    where = f"{m['gpu']} (nccl)" if m["gpu"] else f"{m['cpu']}, {m['cores']} cores (gloo on CPU)"
+    load = "/".join(f"{x:.2f}" for x in m["load_average_before"][:1] + m["load_average_after"][:1])
+    return (f"Measured on {where}, torch {m['torch']}, Python {m['python']}, one thread per rank; "
+            f"{r['warmup']} warm-up steps, then {r['reps']} timed repetitions; medians [min–max]. "
+            f"Load average before/after: {load}. Whole benchmark: {results['wall_time_s']:.0f} s.")
+
+
+def markdown(results: dict) -> str:
+    s = results["summary"]
+    parts = ["# ddp_demo benchmark\n", machine_line(results) + "\n"]
+    if results["quick"]:
+        parts.append("> `--quick` run: tiny models, 2 repetitions. It checks the pipeline; the numbers mean nothing.\n")
+    parts += ["## Targets\n", table(["what", "measured", "target", "met"], [
+        [t["what"], "–" if t["value"] is None else f"{t['value']:.3f}", t["target"],
+         {True: "yes", False: "**no**", None: "not measured"}[t["met"]]] for t in s["targets"]])]
+    parts += ["## Weak scaling (same batch per rank at every N)\n", table(
+        ["model", "N", "DDP step, ms", "samples/s", "efficiency", "= core sharing", "× sync"],
+        [[f"{r['model']} ({r['params'] / 1e6:.2f}M params)", f"{r['n']}" + (" (oversubscribed)"
+          if r["oversubscribed"] else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", f"{r['efficiency']:.3f}",
+          f"{r['core_sharing']:.3f}", f"{r['sync']:.3f}"] for r in s["weak_scaling"]])]
+    parts += ["## DDP at N = 1 vs the bare module\n", table(["model", "overhead"], [
+        [m, f"{o['median']:+.1%} [{o['min']:+.1%} to {o['max']:+.1%}]"] for m, o in s["ddp_overhead_n1"].items()])]
+    if "knobs" in s:
+        parts += [knobs_section(results), busbw_section(s)]
+    parts.append(launchers_section(s["launchers"]))
+    return "\n".join(parts)
+
+
+def knobs_section(results: dict) -> str:
+    s, k = results["summary"], results["knobs"]
+    rows = [[r["name"], ms(r["step_s"]), ms(r["exposed_s"]), f"{r['ratio_to_raw']:.2f}",
+             f"{r['rss_peak_mb']:.0f}", "–" if r["rss_added_mb"] is None else f"{r['rss_added_mb']:.0f}"]
+            for r in s["knobs"]]
+    local = stats([t for r in k["rows"] if r["accumulate"] == 1 for t in r["local_s"]])
+    return (f"## Where the time goes at N = 2: MLP, {k['params'] / 1e6:.2f}M parameters, batch {k['batch']} per rank"
+            f"\n\nBare step (no sync), all repetitions: {ms(local)} ms. Exposed sync = step − bare step, paired per "
+            "repetition; no_sync rows are per micro-batch. Memory: peak RSS of the worst rank (MiB) from DDP "
+            "construction through warm-up, and how much of it the variant added.\n\n"
+            f"The raw all-reduce is checked against DDP: largest gradient difference "
+            f"{k['check']['max_diff_raw_vs_ddp']:.1e} (without any sync: {k['check']['max_diff_unsynced_vs_ddp']:.1e})."
+            "\n\n"
+            + table(["variant", "step, ms", "exposed sync, ms", "× raw all-reduce", "peak RSS", "added"], rows))
+
+
+def busbw_section(s: dict) -> str:
+    return ("## gloo all-reduce bandwidth at N = 2\n\nbusbw = S / t × 2(N−1)/N.\n\n" + table(
+        ["size, MB", "time, ms", "busbw, GB/s"],
+        [[f"{r['size_mb']:g}", ms(r["time_s"]), f"{r['busbw_gbps']:.2f}"] for r in s["busbw"]]))
+
+
+def launchers_section(lr: dict | None) -> str:
+    if lr is None:
+        return "## accelerate vs torchrun\n\nNot run (--no-launchers).\n"
+    if "skipped" in lr:
+        return f"## accelerate vs torchrun\n\nSkipped: {lr['skipped']}.\n"
+    return ("## accelerate vs torchrun (same job, step times the trainer logs)\n\n" + table(
+        ["launcher", "step, ms", "whole command, s"],
+        [["torchrun", ms(lr["torchrun_step_s"]), f"{lr['torchrun_wall_s']['median']:.1f}"],
+         ["accelerate", ms(lr["accelerate_step_s"]), f"{lr['accelerate_wall_s']['median']:.1f}"]])
+        + f"\naccelerate / torchrun step time: {lr['ratio']:.3f}\n")
+
+
+def write(results: dict, out) -> None:
+    """results.md and bench.png under ``out``."""
+    from .bench_plot import plot  # matplotlib is imported only here
+
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "bench.png")

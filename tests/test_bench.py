@@ -1,0 +1,85 @@
+"""The benchmark runs end to end and writes well-formed results (speed is not tested here).
+
+The full benchmark takes minutes and does not run in CI; ``--quick`` runs every part of
+it on tiny models for two repetitions, which is what this smoke test checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ddp_demo.bench import VARIANTS
+from ddp_demo.bench_launchers import BLOCKS, block_step_times
+
+from .conftest import PYTHON, run_cmd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    r = run_cmd(["bash", "launch/bench.sh", "--quick", "--no-launchers", "--device", "cpu", "--out", str(out)],
+                ROOT, timeout=180, env={"PYTHON": PYTHON})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote" in r.stdout
+    return out
+
+
+def positive_times(values: list[float], reps: int) -> bool:
+    return len(values) == reps and all(v > 0 for v in values)
+
+
+def test_results_json_holds_every_measurement(quick: Path):
+    res = json.loads((quick / "results.json").read_text())
+    reps = res["plan"]["reps"]["reps"]
+    assert res["quick"] is True
+    assert {"cpu", "cores", "torch", "backend", "device", "threads_per_rank"} <= set(res["machine"])
+    assert set(res["weak_scaling"]) == {"1", "2"}
+    for per_model in res["weak_scaling"].values():
+        assert set(per_model) == {"cnn", "mlp"}
+        assert all(positive_times(m["local_s"], reps) and positive_times(m["ddp_s"], reps) for m in per_model.values())
+    assert [r["name"] for r in res["knobs"]["rows"]] == [v.name for v in VARIANTS]
+    for row in res["knobs"]["rows"]:
+        assert positive_times(row["step_s"], reps) and len(row["rss_peak_mb"]) == 2  # one per rank
+    assert all(positive_times(r["time_s"], reps) for r in res["busbw"])
+
+
+def test_the_raw_all_reduce_equals_ddp_and_the_unsynced_control_does_not(quick: Path):
+    check = json.loads((quick / "results.json").read_text())["knobs"]["check"]
+    assert check["max_diff_raw_vs_ddp"] < 1e-6
+    assert check["max_diff_unsynced_vs_ddp"] > 1e-4  # the check can fail: ranks hold different data
+
+
+def test_summary_reports_every_target(quick: Path):
+    summary = json.loads((quick / "results.json").read_text())["summary"]
+    targets = {t["key"]: t for t in summary["targets"]}
+    assert set(targets) == {"cnn_weak_scaling_efficiency_n2", "mlp_exposed_sync_ratio_stock",
+                            "cnn_ddp_overhead_n1", "accelerate_over_torchrun"}
+    assert targets["accelerate_over_torchrun"]["value"] is None  # --no-launchers
+    assert all(isinstance(targets[k]["met"], bool) for k in targets if k != "accelerate_over_torchrun")
+    assert [r["name"] for r in summary["knobs"]] == [v.name for v in VARIANTS]
+
+
+def test_markdown_and_plot_are_written(quick: Path):
+    md = (quick / "results.md").read_text()
+    for heading in ("## Targets", "## Weak scaling", "## Where the time goes", "## gloo all-reduce bandwidth",
+                    "## DDP at N = 1", "## accelerate vs torchrun"):
+        assert heading in md
+    png = (quick / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+def test_launcher_step_times_are_cut_into_blocks_after_warm_up(tmp_path: Path):
+    metrics = tmp_path / "metrics.jsonl"
+    # 64 samples per step: 2 slow warm-up steps, then steps of 10 ms and 20 ms
+    rates = [64 / 1.0] * 2 + [64 / 0.010] * 5 + [64 / 0.020] * 5
+    metrics.write_text("".join(json.dumps({"step": i + 1, "samples_per_s": r}) + "\n" for i, r in enumerate(rates)))
+    blocks = block_step_times(metrics, warmup=2)
+    assert len(blocks) == BLOCKS
+    assert blocks == pytest.approx([0.010, 0.010, 0.015, 0.020, 0.020])
+    with pytest.raises(ValueError):
+        block_step_times(metrics, warmup=10)
