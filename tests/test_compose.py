@@ -19,7 +19,7 @@ from ruamel.yaml import YAML
 
 from ddp_demo.doctor import DEFAULT_RDZV_PORT
 
-from .nodes import ROOT
+from .nodes import ROOT, node_env
 
 COMPOSE, GPU = ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml"
 LAUNCH = ROOT / "launch"
@@ -140,3 +140,42 @@ def test_gpu_variant_reserves_a_gpu_per_node_and_uses_nccl():
         assert svc["command"][svc["command"].index("--device") + 1] == "cuda"
         assert svc["environment"]["NCCL_SOCKET_IFNAME"] == base["node0"]["environment"]["GLOO_SOCKET_IFNAME"]
     assert len(ids) == len(set(ids)) == len(gpu)  # one host: every node its own GPU
+
+
+def dry_run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """Run a launch script with PYTHON=echo: it prints the command it would run instead of running it."""
+    return subprocess.run([str(LAUNCH / script), *args], env=node_env({**env, "PYTHON": "echo", "DOCTOR": "0"}),
+                          capture_output=True, text=True, timeout=30)
+
+
+def resolved(env: dict) -> dict[str, str]:
+    """A service's environment as compose passes it when no variable is set: ${X:-d} -> d."""
+    return {k: DEFAULT.sub(lambda m: m.group(2), str(v)) for k, v in env.items()}
+
+
+@pytest.mark.parametrize("service", ["node0", "node1"])
+def test_each_service_launches_torchrun_as_multinode_sh_says(service, tmp_path):
+    svc = load(COMPOSE)["services"][service]
+    (tmp_path / "summary.json").write_text("{}")  # what node0 prints at the end
+    env = {**resolved(svc["environment"]), "OUT_DIR": str(tmp_path), "LOCAL_ADDR": "10.0.0.5"}
+    proc = dry_run("compose.sh", env, *svc["command"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].split() == [
+        "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node0:29400", "--rdzv-id=ddp_demo", f"--rdzv-conf=is_host={int(service == 'node0')}",
+        "--local-addr=10.0.0.5", "-m", "ddp_demo.train", "--out", str(tmp_path), "--preflight"]
+    assert ("rank 0's summary" in proc.stdout) == (service == "node0")
+
+
+def test_single_node_script(tmp_path):
+    proc = dry_run("torchrun.sh", {}, "--model", "cnn")
+    assert proc.stdout.split() == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                   "-m", "ddp_demo.train", "--model", "cnn"]
+
+
+def test_multinode_script_names_what_is_missing():
+    proc = dry_run("multinode.sh", {"NODE_RANK": "1"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    first, usage = proc.stderr.splitlines()
+    assert first == "launch: RDZV_HOST is not set"
+    assert usage.startswith("usage: RDZV_HOST=<node 0's address> NODE_RANK=") and "launch/multinode.sh" in usage

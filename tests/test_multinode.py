@@ -33,28 +33,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_local_nodes(out, *extra: str) -> list:
+def two_local_nodes(out, *extra: str) -> tuple[list[list[str]], list[dict[str, str]]]:
     """Node 0 hosts the rendezvous store on 127.0.0.1; node 1 joins it. Same flags on both."""
-    env = {"RDZV_HOST": "127.0.0.1", "RDZV_PORT": str(free_port())}
+    env = {"RDZV_HOST": "127.0.0.1", "RDZV_PORT": str(free_port()), "RDZV_ID": out.name}
     cmd = [MULTINODE, *FLAGS, *extra, "--out", str(out)]
-    return run_nodes([cmd, cmd], [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}], cwd=out.parent)
+    return [cmd, cmd], [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}]
 
 
-def test_two_agents_on_one_machine_equal_one_process(single, tmp_path):
-    nodes = two_local_nodes(tmp_path / "out", "--preflight")
+@pytest.fixture(scope="module")
+def local_jobs(tmp_path_factory) -> dict:
+    """Two jobs of two agents each, at once (4 agents on 2 cores: fine): synced, and the control."""
+    d = tmp_path_factory.mktemp("local")
+    synced, control = two_local_nodes(d / "synced", "--preflight"), two_local_nodes(d / "control", "--skip-grad-sync")
+    nodes = run_nodes(synced[0] + control[0], synced[1] + control[1], cwd=d)
+    return {"synced": (d / "synced", nodes[:2]), "control": (d / "control", nodes[2:])}
+
+
+def test_two_agents_on_one_machine_equal_one_process(local_jobs, single):
+    out, nodes = local_jobs["synced"]
     for node in nodes:
         assert node.returncode == 0, node.stderr[-3000:]
     stdout = "".join(n.stdout for n in nodes)
     assert stdout.count("training mlp on 2 process(es)") == 1  # one world of 2, rank 0 speaks once
-    assert max_diff(load(tmp_path / "out" / "final.pt"), single) <= 1e-10
+    assert max_diff(load(out / "final.pt"), single) <= 1e-10
 
 
-def test_negative_control_two_agents_without_gradient_sync_differ(single, tmp_path):
+def test_negative_control_two_agents_without_gradient_sync_differ(local_jobs, single):
     """The same launch with DDP's all-reduce disabled: the check above must be able to fail."""
-    nodes = two_local_nodes(tmp_path / "out", "--skip-grad-sync")
+    out, nodes = local_jobs["control"]
     assert any(n.returncode != 0 for n in nodes)
     assert "ranks hold different parameters" in "".join(n.stderr for n in nodes)
-    assert max_diff(load(tmp_path / "out" / "final.pt"), single) > 1e-3
+    assert max_diff(load(out / "final.pt"), single) > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +93,9 @@ def test_two_hosts_equal_one_process(hosts, single, tmp_path):
     stdout = "".join(n.stdout for n in nodes)
     assert stdout.count("preflight: 6 launch checks passed") == 1  # the same checks in the workers
     assert stdout.count("training mlp on 2 process(es)") == 1
-    assert max_diff(load(tmp_path / "out" / "final.pt"), single) <= 1e-10
+    diff = max_diff(load(tmp_path / "out" / "final.pt"), single)
+    print(f"two hosts vs one process: max |difference| in final.pt = {diff:.3g}")
+    assert diff <= 1e-10
 
 
 def doctor_on(host: Host, env: dict[str, str]) -> subprocess.CompletedProcess:
