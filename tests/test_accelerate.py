@@ -118,3 +118,11 @@ def test_refuses_unsynchronised_copies(tmp_path):
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # the launcher's report: a worker exited 2
     assert "ddp_demo/" not in proc.stderr  # no traceback through our code (the launcher prints its own)
     assert not out.exists()
+
+
+def test_gpu_script_without_a_gpu_says_so_in_one_line(tmp_path):
+    """CI has no GPU to run launch/accelerate_gpu.sh on; its guard, at least, runs everywhere."""
+    proc = run_cmd(["bash", str(ROOT / "launch" / "accelerate_gpu.sh")], tmp_path, timeout=120,
+                   env={"PYTHON": PYTHON, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "launch: no CUDA GPU is visible here; use launch/accelerate_cpu.sh"
