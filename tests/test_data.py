@@ -29,7 +29,7 @@ def global_batches(world_size: int, steps: int, dataset=None) -> list[list[int]]
     per_rank = []
     for rank in range(world_size):
         loader = rank_loader(dataset, fake_ctx(rank, world_size), GLOBAL_BATCH, seed=7)
-        per_rank.append([batch[0].tolist() for _, batch in epoch_batches(loader, steps)])
+        per_rank.append([batch[0].tolist() for *_, batch in epoch_batches(loader, steps)])
     return [sorted(sum((per_rank[r][t] for r in range(world_size)), [])) for t in range(steps)]
 
 
@@ -45,11 +45,24 @@ def test_every_step_is_a_full_global_batch_without_repeats():
 
 
 def test_each_epoch_sees_distinct_samples_and_a_new_order():
-    epochs = [sum(global_batches(1, 4)[0:4], []), sum(global_batches(1, 8)[4:8], [])]
+    batches = global_batches(1, 8)  # 4 steps an epoch
+    epochs = [sum(batches[0:4], []), sum(batches[4:8], [])]
     assert all(len(set(e)) == len(e) == 4 * GLOBAL_BATCH for e in epochs)
-    loader = rank_loader(ids_dataset(), fake_ctx(0, 1), GLOBAL_BATCH, seed=7)
-    order = [[b[0].tolist() for _, b in epoch_batches(loader, 8)]]
-    assert order[0][:4] != order[0][4:8], "set_epoch must reshuffle every epoch"
+    assert batches[0:4] != batches[4:8], "set_epoch must reshuffle every epoch"
+
+
+def test_reported_sample_ids_are_the_batch_contents():
+    """epoch_batches names each batch's dataset indices (what --record-samples logs)."""
+    loader = rank_loader(ids_dataset(), fake_ctx(1, 3), GLOBAL_BATCH, seed=7)
+    for step, epoch, ids, batch in epoch_batches(loader, 6):
+        assert ids == batch[0].tolist() and epoch == (step - 1) // 4
+
+
+def test_resuming_mid_epoch_continues_the_same_sequence():
+    loader = rank_loader(ids_dataset(), fake_ctx(0, 2), GLOBAL_BATCH, seed=7)
+    full = [ids for _, _, ids, _ in epoch_batches(loader, 10)]
+    resumed = [ids for _, _, ids, _ in epoch_batches(loader, 10, start_step=6)]
+    assert resumed == full[6:]
 
 
 def test_negative_control_without_set_epoch_every_epoch_repeats():
