@@ -20,6 +20,7 @@ from .bench_timing import (
     Variant,
     Workload,
     build_workload,
+    ddp_buckets_mb,
     interleaved,
     param_count,
     peak_rss_mb,
@@ -84,6 +85,7 @@ def knobs_on_rank(ctx: DistContext, w: Workload, variants: list[Variant], r: Rep
     """
     model, x, y = build_workload(w, ctx)
     check = check_raw_all_reduce(model, x, y, ctx)
+    alone = all_reduce_alone(param_count(model), w.steps, r, ctx)
     local = {k: Step(model, x, y, Variant("local", accumulate=k), ctx) for k in {v.accumulate for v in variants}}
     warm_up(local, r)
     rows = []
@@ -92,13 +94,22 @@ def knobs_on_rank(ctx: DistContext, w: Workload, variants: list[Variant], r: Rep
         step = Step(model, x, y, v, ctx)
         warm_up({v.name: step}, r)
         peak = peak_rss_mb()
+        buckets = ddp_buckets_mb(step.model) if v.ddp is not None else [param_count(model) * 4 / MB]
         n = max(1, w.steps // v.accumulate)  # about the same number of forward/backward passes per repetition
         times = interleaved({"local": local[v.accumulate], "variant": step}, {"local": n, "variant": n}, r, ctx)
         rows.append({"name": v.name, "ddp": v.ddp, "flat_all_reduce": v.flat_all_reduce, "accumulate": v.accumulate,
-                     "local_s": times["local"], "step_s": times["variant"], "rss_base_mb": base, "rss_peak_mb": peak})
+                     "local_s": times["local"], "step_s": times["variant"], "rss_base_mb": base, "rss_peak_mb": peak,
+                     "buckets_mb": buckets})
         del step  # freed by the next reset_peak_rss(), which collects garbage first
         progress(queue, ctx, v.name)
-    return {"params": param_count(model), "batch": w.batch, "rows": rows, "check": check}
+    return {"params": param_count(model), "batch": w.batch, "rows": rows, "check": check, "all_reduce_alone_s": alone}
+
+
+def all_reduce_alone(numel: int, calls: int, r: Reps, ctx: DistContext) -> list[float]:
+    """Seconds per ``all_reduce`` of a float32 buffer the size of all gradients, with no step around it."""
+    fn = functools.partial(dist.all_reduce, torch.zeros(numel, device=ctx.device))
+    warm_up({"all_reduce": fn}, r)
+    return interleaved({"all_reduce": fn}, {"all_reduce": calls}, r, ctx)["all_reduce"]
 
 
 def check_raw_all_reduce(model, x: torch.Tensor, y: torch.Tensor, ctx: DistContext) -> dict:

@@ -55,15 +55,17 @@ def knobs(results: dict) -> list[dict]:
     rows = results["knobs"]["rows"]
     raw = next(r for r in rows if r["flat_all_reduce"])
     raw_exposed = paired(raw["step_s"], raw["local_s"], lambda a, b: a - b)["median"]
-    out = []
-    for r in rows:
-        k = r["accumulate"]  # times per micro-batch: sync happens once every k of them
-        exposed = paired(r["step_s"], r["local_s"], lambda a, b, k=k: (a - b) / k)
-        out.append({"name": r["name"], "step_s": stats([t / k for t in r["step_s"]]), "exposed_s": exposed,
-                    "ratio_to_raw": exposed["median"] / raw_exposed, "rss_peak_mb": max(r["rss_peak_mb"] or [0]),
-                    "rss_added_mb": max((p - b for p, b in zip(r["rss_peak_mb"], r["rss_base_mb"], strict=True)
-                                         if p is not None and b is not None), default=None)})
-    return out
+    return [knob_row(r, raw_exposed) for r in rows]
+
+
+def knob_row(r: dict, raw_exposed: float) -> dict:
+    k = r["accumulate"]  # times per micro-batch: sync happens once every k of them
+    exposed = paired(r["step_s"], r["local_s"], lambda a, b: (a - b) / k)
+    peaks = [p for p in r["rss_peak_mb"] if p is not None]
+    added = [p - b for p, b in zip(r["rss_peak_mb"], r["rss_base_mb"], strict=True) if p is not None and b is not None]
+    return {"name": r["name"], "buckets_mb": r.get("buckets_mb"), "step_s": stats([t / k for t in r["step_s"]]),
+            "exposed_s": exposed, "ratio_to_raw": exposed["median"] / raw_exposed,
+            "rss_peak_mb": max(peaks, default=None), "rss_added_mb": max(added, default=None)}
 
 
 def busbw(results: dict, n: int = 2) -> list[dict]:
@@ -165,18 +167,29 @@ def markdown(results: dict) -> str:
 
 def knobs_section(results: dict) -> str:
     s, k = results["summary"], results["knobs"]
-    rows = [[r["name"], ms(r["step_s"]), ms(r["exposed_s"]), f"{r['ratio_to_raw']:.2f}",
-             f"{r['rss_peak_mb']:.0f}", "–" if r["rss_added_mb"] is None else f"{r['rss_added_mb']:.0f}"]
-            for r in s["knobs"]]
+    rows = [[r["name"], buckets(r["buckets_mb"]), ms(r["step_s"]), ms(r["exposed_s"]), f"{r['ratio_to_raw']:.2f}",
+             mib(r["rss_peak_mb"]), mib(r["rss_added_mb"])] for r in s["knobs"]]
     local = stats([t for r in k["rows"] if r["accumulate"] == 1 for t in r["local_s"]])
+    check = k["check"]
     return (f"## Where the time goes at N = 2: MLP, {k['params'] / 1e6:.2f}M parameters, batch {k['batch']} per rank"
-            f"\n\nBare step (no sync), all repetitions: {ms(local)} ms. Exposed sync = step − bare step, paired per "
-            "repetition; no_sync rows are per micro-batch. Memory: peak RSS of the worst rank (MiB) from DDP "
-            "construction through warm-up, and how much of it the variant added.\n\n"
+            f"\n\nBare step (no sync), all repetitions: {ms(local)} ms. One all_reduce of all "
+            f"{k['params'] * 4 / MB:.1f} MB of gradients alone, no step around it: "
+            f"{ms(stats(k['all_reduce_alone_s']))} ms. Exposed sync = step − bare step, paired per repetition; "
+            "no_sync rows are per micro-batch. Buckets: DDP's gradient buckets in the order they are all-reduced. "
+            "Memory: peak RSS of the worst rank (MiB) from DDP construction through warm-up, and how much of it "
+            "the variant added.\n\n"
             f"The raw all-reduce is checked against DDP: largest gradient difference "
-            f"{k['check']['max_diff_raw_vs_ddp']:.1e} (without any sync: {k['check']['max_diff_unsynced_vs_ddp']:.1e})."
-            "\n\n"
-            + table(["variant", "step, ms", "exposed sync, ms", "× raw all-reduce", "peak RSS", "added"], rows))
+            f"{check['max_diff_raw_vs_ddp']:.1e} (without any sync: {check['max_diff_unsynced_vs_ddp']:.1e}).\n\n"
+            + table(["variant", "buckets, MB", "step, ms", "exposed sync, ms", "× raw all-reduce", "peak RSS",
+                     "added"], rows))
+
+
+def mib(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def buckets(sizes: list[float] | None) -> str:
+    return "?" if not sizes else " + ".join(f"{b:.3g}" for b in sizes)
 
 
 def busbw_section(s: dict) -> str:

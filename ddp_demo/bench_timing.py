@@ -150,6 +150,18 @@ class Step:
         return torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
 
 
+def ddp_buckets_mb(model: nn.Module) -> list[float] | None:
+    """The sizes of DDP's gradient buckets, in the order they are all-reduced, after DDP has
+    rebuilt them to match the order gradients became ready in the first backward. DDP's own
+    logging data holds them; it is a private API, so a torch without it just gets None."""
+    try:
+        data = model._get_ddp_logging_data()
+    except AttributeError:
+        return None
+    sizes = data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes")
+    return [int(b) / MB for b in str(sizes).split(",")] if sizes else None
+
+
 def _sync_device(ctx: DistContext) -> None:
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)  # CUDA runs asynchronously: wait before reading the clock
