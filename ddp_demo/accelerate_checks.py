@@ -57,7 +57,7 @@ def accum_case(accelerator: Accelerator, ctx: DistContext, model_name: str, dtyp
 
 
 def run_checks(accelerator: Accelerator, ctx: DistContext) -> dict:
-    probe = accelerator.prepare(torch.nn.Linear(2, 2))
+    probe = accelerator.prepare(torch.nn.Linear(2, 2))  # what prepare() makes of a Module in this job
     return {
         "world_size": ctx.world_size,
         "distributed_type": accelerator.distributed_type.value,
