@@ -34,11 +34,10 @@ import torch
 from tqdm import tqdm
 
 from . import bench_launchers, bench_report
-from .bench_ranks import STOCK, suite_on_rank
+from .bench_ranks import STOCK, TUNED, suite_on_rank
 from .bench_timing import Reps, Variant, Workload
 from .spawn import run_on_ranks
 
-TUNED = {"bucket_cap_mb": 100, "gradient_as_bucket_view": True, "static_graph": True}
 VARIANTS = [
     Variant("raw all-reduce", flat_all_reduce=True),  # the floor for a sync not overlapped with backward
     STOCK,  # bucket_cap_mb = 25 is DDP's default
@@ -47,7 +46,7 @@ VARIANTS = [
     Variant("bucket_cap_mb=100", ddp={"bucket_cap_mb": 100}),
     Variant("gradient_as_bucket_view", ddp={"gradient_as_bucket_view": True}),
     Variant("static_graph", ddp={"static_graph": True}),
-    Variant("tuned (all three)", ddp=TUNED),
+    Variant("all three = DDP tuned", ddp=TUNED.ddp),
     Variant("no_sync, sync every 2", ddp={}, accumulate=2),
     Variant("no_sync, sync every 4", ddp={}, accumulate=4),
 ]
@@ -58,7 +57,8 @@ class Plan:
     """Everything one run measures; ``--quick`` shrinks every size, never the pipeline."""
 
     world_sizes: tuple[int, ...]
-    workloads: list[Workload]
+    workloads: list[Workload]  # weak scaling, at every N
+    knobs_workload: Workload  # where the time goes and DDP's knobs, at N = 2
     busbw_mb: list[float]
     reps: Reps
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
@@ -68,12 +68,16 @@ class Plan:
 
 def make_plan(quick: bool, launchers: bool) -> Plan:
     if quick:
-        return Plan((1, 2), [Workload("cnn", 8, 2), Workload("mlp", 8, 2, mlp_width=64, mlp_depth=2)],
-                    [0.25, 1.0], Reps(warmup=1, reps=2), launcher_steps=12, launches=int(launchers))
-    # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank). MLP: 3 x 1024
-    # hidden, 3.16M parameters = 12.6 MB of float32 gradients to all-reduce every step.
-    return Plan((1, 2, 4), [Workload("cnn", 32, 20), Workload("mlp", 32, 6)],
-                [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
+        mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
+        return Plan((1, 2), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
+                    launcher_steps=12, launches=int(launchers))
+    # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
+    # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
+    # parameters = 12.6 MB of float32 gradients to all-reduce every step.
+    mlp = Workload("mlp", "mlp", 32, 6)
+    return Plan((1, 2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
+                # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
+                [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
                 launcher_steps=220, launches=2 * int(launchers))
 
 
@@ -135,7 +139,7 @@ def measure(plan: Plan, device: str, timeout: float, bar: ProgressBar) -> dict:
     for n in plan.world_sizes:
         tasks: dict = {"weak": plan.workloads}
         if n == 2:
-            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.workloads[-1], plan.variants)}
+            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants)}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
         per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results |= measure(plan, device, args.timeout, bar)
         if plan.launches:
+            bar.bar.set_description("launchers")
             results["launchers"] = bench_launchers.compare(plan.launcher_steps, plan.launches, device, bar)
     finally:
         bar.close()

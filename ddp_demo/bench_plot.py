@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .bench_report import params, size_label  # noqa: E402
+
 
 def plot(results: dict, path) -> None:
     s = results["summary"]
@@ -33,16 +35,16 @@ def weak_scaling_panel(ax, s: dict) -> None:
     """Speed-up over one process, N x efficiency, per model and N (ideal: N); labels give the
     efficiency, whiskers the N-process step's min-max."""
     rows = s["weak_scaling"]
-    models = sorted({r["model"] for r in rows})
+    models = list(dict.fromkeys(r["workload"] for r in rows))  # in the plan's order
     ns = sorted({r["n"] for r in rows})
     width = 0.8 / len(models)
     for i, model in enumerate(models):
-        mine = [r for r in rows if r["model"] == model]
+        mine = [r for r in rows if r["workload"] == model]
         xs = [ns.index(r["n"]) + (i - (len(models) - 1) / 2) * width for r in mine]
         up = [r["n"] * r["efficiency"] for r in mine]
         lo = [u - u * r["step_s"]["median"] / r["step_s"]["max"] for u, r in zip(up, mine, strict=True)]
         hi = [u * r["step_s"]["median"] / r["step_s"]["min"] - u for u, r in zip(up, mine, strict=True)]
-        bars = ax.bar(xs, up, width, yerr=[lo, hi], capsize=3, label=f"{model} ({mine[0]['params'] / 1e6:.2f}M params)")
+        bars = ax.bar(xs, up, width, yerr=[lo, hi], capsize=3, label=f"{model} ({params(mine[0]['params'])})")
         for bar, r in zip(bars, mine, strict=True):
             bar.set_hatch("//" if r["oversubscribed"] else "")
             ax.text(bar.get_x() + bar.get_width() / 2, 0.05, f"{r['efficiency']:.2f}", ha="center", fontsize=8)
@@ -73,7 +75,8 @@ def time_panel(ax, s: dict) -> None:
 
 
 def busbw_panel(ax, s: dict) -> None:
-    rows = s["busbw"]
+    """Bus bandwidth for the MB sizes; the latency of the small ones as a note."""
+    rows = [r for r in s["busbw"] if r["size_mb"] >= 1]
     sizes = [r["size_mb"] for r in rows]
     bw = [r["busbw_gbps"] for r in rows]
     lo = [b - b * r["time_s"]["median"] / r["time_s"]["max"] for b, r in zip(bw, rows, strict=True)]
@@ -83,27 +86,34 @@ def busbw_panel(ax, s: dict) -> None:
     ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
     ax.set_xlabel("all-reduce size, MB")
     ax.set_ylabel("busbw, GB/s  (S/t · 2(N−1)/N)")
-    ax.set_title("gloo all-reduce bus bandwidth, N = 2")
+    ax.set_title("gloo all-reduce, N = 2")
     ax.set_ylim(bottom=0)
+    small = [f"{size_label(r['size_mb'])}: {r['time_s']['median'] * 1e3:.2f} ms"
+             for r in s["busbw"] if r["size_mb"] < 1]
+    if small:
+        ax.text(0.02, 0.04, "latency (median per all-reduce)\n" + "\n".join(small), transform=ax.transAxes, fontsize=8)
 
 
 def overhead_panel(ax, s: dict) -> None:
     """What the wrappers cost: DDP at N = 1 over the bare module, accelerate over torchrun."""
-    labels, values, limits = [], [], []
-    for model, o in s["ddp_overhead_n1"].items():
-        labels.append(f"DDP at N = 1\n{model}")
-        values.append(o["median"] * 100)
-        limits.append(3.0 if model == "cnn" else None)
+    labels, values, colors, limits = [], [], [], []
+    for workload, o in s["ddp_overhead_n1"].items():
+        for variant, color in (("DDP", "tab:blue"), ("DDP tuned", "tab:green")):
+            labels.append(f"{workload}\n{variant}")
+            values.append(o[variant]["median"] * 100)
+            colors.append(color)
+            limits.append(3.0 if (workload, variant) == ("cnn", "DDP") else None)
     lr = s.get("launchers")
     if lr and "ratio" in lr:
         labels.append("accelerate /\ntorchrun")
         values.append((lr["ratio"] - 1) * 100)
+        colors.append("tab:purple")
         limits.append(2.0)
-    ax.bar(range(len(values)), values, color=["tab:blue"] * len(values))
+    ax.bar(range(len(values)), values, color=colors)
     for i, limit in enumerate(limits):
         if limit is not None:
-            ax.hlines(limit, i - 0.4, i + 0.4, colors="k", linestyles="--", label="target" if i == 0 else None)
+            ax.hlines(limit, i - 0.4, i + 0.4, colors="k", linestyles="--")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(values)), labels)
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
     ax.set_ylabel("overhead, % of the step")
-    ax.set_title("Wrapper overhead (dashed: target)")
+    ax.set_title("Wrapper overhead: DDP at N = 1 vs bare; accelerate vs torchrun (dashed: target)")

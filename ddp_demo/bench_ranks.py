@@ -30,7 +30,9 @@ from .bench_timing import (
 )
 from .dist import DistContext
 
+BARE = Variant("bare")  # the module alone: no wrapper, no sync
 STOCK = Variant("DDP", ddp={})  # what ddp_demo.train wraps with: DistributedDataParallel(model)
+TUNED = Variant("DDP tuned", ddp={"bucket_cap_mb": 100, "gradient_as_bucket_view": True, "static_graph": True})
 
 
 def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
@@ -47,19 +49,18 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
 
 
 def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, queue) -> dict:
-    """Per-step seconds of the bare module ("local", no sync at all) and of stock DDP,
-    interleaved, at the same per-rank batch whatever N is (weak scaling)."""
+    """Per-step seconds of the bare module, stock DDP and tuned DDP, interleaved, at the
+    same per-rank batch whatever N is (weak scaling)."""
     out = {}
     for w in workloads:
         model, x, y = build_workload(w, ctx)
-        fns = {"local": Step(model, x, y, Variant("local"), ctx), "ddp": Step(model, x, y, STOCK, ctx)}
+        fns = {v.name: Step(model, x, y, v, ctx) for v in (BARE, STOCK, TUNED)}
         warm_up(fns, r)
         times = interleaved(fns, {name: w.steps for name in fns}, r, ctx)
-        out[w.model] = {"params": param_count(model), "batch": w.batch, "local_s": times["local"],
-                        "ddp_s": times["ddp"]}
+        out[w.label] = {"model": w.model, "params": param_count(model), "batch": w.batch, "step_s": times}
         del fns
         gc.collect()
-        progress(queue, ctx, f"N={ctx.world_size} {w.model}")
+        progress(queue, ctx, f"N={ctx.world_size} {w.label}")
     return out
 
 
@@ -69,11 +70,11 @@ def busbw_on_rank(ctx: DistContext, sizes_mb: list[float], r: Reps, queue) -> li
     for size in sizes_mb:
         buf = torch.zeros(int(size * MB) // 4, device=ctx.device)  # zeros stay zeros: no overflow to inf
         fn = functools.partial(dist.all_reduce, buf)
-        calls = max(1, round(8 / size))  # at least ~8 MB per repetition, far above the clock's resolution
+        calls = min(100, max(1, round(8 / size)))  # >= 8 MB or 100 calls per repetition: far above the clock's tick
         warm_up({"all_reduce": fn}, r)
         rows.append({"size_mb": size, "time_s": interleaved({"all_reduce": fn}, {"all_reduce": calls}, r, ctx)
                      ["all_reduce"]})
-        progress(queue, ctx, f"all_reduce {size:g} MB")
+        progress(queue, ctx, f"all_reduce {size * MB:,.0f} B")
     return rows
 
 

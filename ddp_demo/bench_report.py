@@ -36,19 +36,31 @@ def paired(a: list[float], b: list[float], op) -> dict:
 
 
 def weak_scaling(results: dict, cores: int) -> list[dict]:
-    """Samples/s and efficiency per model and N; efficiency = t(N=1) / t(N) at a fixed per-rank
-    batch, split into core sharing (bare step, N=1 vs N) times sync (bare vs DDP at N)."""
+    """Samples/s and efficiency per workload and N. At a fixed per-rank batch, efficiency =
+    t(N=1) / t(N); it splits into core sharing (the bare step at N=1 vs at N: the ranks
+    compete for cores, caches and memory) times sync (bare vs DDP step at N)."""
     rows = []
     one = results["weak_scaling"]["1"]
-    for n, per_model in results["weak_scaling"].items():
-        for model, m in per_model.items():
-            t, t1 = stats(m["ddp_s"]), statistics.median(one[model]["ddp_s"])
-            local, local1 = statistics.median(m["local_s"]), statistics.median(one[model]["local_s"])
-            rows.append({"model": model, "n": int(n), "params": m["params"], "oversubscribed": int(n) > cores,
-                         "step_s": t, "samples_per_s": int(n) * m["batch"] / t["median"],
-                         "efficiency": t1 / t["median"], "core_sharing": local1 / local,
-                         "sync": local / t["median"]})
+    for n, per_workload in results["weak_scaling"].items():
+        for label, m in per_workload.items():
+            t = m["step_s"]
+            base = {v: statistics.median(times) for v, times in one[label]["step_s"].items()}  # N = 1
+            stock, tuned, bare = stats(t["DDP"]), stats(t["DDP tuned"]), statistics.median(t["bare"])
+            rows.append({"workload": label, "n": int(n), "params": m["params"], "oversubscribed": int(n) > cores,
+                         "step_s": stock, "samples_per_s": int(n) * m["batch"] / stock["median"],
+                         "efficiency": base["DDP"] / stock["median"], "core_sharing": base["bare"] / bare,
+                         "sync": bare / stock["median"], "tuned_step_s": tuned,
+                         "tuned_efficiency": base["DDP tuned"] / tuned["median"]})
     return rows
+
+
+def overhead_n1(results: dict) -> dict:
+    """DDP (stock and tuned) at N = 1 over the bare module, paired per repetition."""
+    def over_bare(t: dict, v: str) -> dict:
+        return paired(t[v], t["bare"], lambda a, b: a / b - 1)
+
+    return {label: {v: over_bare(m["step_s"], v) for v in ("DDP", "DDP tuned")}
+            for label, m in results["weak_scaling"]["1"].items()}
 
 
 def knobs(results: dict) -> list[dict]:
@@ -89,8 +101,7 @@ def launchers(results: dict) -> dict | None:
 
 def summarize(results: dict) -> dict:
     cores = results["machine"]["cores"]
-    n1 = {m: paired(d["ddp_s"], d["local_s"], lambda a, b: a / b - 1) for m, d in results["weak_scaling"]["1"].items()}
-    s = {"weak_scaling": weak_scaling(results, cores), "ddp_overhead_n1": n1}
+    s = {"weak_scaling": weak_scaling(results, cores), "ddp_overhead_n1": overhead_n1(results)}
     if "knobs" in results:
         s |= {"knobs": knobs(results), "busbw": busbw(results)}
     s["launchers"] = launchers(results)
@@ -102,9 +113,9 @@ def targets(s: dict) -> list[dict]:
     by_name = {r["name"]: r for r in s.get("knobs", [])}
     values = {
         "cnn_weak_scaling_efficiency_n2": next((r["efficiency"] for r in s["weak_scaling"]
-                                                if r["model"] == "cnn" and r["n"] == 2), None),
+                                                if r["workload"] == "cnn" and r["n"] == 2), None),
         "mlp_exposed_sync_ratio_stock": by_name.get("DDP", {}).get("ratio_to_raw"),
-        "cnn_ddp_overhead_n1": s["ddp_overhead_n1"].get("cnn", {}).get("median"),
+        "cnn_ddp_overhead_n1": s["ddp_overhead_n1"].get("cnn", {}).get("DDP", {}).get("median"),
         "accelerate_over_torchrun": (s["launchers"] or {}).get("ratio"),
     }
     out = []
@@ -135,6 +146,10 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
 
 
+def params(n: int) -> str:
+    return f"{n / 1e6:.2f}M params" if n >= 100_000 else f"{n:,} params"
+
+
 def machine_line(results: dict) -> str:
     m, r = results["machine"], results["plan"]["reps"]
     where = f"{m['gpu']} (nccl)" if m["gpu"] else f"{m['cpu']}, {m['cores']} cores (gloo on CPU)"
@@ -152,17 +167,31 @@ def markdown(results: dict) -> str:
     parts += ["## Targets\n", table(["what", "measured", "target", "met"], [
         [t["what"], "–" if t["value"] is None else f"{t['value']:.3f}", t["target"],
          {True: "yes", False: "**no**", None: "not measured"}[t["met"]]] for t in s["targets"]])]
-    parts += ["## Weak scaling (same batch per rank at every N)\n", table(
-        ["model", "N", "DDP step, ms", "samples/s", "efficiency", "= core sharing", "× sync"],
-        [[f"{r['model']} ({r['params'] / 1e6:.2f}M params)", f"{r['n']}" + (" (oversubscribed)"
-          if r["oversubscribed"] else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", f"{r['efficiency']:.3f}",
-          f"{r['core_sharing']:.3f}", f"{r['sync']:.3f}"] for r in s["weak_scaling"]])]
-    parts += ["## DDP at N = 1 vs the bare module\n", table(["model", "overhead"], [
-        [m, f"{o['median']:+.1%} [{o['min']:+.1%} to {o['max']:+.1%}]"] for m, o in s["ddp_overhead_n1"].items()])]
+    parts += [weak_section(s), overhead_section(s)]
     if "knobs" in s:
         parts += [knobs_section(results), busbw_section(s)]
     parts.append(launchers_section(s["launchers"]))
     return "\n".join(parts)
+
+
+def weak_section(s: dict) -> str:
+    rows = [[f"{r['workload']} ({params(r['params'])})", f"{r['n']}" + (" (oversubscribed)" if r["oversubscribed"]
+             else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", f"{r['efficiency']:.3f}",
+             f"{r['core_sharing']:.3f}", f"{r['sync']:.3f}", ms(r["tuned_step_s"]), f"{r['tuned_efficiency']:.3f}"]
+            for r in s["weak_scaling"]]
+    return ("## Weak scaling (same batch per rank at every N)\n\nStock DDP is what ddp_demo.train wraps with; "
+            "tuned DDP adds bucket_cap_mb=100, gradient_as_bucket_view, static_graph.\n\n"
+            + table(["workload", "N", "DDP step, ms", "samples/s", "efficiency", "= core sharing", "× sync",
+                     "tuned DDP step, ms", "tuned efficiency"], rows))
+
+
+def overhead_section(s: dict) -> str:
+    def pct(o: dict) -> str:
+        return f"{o['median']:+.1%} [{o['min']:+.1%} to {o['max']:+.1%}]"
+
+    return "## DDP at N = 1 vs the bare module\n\n" + table(
+        ["workload", "stock DDP", "tuned DDP"], [[w, pct(o["DDP"]), pct(o["DDP tuned"])]
+                                                 for w, o in s["ddp_overhead_n1"].items()])
 
 
 def knobs_section(results: dict) -> str:
@@ -171,9 +200,9 @@ def knobs_section(results: dict) -> str:
              mib(r["rss_peak_mb"]), mib(r["rss_added_mb"])] for r in s["knobs"]]
     local = stats([t for r in k["rows"] if r["accumulate"] == 1 for t in r["local_s"]])
     check = k["check"]
-    return (f"## Where the time goes at N = 2: MLP, {k['params'] / 1e6:.2f}M parameters, batch {k['batch']} per rank"
+    return (f"## Where the time goes at N = 2: MLP, {params(k['params'])}, batch {k['batch']} per rank"
             f"\n\nBare step (no sync), all repetitions: {ms(local)} ms. One all_reduce of all "
-            f"{k['params'] * 4 / MB:.1f} MB of gradients alone, no step around it: "
+            f"{size_label(k['params'] * 4 / MB)} of gradients alone, no step around it: "
             f"{ms(stats(k['all_reduce_alone_s']))} ms. Exposed sync = step − bare step, paired per repetition; "
             "no_sync rows are per micro-batch. Buckets: DDP's gradient buckets in the order they are all-reduced. "
             "Memory: peak RSS of the worst rank (MiB) from DDP construction through warm-up, and how much of it "
@@ -192,10 +221,16 @@ def buckets(sizes: list[float] | None) -> str:
     return "?" if not sizes else " + ".join(f"{b:.3g}" for b in sizes)
 
 
+def size_label(mb: float) -> str:
+    n = mb * MB
+    return f"{mb:g} MB" if n >= MB else f"{n / 1000:g} KB" if n >= 1000 else f"{n:.0f} B"
+
+
 def busbw_section(s: dict) -> str:
-    return ("## gloo all-reduce bandwidth at N = 2\n\nbusbw = S / t × 2(N−1)/N.\n\n" + table(
-        ["size, MB", "time, ms", "busbw, GB/s"],
-        [[f"{r['size_mb']:g}", ms(r["time_s"]), f"{r['busbw_gbps']:.2f}"] for r in s["busbw"]]))
+    return ("## gloo all-reduce at N = 2: latency and bus bandwidth\n\nbusbw = S / t × 2(N−1)/N, the bytes each "
+            "rank sends and receives per second in a ring all-reduce; the small sizes measure latency.\n\n" + table(
+                ["size", "time, ms", "busbw, GB/s"],
+                [[size_label(r["size_mb"]), ms(r["time_s"]), f"{r['busbw_gbps']:.3g}"] for r in s["busbw"]]))
 
 
 def launchers_section(lr: dict | None) -> str:

@@ -41,6 +41,7 @@ MB = 1_000_000  # decimal units throughout: MB and GB/s
 class Workload:
     """One benchmark job: a model and how many samples each rank takes per step."""
 
+    label: str  # how the report names it
     model: str  # "cnn": the trainer's CNN job; "mlp": a wide MLP, gradients of several MB
     batch: int  # samples per rank per step (weak scaling: the same at every N)
     steps: int  # steps per timed repetition

@@ -39,9 +39,11 @@ def test_results_json_holds_every_measurement(quick: Path):
     assert res["quick"] is True
     assert {"cpu", "cores", "torch", "backend", "device", "threads_per_rank"} <= set(res["machine"])
     assert set(res["weak_scaling"]) == {"1", "2"}
-    for per_model in res["weak_scaling"].values():
-        assert set(per_model) == {"cnn", "mlp"}
-        assert all(positive_times(m["local_s"], reps) and positive_times(m["ddp_s"], reps) for m in per_model.values())
+    for per_workload in res["weak_scaling"].values():
+        assert set(per_workload) == {"cnn", "mlp"}
+        for m in per_workload.values():
+            assert set(m["step_s"]) == {"bare", "DDP", "DDP tuned"}
+            assert all(positive_times(t, reps) for t in m["step_s"].values())
     assert [r["name"] for r in res["knobs"]["rows"]] == [v.name for v in VARIANTS]
     for row in res["knobs"]["rows"]:
         assert positive_times(row["step_s"], reps) and len(row["rss_peak_mb"]) == 2  # one per rank
@@ -66,7 +68,7 @@ def test_summary_reports_every_target(quick: Path):
 
 def test_markdown_and_plot_are_written(quick: Path):
     md = (quick / "results.md").read_text()
-    for heading in ("## Targets", "## Weak scaling", "## Where the time goes", "## gloo all-reduce bandwidth",
+    for heading in ("## Targets", "## Weak scaling", "## Where the time goes", "## gloo all-reduce at N = 2",
                     "## DDP at N = 1", "## accelerate vs torchrun"):
         assert heading in md
     png = (quick / "bench.png").read_bytes()
