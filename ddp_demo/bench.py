@@ -2,8 +2,9 @@
 
 Measures, on this machine (CPU + gloo, or CUDA + nccl where GPUs exist):
 
-1. weak scaling: samples/s at N = 1, 2, 4 processes, the same per-rank batch, for the
-   trainer's CNN job (compute-bound) and a 3.2M-parameter MLP (communication-heavy);
+1. weak scaling: samples/s at N = 2 and 4 processes against N = 1 (rank 0 alone, measured
+   interleaved in the same job) at the same per-rank batch, for the trainer's CNN job
+   (compute-bound) and a 3.2M-parameter MLP (communication-heavy);
 2. where the time goes at N = 2: the bare step, the DDP step, and the bare step plus one
    raw ``all_reduce`` of all gradients in one flat buffer; gloo's bus bandwidth;
 3. DDP's knobs (``bucket_cap_mb``, ``gradient_as_bucket_view``, ``static_graph``,
@@ -24,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import sys
 import threading
 import time
@@ -69,16 +71,16 @@ class Plan:
 def make_plan(quick: bool, launchers: bool) -> Plan:
     if quick:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
-        return Plan((1, 2), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
+        return Plan((2,), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
                     launcher_steps=12, launches=int(launchers))
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
     # parameters = 12.6 MB of float32 gradients to all-reduce every step.
     mlp = Workload("mlp", "mlp", 32, 6)
-    return Plan((1, 2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
+    return Plan((2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
-                launcher_steps=220, launches=2 * int(launchers))
+                launcher_steps=220, launches=3 * int(launchers))
 
 
 def cores() -> int:
@@ -97,6 +99,40 @@ def machine_info(device: str) -> dict:
             "platform": platform.platform(), "device": device, "backend": "nccl" if cuda else "gloo",
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "threads_per_rank": 1, "load_average_before": list(os.getloadavg())}
+
+
+class OtherLoad:
+    """The share of the machine's CPU that *other* processes used while the benchmark ran.
+
+    Other jobs on a shared machine distort timings, so the report says how much there was:
+    the machine's busy time (``/proc/stat``) minus this process's and its children's
+    (``getrusage``; the workers and launched jobs are all waited for, so they count).
+    """
+
+    def __init__(self):
+        self.start = (self.machine_busy_s(), self.own_s(), time.perf_counter())
+
+    @staticmethod
+    def machine_busy_s() -> float | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + fields[4]  # idle + iowait; the rest (user, nice, system, irq, ..., steal) is busy
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own_s() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def share(self) -> float | None:
+        busy0, own0, t0 = self.start
+        busy = self.machine_busy_s()
+        if busy is None or busy0 is None:
+            return None
+        others = (busy - busy0) - (self.own_s() - own0)
+        return round(max(0.0, others) / ((time.perf_counter() - t0) * cores()), 3)
 
 
 class ProgressBar:
@@ -165,7 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny models, 2 repetitions: checks the pipeline, "
                    "measures nothing")
     p.add_argument("--no-launchers", dest="launchers", action="store_false",
-                   help="skip the accelerate vs torchrun comparison (it starts 4 real jobs)")
+                   help="skip the accelerate vs torchrun comparison (it starts 6 real jobs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda (nccl) when available, else cpu (gloo)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one process group may take before failing")
@@ -180,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = {"machine": machine_info(device), "quick": args.quick, "plan": asdict(plan)}
+    others = OtherLoad()
     bar = ProgressBar(units(plan))
     try:
         results |= measure(plan, device, args.timeout, bar)
@@ -189,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
     results["machine"]["load_average_after"] = list(os.getloadavg())
+    results["machine"]["cpu_share_used_by_others"] = others.share()
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     results["summary"] = bench_report.summarize(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

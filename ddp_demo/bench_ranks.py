@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gc
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,12 +50,20 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
 
 
 def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, queue) -> dict:
-    """Per-step seconds of the bare module, stock DDP and tuned DDP, interleaved, at the
-    same per-rank batch whatever N is (weak scaling)."""
+    """Per-step seconds of the bare module, stock DDP and tuned DDP on all N ranks, at the
+    same per-rank batch whatever N is (weak scaling), and of the same three at N = 1.
+
+    N = 1 is measured inside this job, interleaved with N: rank 0 runs the step alone (DDP
+    over a process group holding only rank 0) while the other ranks wait at the next
+    barrier, which costs no CPU. So a drift in the machine's speed between two separate
+    runs cannot pass for a scaling loss: every ratio comes from back-to-back repetitions.
+    """
+    solo_group = dist.new_group([0])  # every rank must take part in creating a group, even one it is not in
     out = {}
     for w in workloads:
         model, x, y = build_workload(w, ctx)
         fns = {v.name: Step(model, x, y, v, ctx) for v in (BARE, STOCK, TUNED)}
+        fns |= {f"solo {v.name}": solo_step(model, x, y, v, ctx, solo_group) for v in (BARE, STOCK, TUNED)}
         warm_up(fns, r)
         times = interleaved(fns, {name: w.steps for name in fns}, r, ctx)
         out[w.label] = {"model": w.model, "params": param_count(model), "batch": w.batch, "step_s": times}
@@ -62,6 +71,13 @@ def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, q
         gc.collect()
         progress(queue, ctx, f"N={ctx.world_size} {w.label}")
     return out
+
+
+def solo_step(model, x: torch.Tensor, y: torch.Tensor, v: Variant, ctx: DistContext, group) -> Callable:
+    """The step on rank 0 alone; the other ranks do nothing. (The slowest rank's time is then rank 0's.)"""
+    if ctx.rank != 0:
+        return lambda: None
+    return Step(model, x, y, v, ctx, group=group)
 
 
 def busbw_on_rank(ctx: DistContext, sizes_mb: list[float], r: Reps, queue) -> list[dict]:

@@ -35,32 +35,36 @@ def paired(a: list[float], b: list[float], op) -> dict:
     return stats([op(x, y) for x, y in zip(a, b, strict=True)])
 
 
+def ratio(t: dict, a: str, b: str) -> dict:
+    """t[a] / t[b], paired per repetition."""
+    return paired(t[a], t[b], lambda x, y: x / y)
+
+
 def weak_scaling(results: dict, cores: int) -> list[dict]:
     """Samples/s and efficiency per workload and N. At a fixed per-rank batch, efficiency =
-    t(N=1) / t(N); it splits into core sharing (the bare step at N=1 vs at N: the ranks
-    compete for cores, caches and memory) times sync (bare vs DDP step at N)."""
+    throughput_N / (N x throughput_1) = t(1) / t(N), with t(1) the step on rank 0 alone in
+    the same job. It splits (about) into core sharing, t_bare(1) / t_bare(N): the ranks
+    compete for cores, caches and memory; times sync, t_bare(N) / t_DDP(N)."""
     rows = []
-    one = results["weak_scaling"]["1"]
     for n, per_workload in results["weak_scaling"].items():
         for label, m in per_workload.items():
-            t = m["step_s"]
-            base = {v: statistics.median(times) for v, times in one[label]["step_s"].items()}  # N = 1
-            stock, tuned, bare = stats(t["DDP"]), stats(t["DDP tuned"]), statistics.median(t["bare"])
+            t, ddp = m["step_s"], stats(m["step_s"]["DDP"])
             rows.append({"workload": label, "n": int(n), "params": m["params"], "oversubscribed": int(n) > cores,
-                         "step_s": stock, "samples_per_s": int(n) * m["batch"] / stock["median"],
-                         "efficiency": base["DDP"] / stock["median"], "core_sharing": base["bare"] / bare,
-                         "sync": bare / stock["median"], "tuned_step_s": tuned,
-                         "tuned_efficiency": base["DDP tuned"] / tuned["median"]})
+                         "step_s": ddp, "samples_per_s": int(n) * m["batch"] / ddp["median"],
+                         "solo_step_s": stats(t["solo DDP"]),
+                         "solo_samples_per_s": m["batch"] / statistics.median(t["solo DDP"]),
+                         "efficiency": ratio(t, "solo DDP", "DDP"), "core_sharing": ratio(t, "solo bare", "bare"),
+                         "sync": ratio(t, "bare", "DDP"), "tuned_efficiency": ratio(t, "solo DDP tuned", "DDP tuned")})
     return rows
 
 
 def overhead_n1(results: dict) -> dict:
-    """DDP (stock and tuned) at N = 1 over the bare module, paired per repetition."""
+    """DDP (stock and tuned) at N = 1 (rank 0 alone, in the N = 2 job) over the bare module."""
     def over_bare(t: dict, v: str) -> dict:
-        return paired(t[v], t["bare"], lambda a, b: a / b - 1)
+        return paired(t[f"solo {v}"], t["solo bare"], lambda a, b: a / b - 1)
 
     return {label: {v: over_bare(m["step_s"], v) for v in ("DDP", "DDP tuned")}
-            for label, m in results["weak_scaling"]["1"].items()}
+            for label, m in results["weak_scaling"]["2"].items()}
 
 
 def knobs(results: dict) -> list[dict]:
@@ -112,7 +116,7 @@ def summarize(results: dict) -> dict:
 def targets(s: dict) -> list[dict]:
     by_name = {r["name"]: r for r in s.get("knobs", [])}
     values = {
-        "cnn_weak_scaling_efficiency_n2": next((r["efficiency"] for r in s["weak_scaling"]
+        "cnn_weak_scaling_efficiency_n2": next((r["efficiency"]["median"] for r in s["weak_scaling"]
                                                 if r["workload"] == "cnn" and r["n"] == 2), None),
         "mlp_exposed_sync_ratio_stock": by_name.get("DDP", {}).get("ratio_to_raw"),
         "cnn_ddp_overhead_n1": s["ddp_overhead_n1"].get("cnn", {}).get("DDP", {}).get("median"),
@@ -154,6 +158,8 @@ def machine_line(results: dict) -> str:
     m, r = results["machine"], results["plan"]["reps"]
     where = f"{m['gpu']} (nccl)" if m["gpu"] else f"{m['cpu']}, {m['cores']} cores (gloo on CPU)"
     load = "/".join(f"{x:.2f}" for x in m["load_average_before"][:1] + m["load_average_after"][:1])
+    others = m.get("cpu_share_used_by_others")
+    load += "" if others is None else f"; other processes used {others:.1%} of the machine's CPU during the run"
     return (f"Measured on {where}, torch {m['torch']}, Python {m['python']}, one thread per rank; "
             f"{r['warmup']} warm-up steps, then {r['reps']} timed repetitions; medians [min–max]. "
             f"Load average before/after: {load}. Whole benchmark: {results['wall_time_s']:.0f} s.")
@@ -175,21 +181,26 @@ def markdown(results: dict) -> str:
 
 
 def weak_section(s: dict) -> str:
+    def r3(o: dict) -> str:
+        return f"{o['median']:.2f} [{o['min']:.2f}–{o['max']:.2f}]"
+
     rows = [[f"{r['workload']} ({params(r['params'])})", f"{r['n']}" + (" (oversubscribed)" if r["oversubscribed"]
-             else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", f"{r['efficiency']:.3f}",
-             f"{r['core_sharing']:.3f}", f"{r['sync']:.3f}", ms(r["tuned_step_s"]), f"{r['tuned_efficiency']:.3f}"]
-            for r in s["weak_scaling"]]
-    return ("## Weak scaling (same batch per rank at every N)\n\nStock DDP is what ddp_demo.train wraps with; "
-            "tuned DDP adds bucket_cap_mb=100, gradient_as_bucket_view, static_graph.\n\n"
-            + table(["workload", "N", "DDP step, ms", "samples/s", "efficiency", "= core sharing", "× sync",
-                     "tuned DDP step, ms", "tuned efficiency"], rows))
+             else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", ms(r["solo_step_s"]),
+             f"{r['solo_samples_per_s']:,.0f}", r3(r["efficiency"]), r3(r["core_sharing"]), r3(r["sync"]),
+             r3(r["tuned_efficiency"])] for r in s["weak_scaling"]]
+    return ("## Weak scaling (same batch per rank at every N)\n\nN = 1 is rank 0 running alone inside the same job, "
+            "interleaved with the N-rank steps. Efficiency = t(1) / t(N) ≈ core sharing × sync, each a median of "
+            "per-repetition ratios [min–max]. Stock DDP is what ddp_demo.train wraps with; tuned DDP adds "
+            "bucket_cap_mb=100, gradient_as_bucket_view, static_graph.\n\n"
+            + table(["workload", "N", "DDP step, ms", "samples/s", "N = 1 step, ms", "N = 1 samples/s",
+                     "efficiency", "core sharing", "sync", "tuned DDP efficiency"], rows))
 
 
 def overhead_section(s: dict) -> str:
     def pct(o: dict) -> str:
         return f"{o['median']:+.1%} [{o['min']:+.1%} to {o['max']:+.1%}]"
 
-    return "## DDP at N = 1 vs the bare module\n\n" + table(
+    return "## DDP at N = 1 vs the bare module (rank 0 alone, in the N = 2 job)\n\n" + table(
         ["workload", "stock DDP", "tuned DDP"], [[w, pct(o["DDP"]), pct(o["DDP tuned"])]
                                                  for w, o in s["ddp_overhead_n1"].items()])
 

@@ -125,10 +125,11 @@ class Step:
     step's gradients in ``.grad`` for :func:`gradients` to compare.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: Variant, ctx: DistContext):
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: Variant, ctx: DistContext,
+                 group: dist.ProcessGroup | None = None):
         self.model = copy.deepcopy(model)
         if v.ddp is not None:
-            self.model = DDP(self.model, **v.ddp)
+            self.model = DDP(self.model, process_group=group, **v.ddp)  # group None: all ranks
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=0.9)
         self.flat = FlatGrads(self.model) if v.flat_all_reduce else None
         self.x, self.y, self.v, self.world_size = x, y, v, ctx.world_size

@@ -38,11 +38,12 @@ def test_results_json_holds_every_measurement(quick: Path):
     reps = res["plan"]["reps"]["reps"]
     assert res["quick"] is True
     assert {"cpu", "cores", "torch", "backend", "device", "threads_per_rank"} <= set(res["machine"])
-    assert set(res["weak_scaling"]) == {"1", "2"}
+    assert set(res["weak_scaling"]) == {"2"}
     for per_workload in res["weak_scaling"].values():
         assert set(per_workload) == {"cnn", "mlp"}
         for m in per_workload.values():
-            assert set(m["step_s"]) == {"bare", "DDP", "DDP tuned"}
+            variants = {"bare", "DDP", "DDP tuned"}
+            assert set(m["step_s"]) == variants | {f"solo {v}" for v in variants}  # solo: N = 1, rank 0 alone
             assert all(positive_times(t, reps) for t in m["step_s"].values())
     assert [r["name"] for r in res["knobs"]["rows"]] == [v.name for v in VARIANTS]
     for row in res["knobs"]["rows"]:
