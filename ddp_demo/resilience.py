@@ -100,8 +100,13 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (the run is over, or stopping)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
     def __call__(self) -> bool:
         return self.received is not None

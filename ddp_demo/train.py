@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
         traceback.clear_frames(e.__traceback__)
         return 1
     finally:
+        stop.restore()
         launcher.release()
         teardown()
 

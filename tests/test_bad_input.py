@@ -1,9 +1,18 @@
-"""Bad input: one clear line naming the flag and the fix, once, exit 2, nothing written."""
+"""Bad input: one clear line naming the flag and the fix, once, exit 2, nothing written.
+
+Most cases call ``ddp_demo.train.main`` in this process (validation happens before any
+process group exists, so nothing else differs); one case and the torchrun cases go
+through real subprocesses, where import-time warnings would show up too.
+"""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
+
+from ddp_demo import train as trainer
 
 from .conftest import torchrun, train
 
@@ -38,20 +47,34 @@ def assert_one_clear_line(proc, flag, out_dir):
     assert not out_dir.exists()
 
 
+def run_in_process(argv: list[str], capsys) -> subprocess.CompletedProcess:
+    code = trainer.main(argv)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_single_process(name, tmp_path):
+def test_each_bad_input(name, tmp_path, capsys, monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
     _bad_files(tmp_path)
     flags, flag = CASES[name]
     out = tmp_path / "out"
-    proc = train(*[f.format(d=tmp_path) for f in flags], "--out", str(out), cwd=tmp_path)
+    proc = run_in_process([*[f.format(d=tmp_path) for f in flags], "--out", str(out)], capsys)
     assert_one_clear_line(proc, flag, out)
 
 
-def test_negative_control_good_input_writes_outputs(tmp_path):
+def test_single_process_command_line(tmp_path):
+    """The real command: exactly one line on stderr (no import-time warnings either)."""
+    out = tmp_path / "out"
+    assert_one_clear_line(train("--model", "resnet", "--out", str(out), cwd=tmp_path), "--model", out)
+
+
+def test_negative_control_good_input_writes_outputs(tmp_path, capsys):
     torch.save((torch.randn(64, 10), torch.randint(0, 3, (64,))), tmp_path / "good.pt")
     out = tmp_path / "out"
-    proc = train("--data", str(tmp_path / "good.pt"), "--steps", "3", "--global-batch-size", "8",
-                 "--out", str(out), cwd=tmp_path)
+    proc = run_in_process(["--data", str(tmp_path / "good.pt"), "--steps", "3", "--global-batch-size", "8",
+                           "--out", str(out)], capsys)
     assert proc.returncode == 0, proc.stderr
     assert (out / "final.pt").exists()
 
