@@ -65,14 +65,15 @@ class Plan:
     reps: Reps
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
     launches: int  # launches per launcher, alternated
+    keep_freed_memory: bool = False  # diagnosis: glibc keeps freed memory (bench_timing.keep_freed_memory)
     variants: list[Variant] = field(default_factory=lambda: VARIANTS)
 
 
-def make_plan(quick: bool, launchers: bool) -> Plan:
+def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> Plan:
     if quick:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
         return Plan((2,), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
-                    launcher_steps=12, launches=int(launchers))
+                    launcher_steps=12, launches=int(launchers), keep_freed_memory=keep_freed_memory)
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
     # parameters = 12.6 MB of float32 gradients to all-reduce every step.
@@ -80,7 +81,7 @@ def make_plan(quick: bool, launchers: bool) -> Plan:
     return Plan((2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
-                launcher_steps=220, launches=3 * int(launchers))
+                launcher_steps=220, launches=3 * int(launchers), keep_freed_memory=keep_freed_memory)
 
 
 def cores() -> int:
@@ -173,12 +174,13 @@ def measure(plan: Plan, device: str, timeout: float, bar: ProgressBar) -> dict:
     """One process group per world size; N = 2 also measures bandwidth and the knobs."""
     results: dict = {"weak_scaling": {}}
     for n in plan.world_sizes:
-        tasks: dict = {"weak": plan.workloads}
+        tasks: dict = {"weak": plan.workloads, "keep_freed_memory": plan.keep_freed_memory}
         if n == 2:
             tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants)}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
         per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
+        results["malloc_keeps_freed_memory"] = all(r["malloc_keeps_freed_memory"] for r in per_rank)
         if n == 2:
             results["busbw"] = per_rank[0]["busbw"]
             results["knobs"] = merge_memory(per_rank)
@@ -202,6 +204,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "measures nothing")
     p.add_argument("--no-launchers", dest="launchers", action="store_false",
                    help="skip the accelerate vs torchrun comparison (it starts 6 real jobs)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="diagnosis: make glibc keep freed memory (mallopt) in every process, so steps stop "
+                   "page-faulting their memory back in")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda (nccl) when available, else cpu (gloo)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one process group may take before failing")
@@ -211,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    plan = make_plan(args.quick, args.launchers)
+    plan = make_plan(args.quick, args.launchers, args.keep_freed_memory)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         results |= measure(plan, device, args.timeout, bar)
         if plan.launches:
             bar.bar.set_description("launchers")
-            results["launchers"] = bench_launchers.compare(plan.launcher_steps, plan.launches, device, bar)
+            results["launchers"] = bench_launchers.compare(plan.launcher_steps, plan.launches, device, bar,
+                                                           keep_freed_memory=plan.keep_freed_memory)
     finally:
         bar.close()
     results["machine"]["load_average_after"] = list(os.getloadavg())

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .bench_timing import GIB
+
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ["--model", "cnn", "--global-batch-size", "64"]
 GLOBAL_BATCH = 64
@@ -52,10 +54,12 @@ def block_step_times(metrics: Path, warmup: int) -> list[float]:
     return [sum(seconds[i * size : (i + 1) * size]) / size for i in range(BLOCKS)]
 
 
-def launch(cmd: list[str], steps: int, out: Path, timeout: float) -> float:
+def launch(cmd: list[str], steps: int, out: Path, timeout: float, keep_freed_memory: bool = False) -> float:
     """Run one job to completion; returns the whole command's wall time."""
     env = {**os.environ, "PYTHON": sys.executable, "NPROC": "2", "NPROC_PER_NODE": "2",
            "OMP_NUM_THREADS": "1"}  # one thread per rank, the same for both launchers
+    if keep_freed_memory:  # what bench_timing.keep_freed_memory does, through glibc's environment variables
+        env |= {"MALLOC_MMAP_THRESHOLD_": str(GIB), "MALLOC_TRIM_THRESHOLD_": str(GIB)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     start = time.perf_counter()
@@ -66,7 +70,8 @@ def launch(cmd: list[str], steps: int, out: Path, timeout: float) -> float:
     return time.perf_counter() - start
 
 
-def compare(steps: int, launches: int, device: str, bar, timeout: float = 300.0) -> dict:
+def compare(steps: int, launches: int, device: str, bar, timeout: float = 300.0,
+            keep_freed_memory: bool = False) -> dict:
     """Block step times and wall times of ``launches`` launches per launcher, alternated."""
     reason = unavailable(device)
     if reason:
@@ -81,7 +86,7 @@ def compare(steps: int, launches: int, device: str, bar, timeout: float = 300.0)
             order = list(commands(device).items())
             for name, cmd in order if i % 2 == 0 else order[::-1]:
                 out = Path(tmp) / f"{name}-{i}"
-                runs[name]["wall_s"].append(launch(cmd, steps, out, timeout))
+                runs[name]["wall_s"].append(launch(cmd, steps, out, timeout, keep_freed_memory))
                 runs[name]["block_step_s"] += block_step_times(out / "metrics.jsonl", warmup)
                 bar.step(f"{name} launch {i + 1}")
     return result | runs

@@ -23,10 +23,13 @@ from .bench_timing import (
     build_workload,
     ddp_buckets_mb,
     interleaved,
+    keep_freed_memory,
+    minor_faults_per_call,
     param_count,
     peak_rss_mb,
     progress,
     reset_peak_rss,
+    slowest_rank,
     warm_up,
 )
 from .dist import DistContext
@@ -39,7 +42,8 @@ TUNED = Variant("DDP tuned", ddp={"bucket_cap_mb": 100, "gradient_as_bucket_view
 def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     """Run the pieces named in ``tasks`` at this world size: ``weak`` (always),
     ``busbw`` and ``knobs`` (at N = 2)."""
-    out = {"weak_scaling": weak_scaling_on_rank(ctx, tasks["weak"], r, queue)}
+    out = {"malloc_keeps_freed_memory": tasks.get("keep_freed_memory", False) and keep_freed_memory()}
+    out["weak_scaling"] = weak_scaling_on_rank(ctx, tasks["weak"], r, queue)
     if "busbw" in tasks:
         out["busbw"] = busbw_on_rank(ctx, tasks["busbw"], r, queue)
     if "knobs" in tasks:
@@ -66,7 +70,9 @@ def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, q
         fns |= {f"solo {v.name}": solo_step(model, x, y, v, ctx, solo_group) for v in (BARE, STOCK, TUNED)}
         warm_up(fns, r)
         times = interleaved(fns, {name: w.steps for name in fns}, r, ctx)
-        out[w.label] = {"model": w.model, "params": param_count(model), "batch": w.batch, "step_s": times}
+        faults = {name: [minor_faults_per_call(fn, w.steps)] for name, fn in fns.items()}
+        out[w.label] = {"model": w.model, "params": param_count(model), "batch": w.batch, "step_s": times,
+                        "page_faults_per_step": {k: v[0] for k, v in slowest_rank(faults, ctx).items()}}  # worst rank
         del fns
         gc.collect()
         progress(queue, ctx, f"N={ctx.world_size} {w.label}")

@@ -54,7 +54,8 @@ def weak_scaling(results: dict, cores: int) -> list[dict]:
                          "solo_step_s": stats(t["solo DDP"]),
                          "solo_samples_per_s": m["batch"] / statistics.median(t["solo DDP"]),
                          "efficiency": ratio(t, "solo DDP", "DDP"), "core_sharing": ratio(t, "solo bare", "bare"),
-                         "sync": ratio(t, "bare", "DDP"), "tuned_efficiency": ratio(t, "solo DDP tuned", "DDP tuned")})
+                         "sync": ratio(t, "bare", "DDP"), "tuned_efficiency": ratio(t, "solo DDP tuned", "DDP tuned"),
+                         "page_faults_per_step": m.get("page_faults_per_step")})
     return rows
 
 
@@ -160,7 +161,10 @@ def machine_line(results: dict) -> str:
     load = "/".join(f"{x:.2f}" for x in m["load_average_before"][:1] + m["load_average_after"][:1])
     others = m.get("cpu_share_used_by_others")
     load += "" if others is None else f"; other processes used {others:.1%} of the machine's CPU during the run"
-    return (f"Measured on {where}, torch {m['torch']}, Python {m['python']}, one thread per rank; "
+    allocator = ("glibc, keeping freed memory (--keep-freed-memory)" if results.get("malloc_keeps_freed_memory")
+                 else "glibc's default")
+    return (f"Measured on {where}, torch {m['torch']}, Python {m['python']}, one thread per rank, "
+            f"allocator: {allocator}; "
             f"{r['warmup']} warm-up steps, then {r['reps']} timed repetitions; medians [min–max]. "
             f"Load average before/after: {load}. Whole benchmark: {results['wall_time_s']:.0f} s.")
 
@@ -188,12 +192,16 @@ def weak_section(s: dict) -> str:
              else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", ms(r["solo_step_s"]),
              f"{r['solo_samples_per_s']:,.0f}", r3(r["efficiency"]), r3(r["core_sharing"]), r3(r["sync"]),
              r3(r["tuned_efficiency"])] for r in s["weak_scaling"]]
+    faults = [[r["workload"], r["n"]] + [f"{r['page_faults_per_step'][v]:,.0f}" for v in ("solo bare", "bare", "DDP")]
+              for r in s["weak_scaling"] if r.get("page_faults_per_step")]
     return ("## Weak scaling (same batch per rank at every N)\n\nN = 1 is rank 0 running alone inside the same job, "
             "interleaved with the N-rank steps. Efficiency = t(1) / t(N) ≈ core sharing × sync, each a median of "
             "per-repetition ratios [min–max]. Stock DDP is what ddp_demo.train wraps with; tuned DDP adds "
             "bucket_cap_mb=100, gradient_as_bucket_view, static_graph.\n\n"
             + table(["workload", "N", "DDP step, ms", "samples/s", "N = 1 step, ms", "N = 1 samples/s",
-                     "efficiency", "core sharing", "sync", "tuned DDP efficiency"], rows))
+                     "efficiency", "core sharing", "sync", "tuned DDP efficiency"], rows)
+            + "\nPage faults per step (worst rank): memory the allocator gave back to the OS and the step touched "
+              "again.\n\n" + table(["workload", "N", "N = 1 bare", "bare", "DDP"], faults))
 
 
 def overhead_section(s: dict) -> str:

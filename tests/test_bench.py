@@ -45,6 +45,7 @@ def test_results_json_holds_every_measurement(quick: Path):
             variants = {"bare", "DDP", "DDP tuned"}
             assert set(m["step_s"]) == variants | {f"solo {v}" for v in variants}  # solo: N = 1, rank 0 alone
             assert all(positive_times(t, reps) for t in m["step_s"].values())
+            assert set(m["page_faults_per_step"]) == set(m["step_s"])
     assert [r["name"] for r in res["knobs"]["rows"]] == [v.name for v in VARIANTS]
     for row in res["knobs"]["rows"]:
         assert positive_times(row["step_s"], reps) and len(row["rss_peak_mb"]) == 2  # one per rank
@@ -86,3 +87,25 @@ def test_launcher_step_times_are_cut_into_blocks_after_warm_up(tmp_path: Path):
     assert blocks == pytest.approx([0.010, 0.010, 0.015, 0.020, 0.020])
     with pytest.raises(ValueError):
         block_step_times(metrics, warmup=10)
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_the_cnn_step():
+    """The --keep-freed-memory diagnosis rests on this: with glibc's default settings the CNN's
+    training step keeps page-faulting memory it freed in the step before; kept, it stops."""
+    code = (
+        "import torch\n"
+        "from ddp_demo.bench_timing import Step, Variant, Workload, build_workload, keep_freed_memory, "
+        "minor_faults_per_call as faults\n"
+        "from ddp_demo.dist import DistContext\n"
+        "ctx = DistContext(0, 0, 1, torch.device('cpu'), 'gloo')\n"
+        "step = Step(*build_workload(Workload('cnn', 'cnn', 32, 1), ctx), Variant('bare'), ctx)\n"
+        "faults(step, 5)\n"
+        "before = min(faults(step, 10) for _ in range(2))\n"
+        "assert keep_freed_memory()\n"
+        "faults(step, 10)\n"
+        "print(before, faults(step, 10))\n"
+    )
+    r = run_cmd([PYTHON, "-c", code], ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    before, after = map(float, r.stdout.split())
+    assert before > 100 and after < 10, (before, after)
