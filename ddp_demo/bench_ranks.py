@@ -43,9 +43,10 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     """Run the pieces named in ``tasks`` at this world size: ``weak`` (always),
     ``busbw`` and ``knobs`` (at N = 2)."""
     out = {"malloc_keeps_freed_memory": tasks.get("keep_freed_memory", False) and keep_freed_memory()}
-    out["weak_scaling"] = weak_scaling_on_rank(ctx, tasks["weak"], r, queue)
+    solo_group = dist.new_group([0])  # every rank must take part in creating a group, even one it is not in
+    out["weak_scaling"] = weak_scaling_on_rank(ctx, tasks["weak"], r, queue, solo_group)
     if "busbw" in tasks:
-        out["busbw"] = busbw_on_rank(ctx, tasks["busbw"], r, queue)
+        out["busbw"] = busbw_on_rank(ctx, tasks["busbw"], r, queue, solo_group)
     if "knobs" in tasks:
         workload, variants = tasks["knobs"]
         out["knobs"] = knobs_on_rank(ctx, workload, variants, r, queue)
@@ -53,7 +54,7 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     return out
 
 
-def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, queue) -> dict:
+def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, queue, solo_group) -> dict:
     """Per-step seconds of the bare module, stock DDP and tuned DDP on all N ranks, at the
     same per-rank batch whatever N is (weak scaling), and of the same three at N = 1.
 
@@ -62,7 +63,6 @@ def weak_scaling_on_rank(ctx: DistContext, workloads: list[Workload], r: Reps, q
     barrier, which costs no CPU. So a drift in the machine's speed between two separate
     runs cannot pass for a scaling loss: every ratio comes from back-to-back repetitions.
     """
-    solo_group = dist.new_group([0])  # every rank must take part in creating a group, even one it is not in
     out = {}
     for w in workloads:
         model, x, y = build_workload(w, ctx)
@@ -86,16 +86,20 @@ def solo_step(model, x: torch.Tensor, y: torch.Tensor, v: Variant, ctx: DistCont
     return Step(model, x, y, v, ctx, group=group)
 
 
-def busbw_on_rank(ctx: DistContext, sizes_mb: list[float], r: Reps, queue) -> list[dict]:
-    """Seconds per ``all_reduce`` of one float32 buffer of each size."""
+def busbw_on_rank(ctx: DistContext, sizes_mb: list[float], r: Reps, queue, solo_group) -> list[dict]:
+    """Seconds per ``all_reduce`` of one float32 buffer of each size over all ranks. Sizes
+    under 1 MB also on rank 0 alone, a group of one, where no data moves: what is left is
+    the cost of handing the work to gloo's thread and waiting for it to finish."""
     rows = []
     for size in sizes_mb:
         buf = torch.zeros(int(size * MB) // 4, device=ctx.device)  # zeros stay zeros: no overflow to inf
-        fn = functools.partial(dist.all_reduce, buf)
+        fns = {"all": functools.partial(dist.all_reduce, buf)}
+        if size < 1:
+            fns["solo"] = functools.partial(dist.all_reduce, buf, group=solo_group) if ctx.rank == 0 else lambda: None
         calls = min(100, max(1, round(8 / size)))  # >= 8 MB or 100 calls per repetition: far above the clock's tick
-        warm_up({"all_reduce": fn}, r)
-        rows.append({"size_mb": size, "time_s": interleaved({"all_reduce": fn}, {"all_reduce": calls}, r, ctx)
-                     ["all_reduce"]})
+        warm_up(fns, r)
+        times = interleaved(fns, {name: calls for name in fns}, r, ctx)
+        rows.append({"size_mb": size, "time_s": times["all"], "solo_time_s": times.get("solo")})
         progress(queue, ctx, f"all_reduce {size * MB:,.0f} B")
     return rows
 

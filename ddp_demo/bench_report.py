@@ -91,7 +91,8 @@ def busbw(results: dict, n: int = 2) -> list[dict]:
     for r in results["busbw"]:
         t = stats(r["time_s"])
         rows.append({"size_mb": r["size_mb"], "time_s": t,
-                     "busbw_gbps": r["size_mb"] * MB / t["median"] * 2 * (n - 1) / n / 1e9})
+                     "busbw_gbps": r["size_mb"] * MB / t["median"] * 2 * (n - 1) / n / 1e9,
+                     "solo_time_s": stats(r["solo_time_s"]) if r.get("solo_time_s") else None})
     return rows
 
 
@@ -247,9 +248,11 @@ def size_label(mb: float) -> str:
 
 def busbw_section(s: dict) -> str:
     return ("## gloo all-reduce at N = 2: latency and bus bandwidth\n\nbusbw = S / t × 2(N−1)/N, the bytes each "
-            "rank sends and receives per second in a ring all-reduce; the small sizes measure latency.\n\n" + table(
-                ["size", "time, ms", "busbw, GB/s"],
-                [[size_label(r["size_mb"]), ms(r["time_s"]), f"{r['busbw_gbps']:.3g}"] for r in s["busbw"]]))
+            "rank sends and receives per second in a ring all-reduce; the small sizes measure latency, also on "
+            "rank 0 alone (a group of one: no data moves, only the hand-over to gloo's thread and back).\n\n"
+            + table(["size", "time, ms", "busbw, GB/s", "rank 0 alone, ms"],
+                    [[size_label(r["size_mb"]), ms(r["time_s"]), f"{r['busbw_gbps']:.3g}",
+                      ms(r["solo_time_s"]) if r["solo_time_s"] else ""] for r in s["busbw"]]))
 
 
 def launchers_section(lr: dict | None) -> str:
