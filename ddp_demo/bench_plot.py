@@ -24,7 +24,8 @@ def plot(results: dict, path) -> None:
     overhead_panel(axes[1][1], s)
     m = results["machine"]
     where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
-    fig.suptitle(f"ddp_demo benchmark: {where}, torch {m['torch']}, {m['backend']}"
+    allocator = "glibc keeping freed memory" if results.get("malloc_keeps_freed_memory") else "glibc default malloc"
+    fig.suptitle(f"ddp_demo benchmark: {where}, torch {m['torch']}, {m['backend']}, {allocator}"
                  + ("  [--quick: numbers mean nothing]" if results["quick"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -96,25 +97,33 @@ def busbw_panel(ax, s: dict) -> None:
 
 
 def overhead_panel(ax, s: dict) -> None:
-    """What the wrappers cost: DDP at N = 1 over the bare module, accelerate over torchrun."""
-    labels, values, colors, limits = [], [], [], []
+    """What the wrappers cost: DDP at N = 1 over the bare module, accelerate over torchrun;
+    whiskers: the per-repetition (per-block for the launchers) min-max."""
+    labels, values, lows, highs, colors, limits = [], [], [], [], [], []
+
+    def add(label: str, o: dict, scale: float, color: str, limit: float | None) -> None:
+        labels.append(label)
+        values.append(o["median"] * scale)
+        lows.append((o["median"] - o["min"]) * scale)
+        highs.append((o["max"] - o["median"]) * scale)
+        colors.append(color)
+        limits.append(limit)
+
     for workload, o in s["ddp_overhead_n1"].items():
         for variant, color in (("DDP", "tab:blue"), ("DDP tuned", "tab:green")):
-            labels.append(f"{workload}\n{variant}")
-            values.append(o[variant]["median"] * 100)
-            colors.append(color)
-            limits.append(3.0 if (workload, variant) == ("cnn", "DDP") else None)
+            add(f"{workload.replace(', ', chr(10))}\n{variant}", o[variant], 100, color,
+                3.0 if (workload, variant) == ("cnn", "DDP") else None)
     lr = s.get("launchers")
     if lr and "ratio" in lr:
-        labels.append("accelerate /\ntorchrun")
-        values.append((lr["ratio"] - 1) * 100)
-        colors.append("tab:purple")
-        limits.append(2.0)
-    ax.bar(range(len(values)), values, color=colors)
+        t, a = lr["torchrun_step_s"], lr["accelerate_step_s"]
+        ratio = {"median": lr["ratio"] - 1, "min": a["min"] / t["max"] - 1, "max": a["max"] / t["min"] - 1}
+        add("accelerate /\ntorchrun", ratio, 100, "tab:purple", 2.0)
+    ax.bar(range(len(values)), values, yerr=[lows, highs], capsize=3, color=colors)
     for i, limit in enumerate(limits):
         if limit is not None:
             ax.hlines(limit, i - 0.4, i + 0.4, colors="k", linestyles="--")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(values)), labels, fontsize=8)
     ax.set_ylabel("overhead, % of the step")
-    ax.set_title("Wrapper overhead: DDP at N = 1 vs bare; accelerate vs torchrun (dashed: target)")
+    ax.set_title("Wrapper overhead: DDP at N = 1 over bare; accelerate over torchrun\n"
+                 "(dashed: target; whiskers: min–max)", fontsize=10)

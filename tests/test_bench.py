@@ -90,13 +90,16 @@ def test_launcher_step_times_are_cut_into_blocks_after_warm_up(tmp_path: Path):
 
 
 def test_keep_freed_memory_stops_the_page_faults_of_the_cnn_step():
-    """The --keep-freed-memory diagnosis rests on this: with glibc's default settings the CNN's
-    training step keeps page-faulting memory it freed in the step before; kept, it stops."""
+    """The --keep-freed-memory diagnosis rests on this. Negative control first: glibc returning
+    every block of 128 KiB or more to the OS (its default threshold, pinned here because glibc
+    raises it as it goes, so the default's faults depend on the process's history) makes each
+    CNN step page-fault hundreds of times; after keep_freed_memory() the step stops faulting."""
     code = (
-        "import torch\n"
+        "import ctypes, torch\n"
         "from ddp_demo.bench_timing import Step, Variant, Workload, build_workload, keep_freed_memory, "
         "minor_faults_per_call as faults\n"
         "from ddp_demo.dist import DistContext\n"
+        "assert ctypes.CDLL('libc.so.6').mallopt(-3, 128 * 1024) == 1\n"  # M_MMAP_THRESHOLD
         "ctx = DistContext(0, 0, 1, torch.device('cpu'), 'gloo')\n"
         "step = Step(*build_workload(Workload('cnn', 'cnn', 32, 1), ctx), Variant('bare'), ctx)\n"
         "faults(step, 5)\n"
