@@ -1,6 +1,6 @@
 """The article's modules, and a classifier built around its CNN.
 
-This file imports nothing from ``torch.distributed``: a Module owns its parameters
+This file imports nothing from PyTorch's distributed package: a Module owns its parameters
 and describes the math; it does not know how many processes train it. Data
 parallelism wraps it from outside (see ``train.py``).
 """
