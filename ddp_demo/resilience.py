@@ -122,7 +122,7 @@ def is_peer_failure(e: BaseException) -> bool:
     text = str(e)
     return isinstance(e, RuntimeError) and any(
         marker in text for marker in ("Connection closed by peer", "Connection reset", "Timed out", "timed out",
-                                      "Broken pipe", "gloo")
+                                      "Broken pipe")
     )
 
 
