@@ -1,8 +1,16 @@
-"""The README tells the truth: CI runs exactly its Quickstart."""
+"""The README and docs/ tell the truth: CI runs exactly the Quickstart, and every file, module and
+test the pages name exists, so a rename that forgets the docs fails here."""
 
+import difflib
+import importlib.util
+import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGE_IDS = [str(p.relative_to(ROOT)) for p in PAGES]
 
 
 def quickstart_commands() -> list[str]:
@@ -24,3 +32,141 @@ def test_quickstart_installs_the_cpu_build():
     assert "requirements-cpu.txt" in quickstart_commands()[0]
     pins = [line for line in (ROOT / "requirements-cpu.txt").read_text().splitlines() if line.startswith("torch")]
     assert pins == ["torch==2.13.0"]
+
+
+def test_readme_is_short():
+    """Issue 9: a README a newcomer finishes; the rest lives in docs/."""
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= 200, f"README.md has {lines} lines; move detail to a page under docs/"
+
+
+# --- links --------------------------------------------------------------------------------------
+
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
+
+
+def prose(text: str) -> str:
+    """The text without code blocks and code spans, whose brackets are not links."""
+    return INLINE_CODE.sub("", FENCE.sub("", text))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    headings = re.findall(r"^#{1,6} (.+)$", FENCE.sub("", page.read_text()), re.M)
+    return {slug(INLINE_CODE.sub(lambda m: m.group(0).strip("`"), h)) for h in headings}
+
+
+def relative_links(page: Path) -> list[str]:
+    return [t for t in LINK.findall(prose(page.read_text())) if not re.match(r"[a-z]+:", t)]
+
+
+def test_link_parser_sees_links_and_skips_code():
+    text = "see [a](docs/a.md) and ![p](bench/p.png), [web](https://x.org), `[no](code.md)`\n```\n[no](x)\n```\n"
+    assert LINK.findall(prose(text)) == ["docs/a.md", "bench/p.png", "https://x.org"]
+    assert slug("Clean exits: a bug found in the stack, fixed at its root") == (
+        "clean-exits-a-bug-found-in-the-stack-fixed-at-its-root"
+    )
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_every_relative_link_points_to_a_file_in_the_repo(page):
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists() or ROOT not in (dest, *dest.parents):
+            broken.append(f"{target} (no such file in the repo)")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target} (no heading #{anchor} in {dest.name})")
+    assert not broken, f"{page.name}: broken links: {broken}"
+
+
+# --- modules, files and tests named in the text -------------------------------------------------
+
+MODULE = re.compile(r"(?:(?<![\w-])-m\s+|\bENTRY=)(ddp_demo(?:\.\w+)*)")
+REPO_PATH = re.compile(r"`((?:ddp_demo|tests|launch|examples|docs)/[\w./-]*\w)`")
+TEST_NAME = re.compile(r"`(test_\w+)`")
+
+
+def runnable_with_dash_m(name: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+    if spec is None:
+        return False
+    is_package = spec.submodule_search_locations is not None
+    return not is_package or importlib.util.find_spec(f"{name}.__main__") is not None
+
+
+def test_module_pattern_finds_commands():
+    text = "torchrun --nproc_per_node=2 -m ddp_demo.train; python -m ddp_demo; ENTRY=ddp_demo.proof.x; --rdzv-id=ddp_demo"
+    assert MODULE.findall(text) == ["ddp_demo.train", "ddp_demo", "ddp_demo.proof.x"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_every_module_the_page_runs_exists(page):
+    """`python -m ddp_demo.X` and `ENTRY=ddp_demo.X` name modules that `python -m` can run."""
+    missing = sorted({m for m in MODULE.findall(page.read_text()) if not runnable_with_dash_m(m)})
+    assert not missing, f"{page.name} runs modules that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_every_repo_path_and_test_the_page_names_exists(page):
+    text = page.read_text()
+    missing = [p for p in REPO_PATH.findall(text) if not (ROOT / p).exists()]
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
+    missing += [t for t in TEST_NAME.findall(text) if not re.search(rf"def {t}\b", tests)]
+    assert not missing, f"{page.name} names files or tests that do not exist: {missing}"
+
+
+# --- the README's pictures of the code are the code ---------------------------------------------
+
+
+def readme_block(after: str, opening: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(after, 1)[1].split(opening, 1)[1].split("```", 1)[0]
+
+
+def changed_lines(diff_lines: list[str], sign: str) -> list[str]:
+    return [line for line in diff_lines if line[:1] == sign and line[1:].strip()]
+
+
+def test_readme_shows_the_real_diff_of_the_learners_pair():
+    """The README's condensed diff: every line examples/ddp.py adds or drops, imports and the docstring's
+    `Run:` line aside, in order (blank lines and `...` are layout)."""
+    shown = readme_block("## The learner's pair", "```diff\n").splitlines()
+    single, ddp = ((ROOT / "examples" / name).read_text().splitlines() for name in ("single_process.py", "ddp.py"))
+    real = list(difflib.unified_diff(single, ddp, lineterm="", n=0))[2:]  # without the ---/+++ header
+    real = [line for line in real if not line[1:].startswith(("import ", "from ", "Run:"))]
+    for sign in "+-":
+        assert changed_lines(shown, sign) == changed_lines(real, sign), f"the README's {sign} lines are not the diff's"
+
+
+def test_readme_tree_matches_the_package():
+    """Each folder the tree lists files for lists exactly its modules; every subpackage is shown."""
+    package = ROOT / "ddp_demo"
+    listed: dict[str, set[str]] = {}
+    folder = ""
+    for line in readme_block("## A tour of the code", "```\nddp_demo/\n").splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent == 0:  # examples/, launch/, ... beside the package
+            assert (ROOT / line.split()[0]).is_dir(), line
+            continue
+        first = line.split()[0]
+        if indent == 2:
+            folder = first.rstrip("/") if first.endswith("/") else ""
+        listed.setdefault(folder, set()).update(re.findall(r"(?<![/\w])(\w+\.py)\b", line))
+    subpackages = {p.parent.name for p in package.glob("*/__init__.py")}
+    assert subpackages == set(listed) - {""}, "the tree's folders are not the package's subpackages"
+    for folder, names in listed.items():
+        modules = {p.name for p in (package / folder).glob("*.py")} - {"__init__.py", "__main__.py"}
+        if folder and not names:
+            continue  # a folder shown as one unit
+        assert names == modules, f"ddp_demo/{folder}: the tree lists {sorted(names)}, the folder has {sorted(modules)}"
