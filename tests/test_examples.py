@@ -1,0 +1,159 @@
+"""examples/: the learner's pair, a one-process script and its DDP version.
+
+The two files must (1) train to the same weights, so the DDP one really is the
+single-process one made data-parallel, and (2) differ only in what data
+parallelism adds, so that `diff` is the lesson.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import PYTHON, TORCHRUN, run_cmd
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SINGLE, DDP = EXAMPLES / "single_process.py", EXAMPLES / "ddp.py"
+TOLERANCE = 1e-10  # float64: the only difference is the order in which gradients are summed
+CONTROL_MARGIN = 1e-4  # a run without gradient averaging must miss by at least this much
+
+# Runs examples/ddp.py unchanged except that DistributedDataParallel is replaced by a plain
+# wrapper: every rank then trains alone on its own shard (half of each global batch).
+WITHOUT_SYNC = """
+import runpy, sys
+import torch
+from torch import nn
+
+class NoSync(nn.Module):
+    def __init__(self, module, device_ids=None):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+torch.nn.parallel.DistributedDataParallel = NoSync
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _check(proc) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return proc.stdout
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _torchrun2(script: Path, *flags: str, cwd: Path):
+    return run_cmd([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), *flags], cwd, timeout=90)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> tuple[dict, str]:
+    cwd = tmp_path_factory.mktemp("single")
+    out = _check(run_cmd([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], cwd, timeout=60))
+    return torch.load(cwd / "A.pt"), out
+
+
+def test_ddp_matches_single_process(single_run, tmp_path: Path):
+    """N=2 ranks with global batch 64 (32 each) reach the one-process weights within 1e-10 (float64).
+
+    DistributedSampler gives rank r the positions r, r+2, ... of the epoch's seeded permutation, so the
+    two per-rank batches at step t together are exactly positions 64t..64t+63: the single process's
+    batch. DDP averages the two local mean gradients, which is the gradient of the global mean loss.
+    The printed per-epoch loss is all-reduced, so it must match the single-process line too.
+    """
+    single, single_out = single_run
+    ddp_out = _check(_torchrun2(DDP, "--dtype", "float64", "--out", "B.pt", cwd=tmp_path))
+    ddp = torch.load(tmp_path / "B.pt")
+
+    torch.manual_seed(0)  # the examples' initial weights, to prove training moved them
+    initial = {k: v.double() for k, v in _load_mlp_class()(10, 32, 2).state_dict().items()}
+    assert _max_diff(single, initial) > 0.1, "training did not move the weights: the comparison would be vacuous"
+
+    diff = _max_diff(single, ddp)
+    print(f"max |single - ddp| = {diff:.3e}")
+    assert diff <= TOLERANCE
+    assert [ln for ln in ddp_out.splitlines() if ln.startswith("epoch")] == [
+        ln for ln in single_out.splitlines() if ln.startswith("epoch")
+    ], "only rank 0 prints, and its global-mean loss matches the single-process loss"
+
+
+def test_control_without_gradient_averaging_fails_the_comparison(single_run, tmp_path: Path):
+    """Negative control: the same launch with DDP swapped for a plain wrapper (tests' WITHOUT_SYNC).
+
+    Each rank then steps on its own 32 samples only, which is the bug the comparison above must catch.
+    Its rank 0 weights must miss the single-process ones by far more than the tolerance.
+    """
+    single, _ = single_run
+    wrapper = tmp_path / "ddp_without_sync.py"
+    wrapper.write_text(WITHOUT_SYNC)
+    _check(_torchrun2(wrapper, str(DDP), "--dtype", "float64", "--out", "C.pt", cwd=tmp_path))
+    diff = _max_diff(single, torch.load(tmp_path / "C.pt"))
+    print(f"control: max |single - unsynced| = {diff:.3e}")
+    assert diff > CONTROL_MARGIN
+
+
+def _load_mlp_class():
+    namespace: dict = {}
+    exec(compile(SINGLE.read_text(), str(SINGLE), "exec"), namespace)  # no __main__: defines, does not train
+    return namespace["MLP"]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def test_files_are_short_and_torch_only():
+    for path in (SINGLE, DDP):
+        assert len(path.read_text().splitlines()) <= 90, path
+        assert not any(m.split(".")[0] == "ddp_demo" for m in _imports(path)), path
+    assert not any(m.startswith("torch.distributed") or m == "torch.nn.parallel" for m in _imports(SINGLE))
+
+
+# Words an added line in ddp.py must use (unless it only re-indents a line of single_process.py).
+DP_WORDS = re.compile(
+    r"\b(dist|DDP|Distributed\w*|rank|local_rank|world|RANK|LOCAL_RANK|WORLD_SIZE|device|set_epoch|module"
+    r"|gc|os|try|finally)\b"
+)
+
+
+def test_diff_shows_only_what_data_parallelism_adds():
+    single, ddp = SINGLE.read_text().splitlines(), DDP.read_text().splitlines()
+    docstring = ast.parse(DDP.read_text()).body[0]
+    doc_lines = range(docstring.lineno - 1, docstring.end_lineno)
+    removed, added = [], []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, single, ddp, autojunk=False).get_opcodes():
+        if tag != "equal":
+            removed += single[i1:i2]
+            added += [ddp[j] for j in range(j1, j2) if j not in doc_lines]
+    assert len(removed) + len(added) <= 40, "the diff grew: keep the shared lines identical"
+    reindented = {line.strip() for line in removed}
+    unexplained = [a for a in added if a.strip() and a.strip() not in reindented and not DP_WORDS.search(a)]
+    assert not unexplained, f"lines in ddp.py that are not about data parallelism: {unexplained}"
+    for piece in (
+        "init_process_group",
+        "DistributedSampler(",
+        "set_epoch",
+        "DDP(",
+        "destroy_process_group",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "if rank == 0:",
+    ):
+        assert any(piece in a for a in added), piece
