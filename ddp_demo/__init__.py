@@ -3,6 +3,15 @@
 Tensors hold data and do the math; ``nn.Module``s own the parameters. Each worker
 process runs its tensor ops on its own device, and ``DistributedDataParallel``
 reconciles the parameter gradients during backward.
+
+The package, by concern (entry points on top, each run as ``python -m ddp_demo.<name>``):
+
+- ``train``, ``train_accelerate``: the trainer under torchrun or ``accelerate launch``;
+  ``verify``: the equivalence table; ``explain``: one gradient, reconciled;
+  ``doctor``: the launch doctor; ``bench``: the benchmark.
+- ``core``: the training core (config -> dist -> data -> models -> loop -> outputs).
+- ``resilience``: checkpoints, resume, stop signals, injected faults.
+- ``proof``: N processes against one, case by case, with negative controls.
 """
 
 __version__ = "0.1.0"

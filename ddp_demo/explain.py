@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .dist import DistContext, launch_env, setup, teardown
-from .models import MultiplyByTwo
+from ddp_demo.core.dist import DistContext, launch_env, setup, teardown
+from ddp_demo.core.models import MultiplyByTwo
 
 PER_RANK = 2
 

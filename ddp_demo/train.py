@@ -7,6 +7,13 @@ Every rank builds the same Module from the same seed, wraps it in
 ``DistributedDataParallel`` and trains on its own ``B / N`` samples per step; DDP
 all-reduces (averages) the gradients during ``backward()``, so every rank applies
 the same update and the run equals a single process training on the full batch.
+
+Reading order (``main`` at the bottom calls these in turn): the whole of what data
+parallelism adds is ``setup`` (core/dist.py: join the process group, one device per
+rank), ``rank_loader`` (core/data.py: this rank's share of each global batch),
+``ddp_wrap`` (below: ``DDP(model)``) and ``teardown`` (core/dist.py). Everything else,
+``train_loop`` (core/loop.py) included, is what a single-process trainer does too.
+examples/ddp.py is the same idea in 90 lines with nothing else around it.
 """
 
 from __future__ import annotations
@@ -14,37 +21,46 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, log
-from .config import ConfigError, TrainConfig, parse_config
-from .data import Task, builtin_task, heldout_counts, load_task, rank_loader
-from .dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, setup, teardown
-from .doctor import LaunchProblem, preflight
-from .models import build_model
-from .outputs import check_out_dir, write_outputs
-from .resilience import Checkpointer, StopSignals, checkpoint_state, is_peer_failure, resolve_resume
-from .training import DTYPES, NonFiniteLoss, StepLog, StopRequested, loss_function, make_optimizer, train_loop
+from ddp_demo.core import log
+from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
+from ddp_demo.core.data import Task, builtin_task, heldout_counts, load_task, rank_loader
+from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, setup, teardown
+from ddp_demo.core.loop import NonFiniteLoss, StepLog, StopRequested, loss_function, make_optimizer, train_loop
+from ddp_demo.core.models import build_model
+from ddp_demo.core.outputs import check_out_dir, write_outputs
+from ddp_demo.doctor import LaunchProblem, preflight
+from ddp_demo.resilience import checkpoint
+from ddp_demo.resilience.faults import FaultInjector
+from ddp_demo.resilience.resume import Checkpointer, checkpoint_state, resolve_resume, restore
+from ddp_demo.resilience.signals import StopSignals, is_peer_failure
 
 
 def make_task(cfg: TrainConfig) -> Task:
-    dtype = DTYPES[cfg.dtype]
     if cfg.data:
-        return load_task(cfg.data, cfg.model, dtype, cfg.seed)
-    return builtin_task(cfg.model, cfg.seed, dtype)
+        return load_task(cfg.data, cfg.model, cfg.torch_dtype, cfg.seed)
+    return builtin_task(cfg.model, cfg.seed, cfg.torch_dtype)
 
 
 def make_model(cfg: TrainConfig, task: Task, device: torch.device) -> torch.nn.Module:
     """The same seed on every rank gives the same initial weights (DDP also
     broadcasts rank 0's at construction); seeding makes runs repeatable across N."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, task.x_shape, task.num_classes).to(device=device, dtype=DTYPES[cfg.dtype])
+    return build_model(cfg.model, task.x_shape, task.num_classes).to(device=device, dtype=cfg.torch_dtype)
 
 
-def wrap(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DDP on a process group; the bare module when there is no group (plain python)."""
+def ddp_wrap(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """The one line data parallelism adds to a model: ``DDP(model)``.
+
+    DDP broadcasts rank 0's parameters and buffers now, and from here on every
+    ``backward()`` averages the gradients over the ranks (in buckets, while backward
+    runs). Without a process group (plain ``python``) there is nothing to average with.
+    """
     if not ctx.distributed:
         return model
     return DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
@@ -62,7 +78,7 @@ class Torchrun:
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
     def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:
-        return wrap(model, ctx), optimizer, None
+        return ddp_wrap(model, ctx), optimizer, None
 
     def release(self) -> None:
         pass
@@ -80,41 +96,39 @@ class RunFailed(Exception):
         self.code = code
 
 
-def restore(found: checkpoint.Found | None, model, optimizer, ctx: DistContext) -> tuple[int, list[StepLog]]:
-    """Load a checkpoint into the unwrapped model and the optimizer; return (step, history)."""
-    if found is None:
-        return 0, []
-    state = found.state
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    checkpoint.set_rng_state(state["rng"])
-    log.info(ctx.rank, f"resuming from {found.path}: step {state['step']}, epoch {state['epoch']}, "
-                       f"saved by {state['world_size']} process(es)")
-    if state["world_size"] != ctx.world_size:
-        log.info(ctx.rank, f"world size {state['world_size']} -> {ctx.world_size}: the global batch and data order "
-                           "are kept; results match within float rounding, not bit for bit")
-    return state["step"], [StepLog(**entry) for entry in state["logs"]]
+@dataclass(frozen=True)
+class Attempt:
+    """What this launch brings besides the config: where to resume, which restart, how to stop."""
+
+    found: checkpoint.Found | None = None  # the checkpoint to resume from (None: start fresh)
+    restart_count: int = 0  # torchrun's restart attempt; injected faults strike attempt 0 only
+    stop: Callable[[], bool] = lambda: False  # True once a stop signal arrived (StopSignals)
 
 
-def run(cfg: TrainConfig, task: Task, ctx: DistContext, found=None, restart_count: int = 0, stop=None,
-        launcher=None) -> dict:
+def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attempt(), launcher=None) -> dict:
     """Train (resuming if asked), verify the ranks agree, write the outputs; returns the summary."""
     start = time.perf_counter()
     model = make_model(cfg, task, ctx.device)
     optimizer = make_optimizer(cfg, model.parameters())
-    start_step, history = restore(found, model, optimizer, ctx)
+    start_step, saved_logs = restore(attempt.found, model, optimizer, ctx)
+    history = [StepLog(**entry) for entry in saved_logs]
     ddp, wrapped_optimizer, grad_sync = (launcher or Torchrun()).wrap(model, optimizer, cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), device {ctx.device}, "
                        f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step"
                        + (f" in {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else ""))
     log.each(ctx.rank, f"device {ctx.device}, local rank {ctx.local_rank}", cfg.log_all_ranks)
-    ckpt = Checkpointer(cfg, ctx, restart_count, lambda step, epoch, logs: checkpoint_state(
-        model, optimizer, cfg, ctx, len(loader), history + logs, step, epoch))
-    ckpt.last_saved = start_step
+    ckpt = Checkpointer(cfg, ctx, lambda step, epoch, logs: checkpoint_state(
+        model, optimizer, cfg, ctx, history + logs, step, epoch), last_saved=start_step)
+    fault = FaultInjector(cfg, ctx.rank, attempt.restart_count)
+
+    def after_step(step: int, epoch: int, logs: list[StepLog]) -> None:
+        fault(step)
+        ckpt(step, epoch, logs)
+
     try:
         logs = history + train_loop(ddp, wrapped_optimizer, loader, loss_function(task), cfg, ctx, grad_sync,
-                                    start_step=start_step, after_step=ckpt, stop_requested=stop or (lambda: False))
+                                    start_step=start_step, after_step=after_step, stop_requested=attempt.stop)
     except NonFiniteLoss as e:
         kept = (f"checkpoint of step {ckpt.last_saved} kept in {cfg.checkpoint_dir}" if ckpt.last_saved
                 else "no checkpoint had been written yet" if cfg.checkpoint_dir else "no --checkpoint-dir was given")
@@ -123,7 +137,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, found=None, restart_coun
         ckpt.save_latest()
         where = f"checkpoint of step {e.step} in {cfg.checkpoint_dir}; rerun the same command to resume" \
             if cfg.checkpoint_dir else "no --checkpoint-dir, so this progress is lost"
-        raise RunFailed(f"{e}: {where}", stop.exit_code()) from None
+        raise RunFailed(f"{e}: {where}", attempt.stop.exit_code()) from None
     return finish(cfg, task, ctx, model, logs, start)
 
 
@@ -163,7 +177,7 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
     if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
         passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
-    cfg.check_world_size(env.world_size)
+    cfg.check_batch_split(env.world_size)
     check_out_dir(cfg.out)
     if cfg.checkpoint_dir:
         check_out_dir(cfg.checkpoint_dir, flag="--checkpoint-dir")
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
         return 2
     stop = StopSignals()
     try:
-        run(cfg, task, ctx, found, env.restart_count, stop, launcher)
+        run(cfg, task, ctx, Attempt(found, env.restart_count, stop), launcher)
         return 0
     except RunFailed as e:
         log.error(ctx.rank, str(e))

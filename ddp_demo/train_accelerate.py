@@ -23,10 +23,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from . import train
-from .accumulate import GradSync
-from .config import ConfigError, TrainConfig
-from .dist import DistContext, LaunchEnv, pick_backend, pick_device
+from ddp_demo import train
+from ddp_demo.core.accumulate import GradSync
+from ddp_demo.core.config import ConfigError, TrainConfig
+from ddp_demo.core.dist import DistContext, LaunchEnv, pick_backend, pick_device
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accelerate path on NPROC CPU processes [default 2], joined by gloo.
-#   ENTRY=ddp_demo.accelerate_checks runs the equivalence checks instead of the trainer (tests use it).
+#   ENTRY=ddp_demo.proof.accelerate_checks runs the equivalence checks instead of the trainer (tests use it).
 USAGE="[NPROC=2] launch/accelerate_cpu.sh [train flags]     e.g. NPROC=4 launch/accelerate_cpu.sh --model cnn"
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

@@ -9,7 +9,7 @@ python=${PYTHON:-python}
 failed=0
 for i in $(seq 1 "$runs"); do
   if ! out=$(timeout 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=2 \
-             -m ddp_demo.exit_probe "$@" 2>&1); then
+             -m ddp_demo.proof.exit_probe "$@" 2>&1); then
     failed=$((failed + 1))
     echo "launch $i failed: $(grep -m1 -E 'terminate|Error|error' <<<"$out")"
   fi

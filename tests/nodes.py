@@ -21,16 +21,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import PYTHON, ROOT, clean_env
+
 MULTINODE = str(ROOT / "launch" / "multinode.sh")
-# Launch settings a CI machine might have set: every test states its own.
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NPROC_PER_NODE",
-               "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "RDZV_ID", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME", "DOCTOR")
 
 
 def node_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return {**env, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **extra}
+    """A node's environment: no inherited launch settings, the test's python, then ``extra``."""
+    return clean_env({"PYTHON": PYTHON, **extra})
 
 
 def run_nodes(commands: list[list[str]], envs: list[dict[str, str]], cwd: Path,

@@ -2,7 +2,7 @@
 
 Each launch costs seconds, so each runs once per module (fixtures) and several tests read
 its results: the equivalence checks inside ``accelerate launch``
-(``ddp_demo.accelerate_checks``), whole training runs against the torchrun path, and
+(``ddp_demo.proof.accelerate_checks``), whole training runs against the torchrun path, and
 the refusal to run unsynchronised copies.
 """
 
@@ -14,13 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_demo.equivalence import reference_grads
-from ddp_demo.models import MODEL_NAMES
-from ddp_demo.verify import DTYPE_NAMES, TOLERANCE, accum_cases, accum_ok, accum_rows, max_abs_diff, within_tolerance
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof.cases import (
+    DTYPE_NAMES,
+    TOLERANCE,
+    accum_cases,
+    accum_ok,
+    accum_rows,
+    max_abs_diff,
+    within_tolerance,
+)
+from ddp_demo.proof.equivalence import reference_grads
 
-from .conftest import PYTHON, run_cmd, torchrun
+from .helpers import PYTHON, ROOT, run_cmd, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
 
 
@@ -30,17 +37,18 @@ def accelerate_cpu(*flags: str, cwd: Path, entry: str = "ddp_demo.train_accelera
     return run_cmd(["bash", str(ROOT / "launch" / "accelerate_cpu.sh"), *flags], cwd, timeout, env)
 
 
-def load(path: Path) -> dict:
+def load_results(path: Path) -> dict:
+    """A rank's results file (tuple keys: not weights_only)."""
     return torch.load(path, weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory) -> list[dict]:
-    """Every rank's results of ``ddp_demo.accelerate_checks``."""
+    """Every rank's results of ``ddp_demo.proof.accelerate_checks``."""
     d = tmp_path_factory.mktemp("checks")
-    proc = accelerate_cpu("--out", str(d), cwd=d, entry="ddp_demo.accelerate_checks")
+    proc = accelerate_cpu("--out", str(d), cwd=d, entry="ddp_demo.proof.accelerate_checks")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [load(d / f"rank{r}.pt") for r in range(2)]
+    return [load_results(d / f"rank{r}.pt") for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +97,7 @@ def test_negative_control_ranks_differ_before_the_last_micro_batch(checks, case)
 
 
 def final_diff(a: Path, b: Path) -> float:
-    return max_abs_diff(load(a / "final.pt"), load(b / "final.pt"))
+    return max_abs_diff(load_results(a / "final.pt"), load_results(b / "final.pt"))
 
 
 def test_accelerate_final_pt_equals_torchrun(runs):

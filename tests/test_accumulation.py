@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
-from ddp_demo.config import ConfigError, parse_config
-from ddp_demo.equivalence import GLOBAL_BATCH
-from ddp_demo.models import MODEL_NAMES
-from ddp_demo.verify import ACCUM_STEPS, DTYPE_NAMES, TOLERANCE, accum_cases, accum_ok, check_accumulation
+from ddp_demo.core.config import ConfigError, parse_config
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof.cases import ACCUM_STEPS, DTYPE_NAMES, TOLERANCE, accum_cases, accum_ok, check_accumulation
+from ddp_demo.proof.equivalence import GLOBAL_BATCH
 
-from .conftest import torchrun, train
+from .helpers import load, max_diff, torchrun, train
 
 # N = 2 keeps the suite lean; `python -m ddp_demo.verify` also runs N = 1, 3 and 4.
 WORLD_SIZES = (2,)
@@ -58,13 +57,6 @@ def test_negative_control_ranks_differ_before_the_last_micro_batch(world_size, k
     assert accum_ok(rows)
 
 
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def load(path):
-    return torch.load(path, weights_only=True)
 
 
 FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
@@ -89,6 +81,6 @@ def test_batch_that_does_not_split_into_micro_batches_gets_one_line_naming_the_f
 
 def test_the_fix_names_n_times_k():
     with pytest.raises(ConfigError, match="use a multiple of 8, e.g. --global-batch-size 56"):
-        parse_config(["--grad-accum-steps", "4", "--global-batch-size", "60"]).check_world_size(2)
+        parse_config(["--grad-accum-steps", "4", "--global-batch-size", "60"]).check_batch_split(2)
     with pytest.raises(ConfigError, match=r"^--grad-accum-steps must be a positive integer \(got 0\)$"):
         parse_config(["--grad-accum-steps", "0"])

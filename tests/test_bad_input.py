@@ -14,7 +14,7 @@ import torch
 
 from ddp_demo import train as trainer
 
-from .conftest import torchrun, train
+from .helpers import torchrun, train
 
 
 def _bad_files(d):

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ddp_demo.bench import VARIANTS
-from ddp_demo.bench_launchers import BLOCKS, block_step_times
+from ddp_demo.bench.launchers import BLOCKS, block_step_times
+from ddp_demo.bench.run import VARIANTS
 
-from .conftest import PYTHON, run_cmd
-
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import PYTHON, ROOT, run_cmd
 
 
 @pytest.fixture(scope="module")

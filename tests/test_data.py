@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from ddp_demo.data import builtin_task, heldout_counts, rank_loader
-from ddp_demo.dist import DistContext
-from ddp_demo.spawn import run_on_ranks
-from ddp_demo.training import epoch_batches
+from ddp_demo.core.data import builtin_task, heldout_counts, rank_loader
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.loop import epoch_batches
+from ddp_demo.proof.spawn import run_on_ranks
 
 GLOBAL_BATCH = 24
 

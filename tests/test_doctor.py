@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ddp_demo import doctor
+from ddp_demo.doctor.cli import main as doctor_main
 
-from .conftest import PYTHON, TORCHRUN, run_cmd
-from .nodes import LAUNCH_VARS
+from .helpers import LAUNCH_VARS, PYTHON, TORCHRUN, free_port, run_cmd
 
 
 @pytest.fixture
@@ -28,14 +28,9 @@ def launch_env(monkeypatch):
     return set_env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def diagnose(capsys, *argv: str) -> tuple[int, str]:
-    code = doctor.main(list(argv))
+    code = doctor_main(list(argv))
     return code, capsys.readouterr().out
 
 

@@ -12,8 +12,8 @@ import functools
 
 import pytest
 
-from ddp_demo.models import MODEL_NAMES
-from ddp_demo.verify import DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, case_ok, cases, check_world_size
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, case_ok, cases, run_cases
 
 WORLD_SIZES = (1, 2, 3, 4)
 
@@ -21,7 +21,7 @@ WORLD_SIZES = (1, 2, 3, 4)
 @functools.cache
 def rows_for(world_size: int) -> dict[tuple, list[dict]]:
     by_case: dict[tuple, list[dict]] = {}
-    for row in check_world_size(world_size, cases(), timeout=240):
+    for row in run_cases(world_size, cases(), timeout=240):
         by_case.setdefault(row["case"], []).append(row)
     return by_case
 

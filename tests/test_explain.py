@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import torchrun
+from .helpers import torchrun
 
 
 def test_explain_two_ranks(tmp_path):

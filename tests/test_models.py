@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from ddp_demo import models
-from ddp_demo.models import MLP, CNNClassifier, MultiplyByTwo, SimpleCNN
+from ddp_demo.core import models
+from ddp_demo.core.models import MLP, CNNClassifier, MultiplyByTwo, SimpleCNN
 
 
 def test_mlp_output_shape():

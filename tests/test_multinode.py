@@ -4,16 +4,14 @@ started by ``launch/multinode.sh``, train the model one process trains (float64,
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from .conftest import train
+from .helpers import free_port, load, max_diff, train
 from .nodes import MULTINODE, Host, node_env, run_nodes, two_hosts
-from .test_train import load, max_diff
 
 FLAGS = ["--dtype", "float64", "--steps", "6", "--global-batch-size", "16", "--seed", "5", "--model", "mlp"]
 
@@ -26,11 +24,6 @@ def single(tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load(d / "final.pt")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_local_nodes(out, *extra: str) -> tuple[list[list[str]], list[dict[str, str]]]:

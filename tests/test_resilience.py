@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_demo import checkpoint
+from ddp_demo.resilience import checkpoint
 
-from .conftest import PYTHON, TORCHRUN, run_cmd
+from .helpers import PYTHON, TORCHRUN, free_port, max_diff, run_cmd
 
 STEPS = 12
 BASE = ["--model", "mlp", "--dtype", "float64", "--global-batch-size", "16", "--checkpoint-every", "2",
@@ -43,10 +42,6 @@ def same_bits(a: Path, b: Path) -> bool:
     x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
-
-def max_diff(a: Path, b: Path) -> float:
-    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -219,19 +214,13 @@ def test_sigterm_to_the_launcher_stops_cleanly_and_a_rerun_resumes(data, tmp_pat
     assert rerun.returncode == 0 and f"step {step}," in rerun.stdout, rerun.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("kind", ["kill", "hang"])
 def test_survivor_exits_within_timeout_when_a_peer_is_lost(data, tmp_path, kind):
     """No launcher to clean up: rank 0 alone must notice and exit, naming the cause."""
     timeout = 5
     flags = job(data, tmp_path / "out", None, "--timeout", str(timeout), "--inject-fault", f"{kind}:1:3",
                 steps=10**6)
-    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, "-m", "ddp_demo.train", *flags], cwd=tmp_path,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]

@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from .conftest import torchrun, train
+from .helpers import load, max_diff, torchrun, train
 
 FLAGS = ["--dtype", "float64", "--steps", "40", "--global-batch-size", "16", "--seed", "3"]
 
 
-def load(path):
-    return torch.load(path, weights_only=True)
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")

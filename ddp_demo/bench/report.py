@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 
-from .bench_timing import MB
+from ddp_demo.bench.timing import MB
 
 # (key in summary["targets"], what it is, threshold, True if lower is better)
 TARGETS = [
@@ -268,8 +268,5 @@ def launchers_section(lr: dict | None) -> str:
 
 
 def write(results: dict, out) -> None:
-    """results.md and bench.png under ``out``."""
-    from .bench_plot import plot  # matplotlib is imported only here
-
+    """results.md under ``out`` (``bench.plot`` draws bench.png beside it)."""
     (out / "results.md").write_text(markdown(results))
-    plot(results, out / "bench.png")

@@ -12,8 +12,8 @@ Measures, on this machine (CPU + gloo, or CUDA + nccl where GPUs exist):
 4. wrapper overhead: DDP at N = 1 vs the bare module, accelerate vs torchrun on one job;
 
 and writes ``results.json``, ``results.md`` and ``bench.png`` under ``--out``. One
-process group per world size does all of that size's work (``bench_ranks``); the
-launcher comparison runs the real commands (``bench_launchers``). The full run takes
+process group per world size does all of that size's work (``bench.ranks``); the
+launcher comparison runs the real commands (``bench.launchers``). The full run takes
 a few minutes on a 2-core machine; ``--quick`` checks the whole pipeline in seconds
 on tiny models, and its numbers mean nothing.
 """
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import bench_launchers, bench_report
-from .bench_ranks import STOCK, TUNED, suite_on_rank
-from .bench_timing import Reps, Variant, Workload
-from .spawn import run_on_ranks
+from ddp_demo.bench import launchers, report
+from ddp_demo.bench.ranks import STOCK, TUNED, suite_on_rank
+from ddp_demo.bench.timing import Reps, Variant, Workload
+from ddp_demo.proof.spawn import run_on_ranks
 
 VARIANTS = [
     Variant("raw all-reduce", flat_all_reduce=True),  # the floor for a sync not overlapped with backward
@@ -55,7 +55,7 @@ VARIANTS = [
 
 
 @dataclass(frozen=True)
-class Plan:
+class BenchPlan:
     """Everything one run measures; ``--quick`` shrinks every size, never the pipeline."""
 
     world_sizes: tuple[int, ...]
@@ -65,20 +65,20 @@ class Plan:
     reps: Reps
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
     launches: int  # launches per launcher, alternated
-    keep_freed_memory: bool = False  # diagnosis: glibc keeps freed memory (bench_timing.keep_freed_memory)
+    keep_freed_memory: bool = False  # diagnosis: glibc keeps freed memory (bench.timing.keep_freed_memory)
     variants: list[Variant] = field(default_factory=lambda: VARIANTS)
 
 
-def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> Plan:
+def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> BenchPlan:
     if quick:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
-        return Plan((2,), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
+        return BenchPlan((2,), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
                     launcher_steps=12, launches=int(launchers), keep_freed_memory=keep_freed_memory)
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
     # parameters = 12.6 MB of float32 gradients to all-reduce every step.
     mlp = Workload("mlp", "mlp", 32, 6)
-    return Plan((2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
+    return BenchPlan((2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
                 launcher_steps=220, launches=3 * int(launchers), keep_freed_memory=keep_freed_memory)
@@ -164,13 +164,13 @@ class ProgressBar:
         self.bar.close()
 
 
-def units(plan: Plan) -> int:
+def units(plan: BenchPlan) -> int:
     """How many progress labels the run will produce."""
     per_n = len(plan.workloads)
     return per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + 2 * plan.launches
 
 
-def measure(plan: Plan, device: str, timeout: float, bar: ProgressBar) -> dict:
+def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> dict:
     """One process group per world size; N = 2 also measures bandwidth and the knobs."""
     results: dict = {"weak_scaling": {}}
     for n in plan.world_sizes:
@@ -227,17 +227,20 @@ def main(argv: list[str] | None = None) -> int:
         results |= measure(plan, device, args.timeout, bar)
         if plan.launches:
             bar.bar.set_description("launchers")
-            results["launchers"] = bench_launchers.compare(plan.launcher_steps, plan.launches, device, bar,
+            results["launchers"] = launchers.compare(plan.launcher_steps, plan.launches, device, bar,
                                                            keep_freed_memory=plan.keep_freed_memory)
     finally:
         bar.close()
     results["machine"]["load_average_after"] = list(os.getloadavg())
     results["machine"]["cpu_share_used_by_others"] = others.share()
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
-    results["summary"] = bench_report.summarize(results)
+    results["summary"] = report.summarize(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    bench_report.write(results, out)
-    print(bench_report.headline(results))
+    report.write(results, out)
+    from ddp_demo.bench.plot import plot  # matplotlib is imported only here
+
+    plot(results, out / "bench.png")
+    print(report.headline(results))
     print(f"wrote {out}/results.json, results.md, bench.png in {results['wall_time_s']:.0f} s")
     return 0
 

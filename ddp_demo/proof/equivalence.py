@@ -15,12 +15,12 @@ from collections.abc import Iterator
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .accumulate import GradSync, accumulate_gradients, ddp_grad_sync
-from .config import TrainConfig
-from .data import builtin_task
-from .dist import DistContext
-from .models import build_model
-from .training import DTYPES, loss_function, make_optimizer
+from ddp_demo.core.accumulate import GradSync, accumulate_gradients, ddp_grad_sync
+from ddp_demo.core.config import DTYPES, TrainConfig
+from ddp_demo.core.data import builtin_task
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.loop import loss_function, make_optimizer
+from ddp_demo.core.models import build_model
 
 SEED = 1234
 GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4

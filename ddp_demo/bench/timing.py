@@ -1,7 +1,7 @@
 """How the benchmark measures: the jobs, the step variants, the clock and peak memory.
 
-``ddp_demo.bench_ranks`` runs these inside each worker process; ``ddp_demo.bench``
-decides what runs where; ``ddp_demo.bench_report`` writes the results up.
+``bench.ranks`` runs these inside each worker process; ``bench.run`` decides what runs
+where; ``bench.report`` writes the results up and ``bench.plot`` draws them.
 
 Every time is measured the same way:
 
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .data import builtin_task
-from .dist import DistContext
-from .models import build_model
+from ddp_demo.core.data import builtin_task
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.models import build_model
 
 MB = 1_000_000  # decimal units throughout: MB and GB/s
 

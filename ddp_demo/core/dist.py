@@ -31,10 +31,6 @@ class LaunchEnv:
     agent_store: bool = False  # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE)
     attempt_prefix: bool = True  # DDP_DEMO_SHARED_STORE=1 turns the restart fix off (to show the bug)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 @dataclass(frozen=True)
 class DistContext:
@@ -81,7 +77,7 @@ def attempt_store(env: LaunchEnv, timeout_s: float) -> dist.Store:
     new workers would find the dead workers' keys (gloo's peer addresses) under the same
     names and may connect to them, failing or hanging (the issue that asked for this
     measured 4 restarts in 10). A per-attempt prefix gives every attempt a clean
-    namespace; ``launch/soak_restart.sh`` measures both ways (README, "Checkpoints").
+    namespace; ``launch/soak_restart.sh`` measures both ways (docs/resilience.md).
     """
     store = dist.TCPStore(
         env.master_addr,

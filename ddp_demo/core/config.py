@@ -11,10 +11,13 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .models import MODEL_NAMES
+import torch
+
+from ddp_demo.core.models import MODEL_NAMES
 
 OPTIMIZERS = ("sgd", "adam")
-DTYPES = ("float32", "float64")
+# The one dtype table: the --dtype name and the torch dtype it means.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -38,7 +41,7 @@ class TrainConfig:
     lr: float = _opt(0.05, "learning rate")
     optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
     seed: int = _opt(0, "seeds the model init, the built-in data and the sampler order")
-    dtype: str = _opt("float32", "parameter and data dtype", DTYPES)
+    dtype: str = _opt("float32", "parameter and data dtype", tuple(DTYPES))
     data: str | None = _opt(None, "a .pt file holding a tuple (x, y) to train on instead of built-in data", type_=str)
     out: str = _opt("runs/latest", "directory for final.pt, metrics.jsonl and summary.json")
     device: str = _opt("auto", "cuda:LOCAL_RANK when CUDA is available, else cpu", DEVICES)
@@ -80,7 +83,7 @@ class TrainConfig:
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be a positive number of seconds (got {self.timeout})")
 
-    def check_world_size(self, world_size: int) -> None:
+    def check_batch_split(self, world_size: int) -> None:
         """The global batch is split evenly: each rank gets ``B / N`` samples per step, in
         ``K`` equal micro-batches of ``B / (N * K)`` (equal, so that the mean of the
         micro-batch means is the mean over the rank's batch)."""
@@ -105,6 +108,10 @@ class TrainConfig:
                 f"--inject-fault {self.inject_fault!r} is not KIND:RANK:STEP; use e.g. --inject-fault kill:1:7"
             )
         return parts[0], int(parts[1]), int(parts[2])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

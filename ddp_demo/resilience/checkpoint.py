@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .outputs import atomic_write
+from ddp_demo.core.config import ConfigError
+from ddp_demo.core.outputs import atomic_write
 
 NAME = re.compile(r"^step-(\d{6,})\.pt$")
 # Settings a checkpoint must share with the run that resumes it; others (steps, lr, out,

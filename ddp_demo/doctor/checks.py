@@ -1,24 +1,11 @@
-"""Launch doctor: find the multi-node traps before torchrun hangs on them.
-
-    python -m ddp_demo.doctor [--device cuda] [--world-size N]   # on every node, before the launch
-    torchrun ... -m ddp_demo.train --preflight                    # the same checks in every worker
-
-It reads the launch configuration the way ``launch/multinode.sh`` does: ``NNODES``,
-``NPROC_PER_NODE``, ``NODE_RANK``, ``RDZV_HOST``, ``RDZV_PORT``, ``LOCAL_ADDR``,
-``GLOO_SOCKET_IFNAME``, ``MASTER_ADDR``, ``MASTER_PORT``. Each check prints a verdict
-and, when it fails, the fix. Exit 0 when every check passes, 1 otherwise, 2 on bad input.
-
-It imports torch only to look for GPUs when CUDA is asked for, so it answers in a blink.
-"""
+"""The launch doctor's checks: each returns a verdict and, when it fails, the fix."""
 
 from __future__ import annotations
 
-import argparse
 import errno
 import ipaddress
 import os
 import socket
-import sys
 from dataclasses import dataclass
 
 CONNECT_TIMEOUT_S = 5.0
@@ -30,7 +17,7 @@ class LaunchProblem(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Plan:
+class LaunchPlan:
     """How this node is about to launch, or (``launched``) how its workers were launched."""
 
     nnodes: int | None = None
@@ -74,10 +61,10 @@ def _int(environ: dict[str, str], name: str) -> int | None:
     return int(value)
 
 
-def plan_from_env(environ: dict[str, str], **given) -> Plan:
+def plan_from_env(environ: dict[str, str], **given) -> LaunchPlan:
     """The launch scripts' variables (empty counts as unset); ``given`` adds what flags know."""
     text = {k: environ.get(k, "").strip() or None for k in ("RDZV_HOST", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME")}
-    return Plan(
+    return LaunchPlan(
         nnodes=_int(environ, "NNODES") or (2 if text["RDZV_HOST"] else None),  # launch/multinode.sh's default
         nproc_per_node=_int(environ, "NPROC_PER_NODE"),
         node_rank=_int(environ, "NODE_RANK"),
@@ -116,7 +103,7 @@ def _own_address(addr: str) -> str | None:
     return None
 
 
-def check_cuda(plan: Plan) -> Check:
+def check_cuda(plan: LaunchPlan) -> Check:
     if plan.device != "cuda" and plan.backend != "nccl":
         return Check("cuda", True, f"not requested (device {plan.device}, backend {plan.backend})")
     import torch  # only here: every other check works without torch
@@ -132,7 +119,7 @@ def check_cuda(plan: Plan) -> Check:
     return Check("cuda", True, f"{gpus} GPU(s) visible")
 
 
-def check_world_size(plan: Plan) -> Check:
+def check_world_size(plan: LaunchPlan) -> Check:
     if plan.world_size is None or (plan.nnodes is None and plan.nproc_per_node is None):
         return Check("world size", True, "no expected world size to compare with")
     nnodes, nproc = plan.nnodes or 1, plan.nproc_per_node or 1
@@ -144,7 +131,7 @@ def check_world_size(plan: Plan) -> Check:
                  f"= {nnodes * nproc}", "start exactly NNODES nodes, every one with the same NPROC_PER_NODE")
 
 
-def check_hostname(plan: Plan) -> Check:
+def check_hostname(plan: LaunchPlan) -> Check:
     """The 127.0.1.1 trap (Debian's /etc/hosts): torchrun advertises the address the hostname
     resolves to, and gloo binds to it, unless --local-addr and GLOO_SOCKET_IFNAME say otherwise."""
     name = socket.gethostname()
@@ -166,7 +153,7 @@ def check_hostname(plan: Plan) -> Check:
                  f"(see `ip -br addr`), or map {name!r} to this node's address in /etc/hosts")
 
 
-def check_local_addr(plan: Plan) -> Check:
+def check_local_addr(plan: LaunchPlan) -> Check:
     if not plan.local_addr:
         return Check("LOCAL_ADDR", True, "unset: torchrun advertises the address the hostname resolves to")
     error = _own_address(plan.local_addr)
@@ -176,7 +163,7 @@ def check_local_addr(plan: Plan) -> Check:
     return Check("LOCAL_ADDR", True, f"{plan.local_addr} is an address of this machine")
 
 
-def check_ifname(plan: Plan) -> Check:
+def check_ifname(plan: LaunchPlan) -> Check:
     if not plan.gloo_ifname:
         return Check("GLOO_SOCKET_IFNAME", True, "unset: gloo uses the address the hostname resolves to")
     # gloo accepts a comma-separated list of interfaces (torch.distributed docs, "Common environment variables")
@@ -232,7 +219,7 @@ def check_endpoint(name: str, host: str, port: int, hosting: bool, store_up: boo
     return _reachable(name, target, addr, port, store_up)
 
 
-def run_checks(plan: Plan) -> list[Check]:
+def run_checks(plan: LaunchPlan) -> list[Check]:
     found = [check_cuda(plan), check_world_size(plan), check_hostname(plan), check_local_addr(plan),
              check_ifname(plan)]
     if plan.rdzv_host and not plan.launched:  # once launched, rendezvous is over and its port is taken
@@ -255,36 +242,3 @@ def preflight(launched: bool, world_size: int, device: str, backend: str) -> int
         if not check.ok:
             raise LaunchProblem(f"preflight: {check.name}: {check.verdict}; fix: {check.fix}")
     return len(found)
-
-
-def report(plan: Plan, found: list[Check]) -> str:
-    where = f"node {plan.node_rank if plan.node_rank is not None else '?'} of {plan.nnodes or 1}"
-    lines = [f"ddp_demo doctor: {where}, {plan.nproc_per_node or 1} process(es) per node, host {socket.gethostname()}"]
-    for c in found:
-        lines.append(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name:<18} {c.verdict}")
-        if not c.ok:
-            lines.append(f"        {'':<18} fix: {c.fix}")
-    failed = sum(not c.ok for c in found)
-    lines.append(f"{len(found) - failed} of {len(found)} checks passed" + (f"; {failed} failed" if failed else ""))
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddp_demo.doctor", description="Check a (multi-node) launch before it.")
-    parser.add_argument("--device", default="auto", help="the device the trainer will use (auto|cpu|cuda)")
-    parser.add_argument("--backend", default="auto", help="the process-group backend (auto|gloo|nccl)")
-    parser.add_argument("--world-size", type=int, help="the world size the job must have")
-    # The trainer's other flags are accepted and ignored, so a launch script can hand both the same ones.
-    args, _ = parser.parse_known_args(argv)
-    try:
-        plan = plan_from_env(dict(os.environ), device=args.device, backend=args.backend, world_size=args.world_size)
-    except ValueError as e:
-        print(f"ddp_demo.doctor: error: {e}", file=sys.stderr)
-        return 2
-    found = run_checks(plan)
-    print(report(plan, found), flush=True)
-    return 0 if all(c.ok for c in found) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

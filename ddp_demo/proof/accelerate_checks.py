@@ -1,6 +1,6 @@
 """The equivalence checks, run inside ``accelerate launch`` instead of the spawn helper.
 
-    ENTRY=ddp_demo.accelerate_checks NPROC=2 launch/accelerate_cpu.sh --out DIR
+    ENTRY=ddp_demo.proof.accelerate_checks NPROC=2 launch/accelerate_cpu.sh --out DIR
 
 Every rank builds the same cases as ``equivalence.py`` but lets Accelerate wrap the
 Module (``Accelerator.prepare``) and run backward (``accelerator.backward``,
@@ -12,7 +12,7 @@ Module (``Accelerator.prepare``) and run backward (``accelerator.backward``,
 - ``accum``: ``{("accum", model, dtype, K): [.grad after each micro-batch]}``.
 
 ``tests/test_accelerate.py`` compares them with one process on the whole batch
-(``equivalence.reference_grads``), with the tolerances and controls of ``verify.py``.
+(``equivalence.reference_grads``), with the tolerances and controls of ``proof/cases.py``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import torch
 from accelerate import Accelerator
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .accumulate import accumulate_gradients
-from .config import TrainConfig
-from .dist import DistContext, launch_env, teardown
-from .equivalence import case_setup, grads_of, recording, shard
-from .models import MODEL_NAMES
-from .outputs import atomic_write
-from .train_accelerate import AccelerateLauncher, accelerate_grad_sync
-from .verify import DTYPE_NAMES, accum_cases
+from ddp_demo.core.accumulate import accumulate_gradients
+from ddp_demo.core.config import TrainConfig
+from ddp_demo.core.dist import DistContext, launch_env, teardown
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.outputs import atomic_write
+from ddp_demo.proof.cases import DTYPE_NAMES, accum_cases
+from ddp_demo.proof.equivalence import case_setup, grads_of, recording, shard
+from ddp_demo.train_accelerate import AccelerateLauncher, accelerate_grad_sync
 
 
 def grads_case(accelerator: Accelerator, ctx: DistContext, model_name: str, dtype: str) -> dict:
@@ -68,7 +68,7 @@ def run_checks(accelerator: Accelerator, ctx: DistContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddp_demo.accelerate_checks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ddp_demo.proof.accelerate_checks", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for rank{R}.pt")
     args = parser.parse_args(argv)
     launcher = AccelerateLauncher()

@@ -1,21 +1,23 @@
-"""What keeps a run from losing work: resume, periodic checkpoints, stop signals, faults.
+"""Resume: which checkpoint a run continues from, what goes into one, and when it is written.
 
-The trainer wires these around the shared loop; none of them touch the model's math.
+A run is resumable when a checkpoint holds everything the rest of the run depends on:
+the weights, the optimizer's state (momentum, Adam's moments), the RNG state, the step
+(which fixes the epoch and the position in it, see ``core.loop.epoch_batches``) and the
+losses logged so far. ``restore`` puts all of it back; ``Checkpointer`` saves it on
+schedule from global rank 0 while the other ranks wait.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, log
-from .config import ConfigError, TrainConfig
-from .dist import DistContext
+from ddp_demo.core import log
+from ddp_demo.core.config import ConfigError, TrainConfig
+from ddp_demo.core.dist import DistContext
+from ddp_demo.resilience import checkpoint
 
 
 def resolve_resume(cfg: TrainConfig, rank: int) -> checkpoint.Found | None:
@@ -50,17 +52,15 @@ def resolve_resume(cfg: TrainConfig, rank: int) -> checkpoint.Found | None:
 
 
 class Checkpointer:
-    """``after_step`` for the loop: inject a requested fault, then save on schedule."""
+    """Saves on schedule: every ``--checkpoint-every`` steps and at the last step."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, restart_count: int, state_fn):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, state_fn, last_saved: int = 0):
         self.cfg, self.ctx, self.state_fn = cfg, ctx, state_fn
-        self.fault = cfg.fault() if restart_count == 0 else None  # faults strike the first attempt only
-        self.last_saved = 0
+        self.last_saved = last_saved  # a resumed run need not rewrite the checkpoint it came from
         self._latest = (0, 0, [])  # (step, epoch, logs) of the last applied step
 
     def __call__(self, step: int, epoch: int, logs: list) -> None:
         self._latest = (step, epoch, logs)
-        self._maybe_fault(step)
         if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
             self.save_latest()
 
@@ -75,68 +75,33 @@ class Checkpointer:
             dist.barrier()
         self.last_saved = step
 
-    def _maybe_fault(self, step: int) -> None:
-        if self.fault and self.fault[1] == self.ctx.rank and self.fault[2] == step:
-            kind = self.fault[0]
-            log.each(self.ctx.rank, f"injecting fault {kind} at step {step}", True)
-            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
 
-
-class StopSignals:
-    """SIGTERM/SIGINT set a flag; the loop agrees on it across ranks at the next step.
-
-    Raising from the handler instead could leave one rank inside a collective its peers
-    never enter. A second signal falls back to the default behaviour (stop now).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        self.restore()
-
-    def restore(self) -> None:
-        """Put back the handlers that were there before (the run is over, or stopping)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __call__(self) -> bool:
-        return self.received is not None
-
-    def exit_code(self) -> int:
-        return 128 + (self.received or signal.SIGTERM)
-
-
-def is_peer_failure(e: BaseException) -> bool:
-    """Errors that mean another rank died, hung or became unreachable mid-collective."""
-    if isinstance(e, getattr(dist, "DistError", ())):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(
-        marker in text for marker in ("Connection closed by peer", "Connection reset", "Timed out", "timed out",
-                                      "Broken pipe")
-    )
-
-
-def checkpoint_state(model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: DistContext, loader_len: int,
-                     logs: list, step: int, epoch: int) -> dict:
+def checkpoint_state(model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: DistContext, logs: list,
+                     step: int, epoch: int) -> dict:
     """Everything an exact resume needs, in plain tensors and containers (weights_only-safe)."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "step": step,
         "epoch": epoch,
-        "position_in_epoch": step - epoch * loader_len,
         "rng": checkpoint.rng_state(),
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
         "logs": [entry.to_dict() for entry in logs],
     }
+
+
+def restore(found: checkpoint.Found | None, model, optimizer, ctx: DistContext) -> tuple[int, list[dict]]:
+    """Load a checkpoint into the unwrapped model and the optimizer; return (step, logged steps)."""
+    if found is None:
+        return 0, []
+    state = found.state
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    checkpoint.set_rng_state(state["rng"])
+    log.info(ctx.rank, f"resuming from {found.path}: step {state['step']}, epoch {state['epoch']}, "
+                       f"saved by {state['world_size']} process(es)")
+    if state["world_size"] != ctx.world_size:
+        log.info(ctx.rank, f"world size {state['world_size']} -> {ctx.world_size}: the global batch and data order "
+                           "are kept; results match within float rounding, not bit for bit")
+    return state["step"], state["logs"]

@@ -1,11 +1,11 @@
 """The smallest job that shows the gloo exit abort, with and without ddp_demo's teardown.
 
-    torchrun --standalone --nproc_per_node=2 -m ddp_demo.exit_probe [--no-teardown]
+    torchrun --standalone --nproc_per_node=2 -m ddp_demo.proof.exit_probe [--no-teardown]
 
 Three DDP forward/backward steps on a Linear layer, then exit. ``--no-teardown`` leaves
 the process group to interpreter shutdown, as most scripts do; on torch 2.13 / 2.14
 that aborts some launches with "terminate called without an active exception"
-(see ``dist.teardown``). ``launch/soak_exit.sh`` runs it many times and counts.
+(see ``core/dist.py``, ``teardown``). ``launch/soak_exit.sh`` runs it many times and counts.
 """
 
 import argparse
@@ -14,7 +14,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .dist import launch_env, setup, teardown
+from ddp_demo.core.dist import launch_env, setup, teardown
 
 
 def steps() -> None:
@@ -24,7 +24,7 @@ def steps() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddp_demo.exit_probe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ddp_demo.proof.exit_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--no-teardown", action="store_true", help="skip ddp_demo's teardown (shows the abort)")
     args = parser.parse_args(argv)
     setup(launch_env(), device="cpu", backend="gloo")

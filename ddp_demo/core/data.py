@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from .config import ConfigError
-from .dist import DistContext, all_reduce_sum
+from ddp_demo.core.config import ConfigError
+from ddp_demo.core.dist import DistContext, all_reduce_sum
 
 N_TRAIN, N_HELDOUT = 4096, 1024
 
@@ -131,10 +131,6 @@ def rank_loader(dataset: TensorDataset, ctx: DistContext, global_batch: int, see
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
     )
     return DataLoader(dataset, batch_size=global_batch // ctx.world_size, sampler=sampler, drop_last=True)
-
-
-def steps_per_epoch(dataset: TensorDataset, global_batch: int) -> int:
-    return len(dataset) // global_batch
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from ddp_demo.core.config import ConfigError
 
 
 def check_out_dir(path: str, flag: str = "--out") -> None:

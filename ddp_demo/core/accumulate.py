@@ -55,7 +55,7 @@ def accumulate_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     """Forward and backward over ``k`` equal micro-batches of ``(x, y)``; ``.grad`` then holds
     the step's gradient. Returns the mean loss over this rank's samples (detached)."""
     losses = []
-    # config.check_world_size made the rank's batch divide by k: the pieces are equal.
+    # TrainConfig.check_batch_split made the rank's batch divide by k: the pieces are equal.
     for i, (xm, ym) in enumerate(zip(x.tensor_split(k), y.tensor_split(k), strict=True), start=1):
         with sync.context(i == k):
             loss = loss_fn(model(xm), ym)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .bench_timing import (
+from ddp_demo.bench.timing import (
     MB,
     Reps,
     Step,
@@ -32,7 +32,7 @@ from .bench_timing import (
     slowest_rank,
     warm_up,
 )
-from .dist import DistContext
+from ddp_demo.core.dist import DistContext
 
 BARE = Variant("bare")  # the module alone: no wrapper, no sync
 STOCK = Variant("DDP", ddp={})  # what ddp_demo.train wraps with: DistributedDataParallel(model)

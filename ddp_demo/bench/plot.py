@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .bench_report import params, size_label  # noqa: E402
+from ddp_demo.bench.report import params, size_label  # noqa: E402
 
 
 def plot(results: dict, path) -> None:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_timing import GIB
+from ddp_demo.bench.timing import GIB
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ["--model", "cnn", "--global-batch-size", "64"]
@@ -58,7 +58,7 @@ def launch(cmd: list[str], steps: int, out: Path, timeout: float, keep_freed_mem
     """Run one job to completion; returns the whole command's wall time."""
     env = {**os.environ, "PYTHON": sys.executable, "NPROC": "2", "NPROC_PER_NODE": "2",
            "OMP_NUM_THREADS": "1"}  # one thread per rank, the same for both launchers
-    if keep_freed_memory:  # what bench_timing.keep_freed_memory does, through glibc's environment variables
+    if keep_freed_memory:  # what bench.timing.keep_freed_memory does, through glibc's environment variables
         env |= {"MALLOC_MMAP_THRESHOLD_": str(GIB), "MALLOC_TRIM_THRESHOLD_": str(GIB)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)

@@ -2,7 +2,7 @@
 
 Nothing here knows how processes were started: the caller passes a model that is
 already wrapped (``DistributedDataParallel`` for torchrun) and, if needed, its own
-:class:`~ddp_demo.accumulate.GradSync` (how a micro-batch syncs its gradients). The
+:class:`~ddp_demo.core.accumulate.GradSync` (how a micro-batch syncs its gradients). The
 loop is the same single-process loop people already know.
 """
 
@@ -19,12 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .accumulate import GradSync, accumulate_gradients, ddp_grad_sync
-from .config import TrainConfig
-from .data import Task
-from .dist import DistContext
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from ddp_demo.core.accumulate import GradSync, accumulate_gradients, ddp_grad_sync
+from ddp_demo.core.config import TrainConfig
+from ddp_demo.core.data import Task
+from ddp_demo.core.dist import DistContext
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:

@@ -2,7 +2,7 @@
 
 This file imports nothing from PyTorch's distributed package: a Module owns its parameters
 and describes the math; it does not know how many processes train it. Data
-parallelism wraps it from outside (see ``train.py``).
+parallelism wraps it from outside (see ``ddp_demo/train.py``, ``ddp_wrap``).
 """
 
 from __future__ import annotations
