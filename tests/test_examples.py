@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import PYTHON, TORCHRUN, run_cmd
+from .helpers import PYTHON, TORCHRUN, run_cmd
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SINGLE, DDP = EXAMPLES / "single_process.py", EXAMPLES / "ddp.py"
