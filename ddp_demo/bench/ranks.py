@@ -32,6 +32,7 @@ from ddp_demo.bench.timing import (
     slowest_rank,
     warm_up,
 )
+from ddp_demo.bench.trainer import trainer_on_rank
 from ddp_demo.core.dist import DistContext
 
 BARE = Variant("bare")  # the module alone: no wrapper, no sync
@@ -41,7 +42,7 @@ TUNED = Variant("DDP tuned", ddp={"bucket_cap_mb": 100, "gradient_as_bucket_view
 
 def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     """Run the pieces named in ``tasks`` at this world size: ``weak`` (always),
-    ``busbw`` and ``knobs`` (at N = 2)."""
+    ``busbw``, ``knobs`` and ``trainer`` (at N = 2)."""
     out = {"malloc_keeps_freed_memory": tasks.get("keep_freed_memory", False) and keep_freed_memory()}
     solo_group = dist.new_group([0])  # every rank must take part in creating a group, even one it is not in
     out["weak_scaling"] = weak_scaling_on_rank(ctx, tasks["weak"], r, queue, solo_group)
@@ -50,6 +51,8 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     if "knobs" in tasks:
         workload, variants = tasks["knobs"]
         out["knobs"] = knobs_on_rank(ctx, workload, variants, r, queue)
+    if "trainer" in tasks:
+        out["trainer"] = trainer_on_rank(ctx, *tasks["trainer"], r, queue)
     out["threads"] = torch.get_num_threads()
     return out
 

@@ -65,7 +65,9 @@ class BenchPlan:
     reps: Reps
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
     launches: int  # launches per launcher, alternated
+    trainer_steps: int  # steps per epoch (= per repetition) of the trainer vs bare-loop comparison, at N = 2
     keep_freed_memory: bool = False  # diagnosis: glibc keeps freed memory (bench.timing.keep_freed_memory)
+    trainer_models: tuple[str, ...] = ("mlp", "cnn")
     variants: list[Variant] = field(default_factory=lambda: VARIANTS)
 
 
@@ -73,7 +75,7 @@ def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> 
     if quick:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
         return BenchPlan((2,), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
-                    launcher_steps=12, launches=int(launchers), keep_freed_memory=keep_freed_memory)
+                    launcher_steps=12, launches=int(launchers), trainer_steps=4, keep_freed_memory=keep_freed_memory)
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
     # parameters = 12.6 MB of float32 gradients to all-reduce every step.
@@ -81,7 +83,8 @@ def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> 
     return BenchPlan((2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
-                launcher_steps=220, launches=3 * int(launchers), keep_freed_memory=keep_freed_memory)
+                launcher_steps=220, launches=3 * int(launchers), trainer_steps=64,  # 64: the trainer's epoch
+                keep_freed_memory=keep_freed_memory)
 
 
 def cores() -> int:
@@ -167,7 +170,8 @@ class ProgressBar:
 def units(plan: BenchPlan) -> int:
     """How many progress labels the run will produce."""
     per_n = len(plan.workloads)
-    return per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + 2 * plan.launches
+    return (per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + len(plan.trainer_models)
+            + 2 * plan.launches)
 
 
 def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> dict:
@@ -176,7 +180,8 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
     for n in plan.world_sizes:
         tasks: dict = {"weak": plan.workloads, "keep_freed_memory": plan.keep_freed_memory}
         if n == 2:
-            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants)}
+            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants),
+                      "trainer": (list(plan.trainer_models), plan.trainer_steps)}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
         per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
@@ -184,6 +189,7 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
         if n == 2:
             results["busbw"] = per_rank[0]["busbw"]
             results["knobs"] = merge_memory(per_rank)
+            results["trainer"] = per_rank[0]["trainer"]  # times are already the slowest rank's
     return results
 
 

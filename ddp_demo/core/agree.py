@@ -33,13 +33,15 @@ from ddp_demo.core.dist import DistContext
 class Agreement:
     """Collects this rank's loss and stop flag; hands back the pair all ranks agree on."""
 
-    def __init__(self, model: torch.nn.Module, ctx: DistContext):
+    def __init__(self, model: torch.nn.Module, ctx: DistContext, carry: bool = True):
+        """``carry=False`` agrees by an all-reduce of its own every step, as the trainer did
+        before issue 13 (the benchmark measures both; the tests count the collectives)."""
         self.world_size, self.device = ctx.world_size, ctx.device
         self.losses: list[torch.Tensor] = []  # this step's micro-batch losses (detached), before the synced backward
         self.stop = False
         self.carried: torch.Tensor | None = None  # the agreed pair, once bucket 0 has carried it this step
         self._room: dict[tuple, torch.Tensor] = {}  # bucket 0 plus two numbers, reused every step
-        if isinstance(model, DDP):  # accelerate's prepared model is torch's DDP too
+        if carry and isinstance(model, DDP):  # accelerate's prepared model is torch's DDP too
             model.register_comm_hook(model.process_group, self._hook)
 
     def begin(self, stop: bool) -> None:

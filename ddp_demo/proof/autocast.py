@@ -69,23 +69,24 @@ def autocast_cases_on_rank(ctx: DistContext, models: tuple[str, ...]) -> dict:
     return out
 
 
+def verdict(per_model: list[dict]) -> dict:
+    """One model's rows (one per rank): the largest difference over the bound, over every
+    parameter tensor and rank, for DDP (must be <= 1) and for the unsynced control (must be
+    >= CONTROL_MARGIN)."""
+    want = per_model[0]["one_process"]
+    # 1e-30: a tensor whose gradient is zero on every rank must then match exactly
+    bound = {k: BOUND_FACTOR * U_BF16 * max(max(float(r["local"][k].abs().max()) for r in per_model), 1e-30)
+             for k in want}
+
+    def worst(kind: str, scale: dict) -> float:
+        return max(float((r[kind][k] - want[k]).abs().max()) / scale[k] for r in per_model for k in want)
+
+    return {"ddp_over_bound": worst("ddp", bound), "control_over_bound": worst("local", bound),
+            "max_abs_diff": worst("ddp", dict.fromkeys(want, 1.0))}
+
+
 def verdicts(per_rank: list[dict], models: tuple[str, ...] = MODEL_NAMES) -> dict[str, dict]:
-    """Per model: the largest difference over the bound (must be <= 1) for DDP, and for the
-    unsynced control (must be >= CONTROL_MARGIN), over every parameter tensor and rank."""
-    out = {}
-    for name in models:
-        want = per_rank[0][name]["one_process"]
-        # (1e-30: a tensor whose gradient is zero on every rank must then match exactly)
-        bound = {k: BOUND_FACTOR * U_BF16 * max(max(float(r[name]["local"][k].abs().max()) for r in per_rank), 1e-30)
-                 for k in want}
-
-        def worst(kind: str) -> float:
-            return max(float((r[name][kind][k] - want[k]).abs().max()) / bound[k] for r in per_rank for k in want)
-
-        out[name] = {"ddp_over_bound": worst("ddp"), "control_over_bound": worst("local"),
-                     "max_abs_diff": max(float((r[name]["ddp"][k] - want[k]).abs().max())
-                                         for r in per_rank for k in want)}
-    return out
+    return {name: verdict([r[name] for r in per_rank]) for name in models}
 
 
 def check_autocast(world_size: int = 2, models: tuple[str, ...] = MODEL_NAMES, device: str = "cpu",
