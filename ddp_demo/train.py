@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_demo.core import log
+from ddp_demo.core import log, malloc
 from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
 from ddp_demo.core.data import Task, builtin_task, heldout_counts, load_task, rank_loader
 from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, pick_device, setup, teardown
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
     env = launch_env()
     try:
         cfg, task, found = prepare(argv, env)
+        malloc.apply(cfg.malloc)  # before the process group, the model and the data loader allocate
         ctx = launcher.start(env, cfg)
     except LaunchProblem as e:  # a node's own setup: each node's first process says it, once per node
         log.error(env.local_rank, str(e))

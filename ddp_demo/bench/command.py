@@ -26,6 +26,16 @@ from pathlib import Path
 from ddp_demo.bench.launchers import ROOT
 
 PHASES = ("launcher + imports", "set-up", "training", "final checks", "writing + exit")
+LIBS = Path("/usr/lib/x86_64-linux-gnu")  # where Debian's libjemalloc2 and libtcmalloc-minimal4 put them
+
+
+def allocators() -> dict[str, tuple[dict[str, str], list[str]]]:
+    """name -> (environment, trainer flags). jemalloc and tcmalloc only where installed."""
+    out = {"glibc default": ({}, ["--malloc", "default"]), "glibc, keep freed memory": ({}, ["--malloc", "keep"])}
+    for name, lib in (("jemalloc", "libjemalloc.so.2"), ("tcmalloc", "libtcmalloc_minimal.so.4")):
+        if (LIBS / lib).exists():
+            out[name] = ({"LD_PRELOAD": str(LIBS / lib)}, ["--malloc", "default"])
+    return out
 MARKS = ("main_started", "training_started", "training_ended", "checks_ended")
 
 
@@ -48,16 +58,17 @@ def launch_once(flags: list[str], env: dict[str, str], out: Path, timeout: float
     return phases(start, end, json.loads((out / "summary.json").read_text())["timeline"])
 
 
-def compare(jobs: dict[str, list[str]], allocators: dict[str, dict[str, str]], launches: int, bar,
+def compare(jobs: dict[str, list[str]], settings: dict[str, tuple[dict, list[str]]], launches: int, bar,
             timeout: float = 300.0) -> dict:
-    """``{job: {allocator: {phase: [seconds per launch]}}}``, launches alternated."""
-    runs = {job: {name: {p: [] for p in PHASES} for name in allocators} for job in jobs}
+    """``{job: {allocator: {phase: [seconds per launch]}}}``, the allocators alternated."""
+    runs = {job: {name: {p: [] for p in PHASES} for name in settings} for job in jobs}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(launches):
-            order = list(allocators.items())
+            order = list(settings.items())
             for job, flags in jobs.items():
-                for name, env in order if i % 2 == 0 else order[::-1]:
-                    for phase, seconds in launch_once(flags, env, Path(tmp) / f"{job}-{name}-{i}", timeout).items():
+                for name, (env, extra) in order if i % 2 == 0 else order[::-1]:
+                    out = Path(tmp) / f"{job}-{i}-{len(runs[job][name]['training'])}-{name.split()[0]}"
+                    for phase, seconds in launch_once([*flags, *extra], env, out, timeout).items():
                         runs[job][name][phase].append(seconds)
                     bar.step(f"{job}, {name}, launch {i + 1}")
-    return {"jobs": jobs, "allocators": allocators, "runs": runs}
+    return {"jobs": jobs, "allocators": settings, "runs": runs}

@@ -23,7 +23,6 @@ from ddp_demo.bench.timing import (
     build_workload,
     ddp_buckets_mb,
     interleaved,
-    keep_freed_memory,
     minor_faults_per_call,
     param_count,
     peak_rss_mb,
@@ -33,6 +32,7 @@ from ddp_demo.bench.timing import (
     warm_up,
 )
 from ddp_demo.bench.trainer import trainer_on_rank
+from ddp_demo.core import malloc
 from ddp_demo.core.dist import DistContext
 
 BARE = Variant("bare")  # the module alone: no wrapper, no sync
@@ -43,7 +43,7 @@ TUNED = Variant("DDP tuned", ddp={"bucket_cap_mb": 100, "gradient_as_bucket_view
 def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     """Run the pieces named in ``tasks`` at this world size: ``weak`` (always),
     ``busbw``, ``knobs`` and ``trainer`` (at N = 2)."""
-    out = {"malloc_keeps_freed_memory": tasks.get("keep_freed_memory", False) and keep_freed_memory()}
+    out = {"malloc_keeps_freed_memory": malloc.apply(tasks.get("malloc", "keep"))}
     solo_group = dist.new_group([0])  # every rank must take part in creating a group, even one it is not in
     out["weak_scaling"] = weak_scaling_on_rank(ctx, tasks["weak"], r, queue, solo_group)
     if "busbw" in tasks:

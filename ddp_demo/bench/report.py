@@ -143,7 +143,7 @@ def machine_line(results: dict) -> str:
     load = "/".join(f"{x:.2f}" for x in m["load_average_before"][:1] + m["load_average_after"][:1])
     others = m.get("cpu_share_used_by_others")
     load += "" if others is None else f"; other processes used {others:.1%} of the machine's CPU during the run"
-    allocator = ("glibc, keeping freed memory (--keep-freed-memory)" if results.get("malloc_keeps_freed_memory")
+    allocator = ("glibc, keeping freed memory (--malloc keep)" if results.get("malloc_keeps_freed_memory")
                  else "glibc's default")
     return (f"Measured on {where}, torch {m['torch']}, Python {m['python']}, one thread per rank, "
             f"allocator: {allocator}; "

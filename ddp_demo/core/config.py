@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ddp_demo.core.malloc import MALLOC_CHOICES
 from ddp_demo.core.models import MODEL_NAMES
 
 OPTIMIZERS = ("sgd", "adam")
@@ -51,6 +52,8 @@ class TrainConfig:
     log_all_ranks: bool = _opt(False, "also log from non-zero ranks, prefixed [rank N]")
     log_every: int = _opt(1, "write the agreed loss to metrics.jsonl every K steps (on CUDA also how often the "
                           "host waits for the GPU to read it)")
+    malloc: str = _opt("keep", "keep: glibc keeps freed memory for reuse, so steps do not page-fault it back in "
+                       "(core/malloc.py); default: glibc's own thresholds", MALLOC_CHOICES)
     precision: str = _opt("fp32", "autocast the forward pass: fp32 (off), bf16 (CPU and CUDA), fp16 with a "
                           "GradScaler (CUDA only)", PRECISIONS)
     preflight: bool = _opt(False, "first run the launch doctor's checks (python -m ddp_demo.doctor); a failure exits 2")
@@ -69,7 +72,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        for name in ("model", "optimizer", "dtype", "device", "backend", "precision"):
+        for name in ("model", "optimizer", "dtype", "device", "backend", "precision", "malloc"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(

@@ -90,7 +90,8 @@ def verdicts(per_rank: list[dict], models: tuple[str, ...] = MODEL_NAMES) -> dic
 
 
 def check_autocast(world_size: int = 2, models: tuple[str, ...] = MODEL_NAMES, device: str = "cpu",
-                   timeout: float = 180) -> dict[str, dict]:
+                   timeout: float = 180, backend: str = "auto") -> dict[str, dict]:
     """Every model's verdict from one process group (start-up costs seconds, a case milliseconds)."""
-    return verdicts(run_on_ranks(autocast_cases_on_rank, world_size, (models,), timeout=timeout, device=device),
-                    models)
+    per_rank = run_on_ranks(autocast_cases_on_rank, world_size, (models,), timeout=timeout, device=device,
+                            backend=backend)
+    return verdicts(per_rank, models)
