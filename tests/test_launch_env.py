@@ -35,7 +35,7 @@ def test_no_launcher_is_one_process():
 def test_torchrun():
     assert launch_env(TORCHRUN) == LaunchEnv(rank=3, local_rank=1, world_size=4, launched=True,
                                              master_addr="10.0.0.1", master_port=29500, restart_count=2,
-                                             agent_store=True)
+                                             agent_store=True, launcher="torchrun")
 
 
 def test_torchrun_inside_an_srun_step_wins():
@@ -46,7 +46,7 @@ def test_torchrun_inside_an_srun_step_wins():
 def test_srun_task_two_nodes():
     env = launch_env(SRUN_TASK_1)
     assert env == LaunchEnv(rank=1, local_rank=0, world_size=2, launched=True, master_addr="node07",
-                            master_port=SLURM_PORT_BASE + 5678, threads=None)  # one task per node: threads alone
+                            master_port=SLURM_PORT_BASE + 5678, launcher="srun")  # threads None: one task per node
     assert SLURM_PORT_BASE == 15000  # Lightning's base: both pick the same port for the same job
 
 

@@ -12,6 +12,7 @@ must end FAILED and say why in the worker's own line.
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 
@@ -79,6 +80,7 @@ def test_job_equals_one_process(jobs, name):
     if name.startswith("torchrun"):  # the launch doctor on every node, then the same checks in the workers
         nodes = 2 if "2 nodes" in name else 1
         assert job.output.count("checks passed") - job.output.count("preflight:") == nodes, job.output
+    assert json.loads((out / "summary.json").read_text())["launcher"] == name.split(",")[0]
     diff = max_diff(load(out / "final.pt"), single)
     print(f"{name}: {job.state} in {job.wall_s:.1f} s from sbatch; max |final.pt - one process| = {diff:.3g}")
     assert diff <= TOLERANCE

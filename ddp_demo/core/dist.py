@@ -34,6 +34,7 @@ class LaunchEnv:
     agent_store: bool = False  # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE)
     attempt_prefix: bool = True  # DDP_DEMO_SHARED_STORE=1 turns the restart fix off (to show the bug)
     threads: int | None = None  # intra-op threads to set, where torchrun would have set OMP_NUM_THREADS
+    launcher: str = "python"  # who started it: python (nobody), torchrun or srun; summary.json records it
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def torchrun_env(env: dict[str, str]) -> LaunchEnv:
         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         attempt_prefix=env.get("DDP_DEMO_SHARED_STORE") != "1",
+        launcher="torchrun",
     )
 
 
@@ -119,6 +121,7 @@ def srun_env(env: dict[str, str]) -> LaunchEnv:
         # torchrun's rule (torch/distributed/run.py): OMP_NUM_THREADS=1 when it is unset and a
         # node runs several processes, so that they do not fight over the same cores.
         threads=1 if "OMP_NUM_THREADS" not in env and on_this_node > 1 else None,
+        launcher="srun",
     )
 
 
