@@ -38,6 +38,7 @@ if [ -z "${BASE_IMAGE:-}" ]; then
       "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" > "$work/debootstrap.log" || { tail "$work/debootstrap.log"; exit 1; }
     tar -C "$work/rootfs" -c . | docker import - "$BASE_IMAGE" > /dev/null
     rm -rf "$work/rootfs"
+    echo "base image $BASE_IMAGE imported after ${SECONDS} s"
   fi
 fi
 
@@ -51,7 +52,7 @@ if [ -n "${CA_BUNDLE:-}" ]; then cp "$CA_BUNDLE" "$work/context/ca-bundle.crt"; 
 index=${WHEELS:+https://pypi.org/simple}
 docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" ${index:+--build-arg TORCH_INDEX_URL="$index"} \
   -t ddp_demo:cpu "$work/context" > /dev/null
-echo "image ddp_demo:cpu: $(docker image inspect -f '{{.Size}}' ddp_demo:cpu | awk '{printf "%.2f GB", $1 / 1e9}')"
+echo "image ddp_demo:cpu: $(docker image inspect -f '{{.Size}}' ddp_demo:cpu | awk '{printf "%.2f GB", $1 / 1e9}'), built after ${SECONDS} s"
 
 # 3. The two services, with docker-compose.yml's environment, on a network of their own.
 compose=
@@ -111,4 +112,4 @@ diff = max(float((a[k] - b[k]).abs().max()) for k in a)
 print(f"max |final.pt (2 containers) - final.pt (1 process)| = {diff:.3g}")
 sys.exit(0 if diff <= 1e-10 else f"container_proof: FAILED: difference {diff:.3g} > 1e-10")
 EOF
-echo "container_proof: OK (docker $(docker version -f '{{.Server.Version}}'))"
+echo "container_proof: OK after ${SECONDS} s (docker engine $(docker version -f '{{.Server.Version}}'))"
