@@ -13,16 +13,16 @@ import math
 import pytest
 import torch
 
-from ddp_demo import train as trainer
 from ddp_demo.core.config import TrainConfig
 from ddp_demo.core.loop import NonFiniteLoss, Watch
-from ddp_demo.proof.agreement import STEPS, agreement_on_rank
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.proof.agreement import STEPS
+
+from .helpers import issue13_ranks
 
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    return run_on_ranks(agreement_on_rank, 2, timeout=120)
+    return [r["agreement"] for r in issue13_ranks()]  # one process group with test_precision.py's cases
 
 
 def test_the_trainer_makes_no_collective_beyond_the_bare_loops(ranks):
@@ -72,11 +72,3 @@ def test_reads_on_the_cpu_happen_every_step_and_refuse_before_applying():
     assert watch.read(1, torch.tensor([0.5, 1.0])) == (0.5, True)
     with pytest.raises(NonFiniteLoss, match="at step 2; stopped before applying"):
         watch.read(2, torch.tensor([math.inf, 0.0]))
-
-
-def test_log_every_writes_every_kth_step_and_the_last(tmp_path, monkeypatch):
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    assert trainer.main(["--steps", "12", "--log-every", "5", "--out", str(tmp_path)]) == 0
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == [5, 10, 12]

@@ -15,12 +15,15 @@ import pytest
 
 from ddp_demo import train as trainer
 from ddp_demo.core.models import MODEL_NAMES
-from ddp_demo.proof.autocast import CONTROL_MARGIN, U_BF16, check_autocast
+from ddp_demo.proof.autocast import CONTROL_MARGIN, U_BF16
+from ddp_demo.proof.autocast import verdicts as autocast_verdicts
+
+from .helpers import issue13_ranks
 
 
 @functools.cache
 def verdicts() -> dict:
-    return check_autocast(world_size=2, models=MODEL_NAMES, timeout=120)
+    return autocast_verdicts([r["autocast"] for r in issue13_ranks()])  # one process group with test_agree.py's
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)
@@ -42,9 +45,12 @@ def test_bf16_really_rounds():
     assert U_BF16 == 2.0**-8
 
 
-def test_a_whole_bf16_run(tmp_path, monkeypatch):
+def test_a_whole_bf16_run_logging_every_7th_step(tmp_path, monkeypatch):
+    """Plain python, one process (--log-every is core/agree's too: every 7th step and the last)."""
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert trainer.main(["--precision", "bf16", "--steps", "30", "--out", str(tmp_path)]) == 0
+    assert trainer.main(["--precision", "bf16", "--steps", "30", "--log-every", "7", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["precision"] == "bf16" and summary["heldout_accuracy"] > 0.6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [7, 14, 21, 28, 30]
