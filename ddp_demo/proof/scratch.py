@@ -1,0 +1,146 @@
+"""ddp_demo's own DDP (``parallel/ddp.py``, ``ScratchDDP``) against torch's, case by case.
+
+Each case runs one of ``equivalence.py``'s rank bodies with the wrapper swapped: gradients
+after one step, or parameters after 5 steps of SGD with momentum or of Adam, for a model and
+dtype. On each rank the result under ``ScratchDDP`` is compared with the result under
+torch's ``DistributedDataParallel``: the same data, the same initial weights, so any
+difference is the wrappers'. Twice: with both wrappers' default buckets, and with buckets
+so small that every model gets several (rebuilt in the order gradients arrive). The
+negative control is ``ScratchDDP`` with its hooks removed: nothing is averaged, and the
+same comparison must fail.
+
+``overlap_on_rank`` records, step by step, when each bucket's all-reduce was launched and
+when backward finished; ``suite_on_rank`` runs everything one world size needs in one set
+of processes (``proof/join.py`` adds uneven inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.parallel.ddp import MIB, ScratchDDP
+from ddp_demo.proof import join
+from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, max_abs_diff, within_tolerance
+from ddp_demo.proof.equivalence import case_setup, grads_on_rank, params_on_rank, shard
+
+SMALL_BUCKET_BYTES = 100  # a cap below every weight matrix: 2-3 buckets per model (1 for multiply)
+
+
+def without_hooks(model: torch.nn.Module) -> ScratchDDP:
+    """The negative control: ScratchDDP whose gradient hooks were removed, so nothing is averaged."""
+    ddp = ScratchDDP(model)
+    for handle in ddp.hook_handles:
+        handle.remove()
+    return ddp
+
+
+def small_buckets(wrapper: Callable, bucket_bytes: int = SMALL_BUCKET_BYTES) -> Callable:
+    """The same bucket cap for torch's DDP and ours (DDP then uses it for the first bucket too)."""
+    mb = bucket_bytes / MIB
+    extra = {"first_bucket_cap_mb": mb} if wrapper is ScratchDDP else {}
+    return functools.partial(wrapper, bucket_cap_mb=mb, **extra)
+
+
+WRAPPERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "torch": DDP,
+    "scratch": ScratchDDP,
+    "scratch, hooks removed": without_hooks,
+    "torch, small buckets": small_buckets(DDP),
+    "scratch, small buckets": small_buckets(ScratchDDP),
+}
+AGAINST = {"scratch": "torch", "scratch, small buckets": "torch, small buckets", "scratch, hooks removed": "torch"}
+
+
+def cases(models=MODEL_NAMES, dtypes=DTYPE_NAMES) -> list[tuple]:
+    """``("grads", model, dtype, wrapper)`` and ``("params", model, dtype, optimizer, wrapper)``."""
+    out = []
+    for m in models:
+        for d in dtypes:
+            for w in WRAPPERS:
+                out += [("grads", m, d, w)] + [("params", m, d, o, w) for o in OPTIMIZER_NAMES]
+    return out
+
+
+def run_case(ctx: DistContext, case: tuple) -> dict[str, torch.Tensor]:
+    kind, model, dtype, *optimizer, wrapper = case
+    if kind == "grads":
+        return grads_on_rank(ctx, model, dtype, wrap=WRAPPERS[wrapper])
+    return params_on_rank(ctx, model, dtype, optimizer[0], wrap=WRAPPERS[wrapper])
+
+
+def compare(per_rank: list[dict], case_list: list[tuple]) -> list[dict]:
+    """One row per (scratch case, rank): its difference from the same case under torch's wrapper."""
+    rows = []
+    for case in case_list:
+        if case[-1] not in AGAINST:
+            continue
+        torch_case = case[:-1] + (AGAINST[case[-1]],)
+        for rank, results in enumerate(per_rank):
+            got, want = results["cases"][case], results["cases"][torch_case]
+            rows.append({"world_size": len(per_rank), "case": case, "rank": rank,
+                         "max_abs_diff": max_abs_diff(got, want), "identical": all(
+                             torch.equal(got[k], want[k]) for k in want), "close": within_tolerance(got, want, case[2])})
+    return rows
+
+
+# ---- overlap: when each bucket's all-reduce starts, against the end of backward ----------------
+
+OVERLAP_STEPS = 4
+
+
+def overlap_on_rank(ctx: DistContext, bucket_bytes: int) -> list[dict]:
+    """The CNN, ``OVERLAP_STEPS`` steps under ScratchDDP with buckets of ``bucket_bytes``;
+    per step, the wrapper's events in milliseconds since ``backward()`` was called."""
+    model, batches, loss_fn = case_setup("cnn", "float32", steps=OVERLAP_STEPS)
+    ddp = small_buckets(ScratchDDP, bucket_bytes)(model)
+    steps = []
+    for batch in batches:
+        x, y = shard(batch, ctx)
+        loss = loss_fn(ddp(x), y)
+        buckets = len(ddp.buckets)  # this backward's; the first backward rebuilds them as it ends
+        start = time.perf_counter()
+        loss.backward()
+        returned = time.perf_counter()
+        steps.append({"buckets": buckets, "backward_returned_ms": (returned - start) * 1e3,
+                      "events": [(what, i, (t - start) * 1e3) for what, i, t in ddp.events]})
+    return steps
+
+
+def timeline(step: dict) -> dict:
+    """One step's launch times against the end of backward's computation (its last gradient)."""
+    events = step["events"]
+    launches = [t for what, _, t in events if what == "launch"]
+    return {"buckets": step["buckets"], "launch_ms": launches,
+            "launch_order": [i for what, i, _ in events if what == "launch"],
+            "reduced_ms": [t for _, t in sorted((i, t) for what, i, t in events if what == "reduced")],
+            "last_gradient_ms": max(t for what, _, t in events if what == "ready"),
+            "backward_returned_ms": step["backward_returned_ms"]}
+
+
+def overlapped(step: dict) -> bool:
+    """The first bucket's all-reduce was launched before backward had computed its last gradient."""
+    t = timeline(step)
+    return t["launch_ms"][0] < t["last_gradient_ms"]
+
+
+# ---- one set of processes per world size ---------------------------------------------------------
+
+
+def suite_on_rank(ctx: DistContext, tasks: dict) -> dict:
+    """Run what ``tasks`` names: ``cases`` (always), ``overlap`` (bucket sizes), ``join``
+    (uneven-input cases) and ``no_join`` (the hang, bounded; last, as it breaks its groups)."""
+    out = {"cases": {case: run_case(ctx, case) for case in tasks.get("cases", [])}}
+    if "overlap" in tasks:
+        out["overlap"] = {b: overlap_on_rank(ctx, b) for b in tasks["overlap"]}
+    if "join" in tasks:
+        out["join"] = {case: join.join_on_rank(ctx, *case) for case in tasks["join"]}
+    if "no_join" in tasks:
+        out["no_join"] = join.without_join_on_rank(ctx, *tasks["no_join"])
+    return out
