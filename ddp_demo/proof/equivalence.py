@@ -25,6 +25,7 @@ from ddp_demo.core.models import build_model
 SEED = 1234
 GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4
 LR = {"sgd": 0.05, "adam": 0.01}
+Wrap = Callable[[torch.nn.Module], torch.nn.Module]  # DDP, or another wrapper to run the same case under
 
 
 def case_setup(model_name: str, dtype: str, steps: int):
@@ -49,7 +50,7 @@ def case_optimizer(name: str, params) -> torch.optim.Optimizer:
 
 
 def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True,
-                  wrap: Callable[[torch.nn.Module], torch.nn.Module] = DDP) -> dict[str, torch.Tensor]:
+                  wrap: Wrap = DDP) -> dict[str, torch.Tensor]:
     """One forward/backward of this rank's shard through DDP (or ``wrap``); the resulting .grad tensors."""
     model, (batch,), loss_fn = case_setup(model_name, dtype, steps=1)
     ddp = wrap(model)
@@ -67,7 +68,7 @@ def reference_grads(model_name: str, dtype: str) -> dict[str, torch.Tensor]:
 
 
 def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, steps: int = 5,
-                   sync: bool = True, wrap: Callable[[torch.nn.Module], torch.nn.Module] = DDP) -> dict[str, torch.Tensor]:
+                   sync: bool = True, wrap: Wrap = DDP) -> dict[str, torch.Tensor]:
     """``steps`` optimizer steps through DDP (or ``wrap``); the parameters afterwards."""
     model, batches, loss_fn = case_setup(model_name, dtype, steps)
     ddp = wrap(model)

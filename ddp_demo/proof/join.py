@@ -88,22 +88,18 @@ def without_join_on_rank(ctx: DistContext, wrappers: list[str], timeout_s: float
     for name, group in groups.items():
         model, batches, loss_fn = case_setup("mlp", "float32", steps=ctx.world_size)
         ddp = WRAPPERS[name](model, process_group=group)
-        out[name] = {"finished": True, "batches": ctx.rank + 1}
+        out[name] = {"finished": True}
         for step, batch in enumerate(batches[: ctx.rank + 1], start=1):
             x, y = shard(batch, ctx)
             start = time.perf_counter()
             try:
                 loss_fn(ddp(x), y).backward()
             except RuntimeError as e:
-                out[name] = {"finished": False, "batches": ctx.rank + 1, "step": step,
-                             "waited_s": time.perf_counter() - start, "error": str(e).strip().splitlines()[0]}
+                waited, cause = time.perf_counter() - start, str(e).strip().splitlines()[0]
+                out[name] = {"finished": False, "step": step, "waited_s": waited, "error": cause, "message": (
+                    f"without Join, rank {ctx.rank} (which has {ctx.rank + 1} batches) waited {waited:.1f} s in the "
+                    f"gradient all-reduce of step {step} for the ranks that had run out of batches, until its "
+                    f"group's {timeout_s:g} s timeout: {cause}")}
                 break
         dist.barrier()  # the default group is unaffected: everyone meets here before the next wrapper
     return out
-
-
-def failure_message(rank: int, result: dict, timeout_s: float) -> str:
-    """What the no-Join control reports: one line naming the rank, the step and the cause."""
-    return (f"without Join, rank {rank} (which has {result['batches']} batches) waited {result['waited_s']:.1f} s in "
-            f"the gradient all-reduce of step {result['step']} for ranks that had run out of batches, until the "
-            f"{timeout_s:g} s timeout: {result['error']}")

@@ -28,7 +28,7 @@ from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.parallel.ddp import MIB, ScratchDDP
 from ddp_demo.proof import join
 from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, max_abs_diff, within_tolerance
-from ddp_demo.proof.equivalence import case_setup, grads_on_rank, params_on_rank, shard
+from ddp_demo.proof.equivalence import Wrap, case_setup, grads_on_rank, params_on_rank, shard
 
 SMALL_BUCKET_BYTES = 100  # a cap below every weight matrix: 2-3 buckets per model (1 for multiply)
 
@@ -48,14 +48,17 @@ def small_buckets(wrapper: Callable, bucket_bytes: int = SMALL_BUCKET_BYTES) -> 
     return functools.partial(wrapper, bucket_cap_mb=mb, **extra)
 
 
-WRAPPERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+WRAPPERS: dict[str, Wrap] = {
     "torch": DDP,
     "scratch": ScratchDDP,
     "scratch, hooks removed": without_hooks,
     "torch, small buckets": small_buckets(DDP),
     "scratch, small buckets": small_buckets(ScratchDDP),
 }
-AGAINST = {"scratch": "torch", "scratch, small buckets": "torch, small buckets", "scratch, hooks removed": "torch"}
+# What is compared with what, on each rank: (ours, torch's). The same bucket layout on both
+# sides, then another layout (torch's one default bucket), then the negative control.
+PAIRS = [("scratch", "torch"), ("scratch, small buckets", "torch, small buckets"),
+         ("scratch, small buckets", "torch"), ("scratch, hooks removed", "torch")]
 
 
 def cases(models=MODEL_NAMES, dtypes=DTYPE_NAMES) -> list[tuple]:
@@ -76,17 +79,17 @@ def run_case(ctx: DistContext, case: tuple) -> dict[str, torch.Tensor]:
 
 
 def compare(per_rank: list[dict], case_list: list[tuple]) -> list[dict]:
-    """One row per (scratch case, rank): its difference from the same case under torch's wrapper."""
+    """One row per (case under ours, torch's wrapper it is compared with, rank)."""
     rows = []
     for case in case_list:
-        if case[-1] not in AGAINST:
-            continue
-        torch_case = case[:-1] + (AGAINST[case[-1]],)
-        for rank, results in enumerate(per_rank):
-            got, want = results["cases"][case], results["cases"][torch_case]
-            rows.append({"world_size": len(per_rank), "case": case, "rank": rank,
-                         "max_abs_diff": max_abs_diff(got, want), "identical": all(
-                             torch.equal(got[k], want[k]) for k in want), "close": within_tolerance(got, want, case[2])})
+        for ours, theirs in PAIRS:
+            if case[-1] != ours:
+                continue
+            for rank, results in enumerate(per_rank):
+                got, want = results["cases"][case], results["cases"][case[:-1] + (theirs,)]
+                rows.append({"world_size": len(per_rank), "case": case, "against": theirs, "rank": rank,
+                             "max_abs_diff": max_abs_diff(got, want), "close": within_tolerance(got, want, case[2]),
+                             "identical": all(torch.equal(got[k], want[k]) for k in want)})
     return rows
 
 

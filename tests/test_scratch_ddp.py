@@ -1,0 +1,222 @@
+"""ddp_demo's own DDP (ddp_demo/parallel/ddp.py, ``ScratchDDP``) against torch's DistributedDataParallel.
+
+One set of gloo processes per world size runs every case (proof/scratch.py), each case under
+both wrappers on the same rank with the same data and initial weights:
+
+- with the same bucket layout on both sides, gradients after one step and parameters after 5
+  steps of SGD with momentum and of Adam are bit-identical, for every model, dtype and N = 1..4:
+  both divide each gradient by N as they copy it into the bucket and give gloo the same flat
+  buffers, so gloo adds the same numbers in the same order;
+- with another layout (our small buckets against torch's one default bucket) gloo splits the
+  sums differently over its ring: equal within the core tolerances (docs/ddp_from_scratch.md);
+- negative control: ScratchDDP with its hooks removed misses by >= 100x the tolerance.
+
+Then overlap (N = 2), uneven inputs with and without Join (proof/join.py), and whole runs of
+``ddp_demo.train --ddp scratch`` under torchrun against ``--ddp torch``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+
+from ddp_demo import train_accelerate
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof import join, scratch
+from ddp_demo.proof.cases import DTYPE_NAMES, TOLERANCE, max_abs_diff, within_tolerance
+from ddp_demo.proof.spawn import run_on_ranks
+
+from .helpers import load, max_diff, torchrun
+
+WORLD_SIZES = (1, 2, 3, 4)
+JOIN_WORLD_SIZE = 3  # ranks with 2, 3 and 4 batches: steps with 3, 2 and 1 ranks still training
+NO_JOIN_TIMEOUT_S = 2.0
+SEVERAL_BUCKETS, ONE_BUCKET = 100, 10**9  # bucket caps in bytes for the overlap test (the CNN)
+MARGIN = 100  # a negative control must miss by at least this many times the tolerance
+JOIN_CASES = [(m, d, w, div) for m in MODEL_NAMES for d in DTYPE_NAMES for w in join.WRAPPERS for div in (True, False)]
+
+
+def tasks(world_size: int) -> dict:
+    out: dict = {"cases": scratch.cases()}
+    if world_size == 2:
+        out |= {"overlap": [SEVERAL_BUCKETS, ONE_BUCKET], "no_join": (list(join.WRAPPERS), NO_JOIN_TIMEOUT_S)}
+    if world_size == JOIN_WORLD_SIZE:
+        out["join"] = JOIN_CASES
+    return out
+
+
+@functools.cache
+def results(world_size: int) -> list[dict]:
+    return run_on_ranks(scratch.suite_on_rank, world_size, (tasks(world_size),), timeout=300)
+
+
+@functools.cache
+def rows(world_size: int) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for row in scratch.compare(results(world_size), tasks(world_size)["cases"]):
+        out.setdefault((row["case"], row["against"]), []).append(row)
+    return out
+
+
+def selected(world_size: int, model: str, dtype: str, ours: str, theirs: str) -> list[dict]:
+    """The rows of every kind (grads, SGD, Adam) of one model and dtype, ours against theirs."""
+    return [r for (case, against), rs in rows(world_size).items() for r in rs
+            if case[1:3] == (model, dtype) and case[-1] == ours and against == theirs]
+
+
+def describe(rs: list[dict]) -> str:
+    return "; ".join(f"{r['case'][0]}{'/' + r['case'][3] if r['case'][0] == 'params' else ''} rank {r['rank']}: "
+                     f"{r['max_abs_diff']:.3g}" for r in rs)
+
+
+@pytest.mark.parametrize("buckets", ["default", "small buckets"])
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_equal_to_torch_ddp_bit_for_bit(world_size, model, dtype, buckets):
+    suffix = "" if buckets == "default" else ", " + buckets
+    rs = selected(world_size, model, dtype, "scratch" + suffix, "torch" + suffix)
+    assert len(rs) == 3 * world_size
+    assert all(r["identical"] for r in rs), describe(rs)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_another_bucket_layout_is_equal_within_tolerance(world_size, model, dtype):
+    rs = selected(world_size, model, dtype, "scratch, small buckets", "torch")
+    assert rs and all(r["close"] for r in rs), f"tolerance {TOLERANCE[dtype]}: {describe(rs)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("world_size", (2, 3, 4))
+def test_negative_control_without_hooks_nothing_is_averaged(world_size, model, dtype):
+    rs = selected(world_size, model, dtype, "scratch, hooks removed", "torch")
+    for kind in {r["case"][:-1] for r in rs}:  # each of grads, SGD, Adam must miss, on some rank
+        of_kind = [r for r in rs if r["case"][:-1] == kind]
+        assert not all(r["close"] for r in of_kind), describe(of_kind)
+        assert max(r["max_abs_diff"] for r in of_kind) >= MARGIN * TOLERANCE[dtype]["atol"], describe(of_kind)
+
+
+# ---- overlap ---------------------------------------------------------------------------------------
+
+
+def test_with_several_buckets_the_first_all_reduce_starts_before_backward_finishes():
+    steps = results(2)[0]["overlap"][SEVERAL_BUCKETS]
+    assert steps[0]["buckets"] == 1  # before the first backward the order is unknown: one bucket (as DDP)
+    for step in steps[1:]:
+        t = scratch.timeline(step)
+        assert t["buckets"] >= 2 and t["launch_order"] == list(range(t["buckets"])), t
+        assert scratch.overlapped(step), f"first launch at {t['launch_ms'][0]:.3f} ms, last gradient at " \
+                                         f"{t['last_gradient_ms']:.3f} ms: {t}"
+        assert max(t["launch_ms"]) <= t["backward_returned_ms"], t
+
+
+def test_negative_control_one_bucket_cannot_start_before_the_last_gradient():
+    steps = results(2)[0]["overlap"][ONE_BUCKET]
+    assert all(scratch.timeline(s)["buckets"] == 1 and not scratch.overlapped(s) for s in steps)
+
+
+# ---- uneven inputs ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def join_reference(model: str, dtype: str, divide: bool) -> dict:
+    return join.reference(model, dtype, JOIN_WORLD_SIZE, divide)
+
+
+@pytest.mark.parametrize("divide", [True, False], ids=["divide_by_initial_world_size", "divide_by_joined"])
+@pytest.mark.parametrize("wrapper", list(join.WRAPPERS))
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_join_every_step_equals_one_process(model, dtype, wrapper, divide):
+    want = join_reference(model, dtype, divide)
+    counts = join.batch_counts(JOIN_WORLD_SIZE)
+    for rank, res in enumerate(results(JOIN_WORLD_SIZE)):
+        got = res["join"][(model, dtype, wrapper, divide)]
+        assert len(got["grads"]) == counts[rank]
+        for step, grads in enumerate(got["grads"]):
+            assert within_tolerance(grads, want["grads"][step], dtype), \
+                f"rank {rank} step {step + 1}: {max_abs_diff(grads, want['grads'][step]):.3g}"
+        assert within_tolerance(got["params"], want["params"], dtype), f"rank {rank} after Join"
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_join_scratch_equals_torch_bit_for_bit(model, dtype):
+    for res in results(JOIN_WORLD_SIZE):
+        for divide in (True, False):
+            ours, theirs = (res["join"][(model, dtype, w, divide)] for w in ("scratch", "torch"))
+            assert all(max_abs_diff(a, b) == 0 for a, b in zip(ours["grads"], theirs["grads"], strict=True))
+            assert max_abs_diff(ours["params"], theirs["params"]) == 0
+
+
+def test_the_divisor_matters_only_on_steps_where_ranks_have_joined():
+    """The statement is not vacuous: with N = 3 and 2, 3, 4 batches, steps 1-2 have every rank,
+    step 3 two of them (gradient x 2/3 with the initial N), step 4 one (x 1/3)."""
+    by_n, by_k = join_reference("mlp", "float64", True), join_reference("mlp", "float64", False)
+    diffs = [max_abs_diff(a, b) for a, b in zip(by_n["grads"], by_k["grads"], strict=True)]
+    assert diffs[:2] == [0.0, 0.0] and min(diffs[2:]) > 1e-3, diffs
+
+
+@pytest.mark.parametrize("wrapper", list(join.WRAPPERS))
+def test_negative_control_without_join_the_last_all_reduce_times_out(wrapper):
+    short, long = (r["no_join"][wrapper] for r in results(2))
+    assert short == {"finished": True}
+    assert not long["finished"] and long["step"] == 2, long
+    assert long["waited_s"] >= 0.9 * NO_JOIN_TIMEOUT_S and "timed out" in long["error"].lower(), long
+    assert long["message"].startswith("without Join, rank 1 (which has 2 batches) waited "), long["message"]
+
+
+# ---- the trainer: ddp_demo.train --ddp scratch ------------------------------------------------------
+
+FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "4"]
+
+
+def trained(tmp_path_factory, name: str, nproc: int, *flags: str):
+    out = tmp_path_factory.mktemp(name)
+    proc = torchrun(nproc, "ddp_demo.train", *FLAGS, *flags, "--out", str(out), cwd=out)
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def torch_n2(tmp_path_factory):
+    proc, out = trained(tmp_path_factory, "torch", 2, "--ddp", "torch")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+
+
+def test_whole_run_at_n2_equals_torch_ddp(torch_n2, tmp_path_factory):
+    proc, out = trained(tmp_path_factory, "scratch", 2, "--ddp", "scratch")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_diff(load(out / "final.pt"), load(torch_n2 / "final.pt")) <= 1e-10
+    assert losses(out) == pytest.approx(losses(torch_n2), abs=1e-10)
+
+
+def test_whole_run_at_n4_with_accumulation_equals_torch_ddp_at_n2(torch_n2, tmp_path_factory):
+    """One combined check: N = 4, and no_sync on the first of K = 2 micro-batches."""
+    proc, out = trained(tmp_path_factory, "scratch4", 4, "--ddp", "scratch", "--grad-accum-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_diff(load(out / "final.pt"), load(torch_n2 / "final.pt")) <= 1e-10
+
+
+def test_negative_control_skip_grad_sync_with_scratch_is_caught(torch_n2, tmp_path_factory):
+    proc, out = trained(tmp_path_factory, "unsynced", 2, "--ddp", "scratch", "--skip-grad-sync")
+    assert proc.returncode != 0 and proc.stderr.count("ranks hold different parameters") == 1, proc.stderr[-3000:]
+    assert max_diff(load(out / "final.pt"), load(torch_n2 / "final.pt")) > 1e-3
+
+
+def test_accelerate_launcher_refuses_scratch(tmp_path, capsys, monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    code = train_accelerate.main(["--ddp", "scratch", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--ddp scratch is for ddp_demo.train" in err[0]
+    assert not (tmp_path / "out").exists()
