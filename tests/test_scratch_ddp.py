@@ -38,8 +38,14 @@ MARGIN = 100  # a negative control must miss by at least this many times the tol
 JOIN_CASES = [(m, d, w, div) for m in MODEL_NAMES for d in DTYPE_NAMES for w in join.WRAPPERS for div in (True, False)]
 
 
+# The trainer's whole runs, float64 (the same flags as the global batch's split allows at every N).
+FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "4"]
+RUNS = {2: {"torch": [*FLAGS, "--ddp", "torch"], "unsynced": [*FLAGS, "--ddp", "scratch", "--skip-grad-sync"]},
+        4: {"scratch, K=2": [*FLAGS, "--ddp", "scratch", "--grad-accum-steps", "2"]}}
+
+
 def tasks(world_size: int) -> dict:
-    out: dict = {"cases": scratch.cases()}
+    out: dict = {"cases": scratch.cases(world_size), "train": RUNS.get(world_size, {})}
     if world_size == 2:
         out |= {"overlap": [SEVERAL_BUCKETS, ONE_BUCKET], "no_join": (list(join.WRAPPERS), NO_JOIN_TIMEOUT_S)}
     if world_size == JOIN_WORLD_SIZE:
@@ -71,11 +77,11 @@ def describe(rs: list[dict]) -> str:
                      f"{r['max_abs_diff']:.3g}" for r in rs)
 
 
-@pytest.mark.parametrize("buckets", ["default", "small buckets"])
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
-@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("model, buckets", [(m, "default") for m in MODEL_NAMES]
+                         + [(m, "small buckets") for m in scratch.SMALL_BUCKET_MODELS])
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_equal_to_torch_ddp_bit_for_bit(world_size, model, dtype, buckets):
+def test_equal_to_torch_ddp_bit_for_bit(world_size, model, buckets, dtype):
     suffix = "" if buckets == "default" else ", " + buckets
     rs = selected(world_size, model, dtype, "scratch" + suffix, "torch" + suffix)
     assert len(rs) == 3 * world_size
@@ -83,7 +89,7 @@ def test_equal_to_torch_ddp_bit_for_bit(world_size, model, dtype, buckets):
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
-@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("model", scratch.SMALL_BUCKET_MODELS)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_another_bucket_layout_is_equal_within_tolerance(world_size, model, dtype):
     rs = selected(world_size, model, dtype, "scratch, small buckets", "torch")
@@ -171,46 +177,32 @@ def test_negative_control_without_join_the_last_all_reduce_times_out(wrapper):
     assert long["message"].startswith("without Join, rank 1 (which has 2 batches) waited "), long["message"]
 
 
-# ---- the trainer: ddp_demo.train --ddp scratch ------------------------------------------------------
-
-FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "4"]
+# ---- the trainer: ddp_demo.train --ddp scratch --------------------------------------------------
 
 
-def trained(tmp_path_factory, name: str, nproc: int, *flags: str):
-    out = tmp_path_factory.mktemp(name)
-    proc = torchrun(nproc, "ddp_demo.train", *FLAGS, *flags, "--out", str(out), cwd=out)
-    return proc, out
-
-
-@pytest.fixture(scope="module")
-def torch_n2(tmp_path_factory):
-    proc, out = trained(tmp_path_factory, "torch", 2, "--ddp", "torch")
+def test_whole_run_at_n2_under_torchrun_equals_torch_ddp(tmp_path):
+    """The real command line, against the same run with --ddp torch (in the N = 2 suite)."""
+    proc = torchrun(2, "ddp_demo.train", *FLAGS, "--ddp", "scratch", "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    want = results(2)[0]["train"]["torch"]
+    assert want["failed"] is None
+    assert max_diff(load(tmp_path / "final.pt"), want["final"]) <= 1e-10
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert losses == pytest.approx(want["losses"], abs=1e-10)
 
 
-def losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
-
-
-def test_whole_run_at_n2_equals_torch_ddp(torch_n2, tmp_path_factory):
-    proc, out = trained(tmp_path_factory, "scratch", 2, "--ddp", "scratch")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert max_diff(load(out / "final.pt"), load(torch_n2 / "final.pt")) <= 1e-10
-    assert losses(out) == pytest.approx(losses(torch_n2), abs=1e-10)
-
-
-def test_whole_run_at_n4_with_accumulation_equals_torch_ddp_at_n2(torch_n2, tmp_path_factory):
+def test_whole_run_at_n4_with_accumulation_equals_torch_ddp_at_n2():
     """One combined check: N = 4, and no_sync on the first of K = 2 micro-batches."""
-    proc, out = trained(tmp_path_factory, "scratch4", 4, "--ddp", "scratch", "--grad-accum-steps", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert max_diff(load(out / "final.pt"), load(torch_n2 / "final.pt")) <= 1e-10
+    got, want = results(4)[0]["train"]["scratch, K=2"], results(2)[0]["train"]["torch"]
+    assert got["failed"] is None
+    assert max_diff(got["final"], want["final"]) <= 1e-10
+    assert got["losses"] == pytest.approx(want["losses"], abs=1e-10)
 
 
-def test_negative_control_skip_grad_sync_with_scratch_is_caught(torch_n2, tmp_path_factory):
-    proc, out = trained(tmp_path_factory, "unsynced", 2, "--ddp", "scratch", "--skip-grad-sync")
-    assert proc.returncode != 0 and proc.stderr.count("ranks hold different parameters") == 1, proc.stderr[-3000:]
-    assert max_diff(load(out / "final.pt"), load(torch_n2 / "final.pt")) > 1e-3
+def test_negative_control_skip_grad_sync_with_scratch_is_caught():
+    got, want = results(2)[0]["train"]["unsynced"], results(2)[0]["train"]["torch"]
+    assert got["failed"].startswith("ranks hold different parameters"), got["failed"]
+    assert max_diff(got["final"], want["final"]) > 1e-3
 
 
 def test_accelerate_launcher_refuses_scratch(tmp_path, capsys, monkeypatch):

@@ -17,12 +17,16 @@ of processes (``proof/join.py`` adds uneven inputs).
 from __future__ import annotations
 
 import functools
+import json
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_demo import train
+from ddp_demo.core.config import parse_config
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.parallel.ddp import MIB, ScratchDDP
@@ -30,7 +34,8 @@ from ddp_demo.proof import join
 from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, max_abs_diff, within_tolerance
 from ddp_demo.proof.equivalence import Wrap, case_setup, grads_on_rank, params_on_rank, shard
 
-SMALL_BUCKET_BYTES = 100  # a cap below every weight matrix: 2-3 buckets per model (1 for multiply)
+SMALL_BUCKET_BYTES = 100  # a cap below every weight matrix: several buckets for these models
+SMALL_BUCKET_MODELS = ("mlp", "cnn")  # multiply has one parameter: one bucket whatever the cap
 
 
 def without_hooks(model: torch.nn.Module) -> ScratchDDP:
@@ -61,12 +66,15 @@ PAIRS = [("scratch", "torch"), ("scratch, small buckets", "torch, small buckets"
          ("scratch, small buckets", "torch"), ("scratch, hooks removed", "torch")]
 
 
-def cases(models=MODEL_NAMES, dtypes=DTYPE_NAMES) -> list[tuple]:
-    """``("grads", model, dtype, wrapper)`` and ``("params", model, dtype, optimizer, wrapper)``."""
+def cases(world_size: int, models=MODEL_NAMES, dtypes=DTYPE_NAMES) -> list[tuple]:
+    """``("grads", model, dtype, wrapper)`` and ``("params", model, dtype, optimizer, wrapper)``.
+    Small buckets only where a model has several parameters; the control only where N > 1."""
     out = []
     for m in models:
         for d in dtypes:
             for w in WRAPPERS:
+                if ("small" in w and m not in SMALL_BUCKET_MODELS) or ("hooks" in w and world_size == 1):
+                    continue
                 out += [("grads", m, d, w)] + [("params", m, d, o, w) for o in OPTIMIZER_NAMES]
     return out
 
@@ -136,10 +144,29 @@ def overlapped(step: dict) -> bool:
 # ---- one set of processes per world size ---------------------------------------------------------
 
 
+def train_on_rank(ctx: DistContext, argv: list[str]) -> dict:
+    """A whole ``ddp_demo.train`` run with these flags in this process group (the launcher's
+    part aside, the same code as under torchrun); rank 0 returns the weights and losses it wrote."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = parse_config([*argv, "--out", f"{tmp}/out"])
+        cfg.check_batch_split(ctx.world_size)
+        failed = None
+        try:
+            train.run(cfg, train.make_task(cfg), ctx)
+        except train.RunFailed as e:
+            failed = str(e)
+        if not ctx.is_main:
+            return {"failed": failed}
+        losses = [json.loads(line)["loss"] for line in open(f"{tmp}/out/metrics.jsonl")]
+        return {"failed": failed, "final": torch.load(f"{tmp}/out/final.pt", weights_only=True), "losses": losses}
+
+
 def suite_on_rank(ctx: DistContext, tasks: dict) -> dict:
-    """Run what ``tasks`` names: ``cases`` (always), ``overlap`` (bucket sizes), ``join``
-    (uneven-input cases) and ``no_join`` (the hang, bounded; last, as it breaks its groups)."""
+    """Run what ``tasks`` names: ``cases`` (always), ``overlap`` (bucket sizes), ``train``
+    (trainer flags by name), ``join`` (uneven-input cases) and ``no_join`` (the hang, bounded;
+    last, as it leaves its process groups broken)."""
     out = {"cases": {case: run_case(ctx, case) for case in tasks.get("cases", [])}}
+    out["train"] = {name: train_on_rank(ctx, argv) for name, argv in tasks.get("train", {}).items()}
     if "overlap" in tasks:
         out["overlap"] = {b: overlap_on_rank(ctx, b) for b in tasks["overlap"]}
     if "join" in tasks:
