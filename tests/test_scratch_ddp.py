@@ -12,7 +12,8 @@ both wrappers on the same rank with the same data and initial weights:
 - negative control: ScratchDDP with its hooks removed misses by >= 100x the tolerance.
 
 Then overlap (N = 2), uneven inputs with and without Join (proof/join.py), and whole runs of
-``ddp_demo.train --ddp scratch`` under torchrun against ``--ddp torch``.
+``ddp_demo.train --ddp scratch`` (one under real torchrun, the others in the suites' process
+groups) against ``--ddp torch``. ``python -m ddp_demo.verify --scratch`` prints the same checks.
 """
 
 from __future__ import annotations
@@ -25,86 +26,66 @@ import pytest
 from ddp_demo import train_accelerate
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.proof import join, scratch
-from ddp_demo.proof.cases import DTYPE_NAMES, TOLERANCE, max_abs_diff, within_tolerance
+from ddp_demo.proof.cases import DTYPE_NAMES, TOLERANCE, max_abs_diff
 from ddp_demo.proof.spawn import run_on_ranks
 
 from .helpers import load, max_diff, torchrun
 
 WORLD_SIZES = (1, 2, 3, 4)
-JOIN_WORLD_SIZE = 3  # ranks with 2, 3 and 4 batches: steps with 3, 2 and 1 ranks still training
-NO_JOIN_TIMEOUT_S = 2.0
-SEVERAL_BUCKETS, ONE_BUCKET = 100, 10**9  # bucket caps in bytes for the overlap test (the CNN)
-MARGIN = 100  # a negative control must miss by at least this many times the tolerance
-JOIN_CASES = [(m, d, w, div) for m in MODEL_NAMES for d in DTYPE_NAMES for w in join.WRAPPERS for div in (True, False)]
-
-
-# The trainer's whole runs, float64 (the same flags as the global batch's split allows at every N).
-FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "4"]
-RUNS = {2: {"torch": [*FLAGS, "--ddp", "torch"], "unsynced": [*FLAGS, "--ddp", "scratch", "--skip-grad-sync"]},
-        4: {"scratch, K=2": [*FLAGS, "--ddp", "scratch", "--grad-accum-steps", "2"]}}
-
-
-def tasks(world_size: int) -> dict:
-    out: dict = {"cases": scratch.cases(world_size), "train": RUNS.get(world_size, {})}
-    if world_size == 2:
-        out |= {"overlap": [SEVERAL_BUCKETS, ONE_BUCKET], "no_join": (list(join.WRAPPERS), NO_JOIN_TIMEOUT_S)}
-    if world_size == JOIN_WORLD_SIZE:
-        out["join"] = JOIN_CASES
-    return out
+SEVERAL_BUCKETS, ONE_BUCKET = scratch.OVERLAP_BUCKET_BYTES
 
 
 @functools.cache
 def results(world_size: int) -> list[dict]:
-    return run_on_ranks(scratch.suite_on_rank, world_size, (tasks(world_size),), timeout=300)
+    return run_on_ranks(scratch.suite_on_rank, world_size, (scratch.suite_tasks(world_size),), timeout=300)
 
 
 @functools.cache
-def rows(world_size: int) -> dict[tuple, list[dict]]:
+def rows(world_size: int) -> list[dict]:
+    return scratch.compare(results(world_size), scratch.suite_tasks(world_size)["cases"])
+
+
+def selected(world_size: int, check: str, model: str, dtype: str) -> dict[tuple, list[dict]]:
+    """One check's rows for a model and dtype, by case (grads, SGD, Adam; per bucket setting)."""
     out: dict[tuple, list[dict]] = {}
-    for row in scratch.compare(results(world_size), tasks(world_size)["cases"]):
-        out.setdefault((row["case"], row["against"]), []).append(row)
+    for r in rows(world_size):
+        if r["check"] == check and r["case"][1:3] == (model, dtype):
+            out.setdefault(r["case"], []).append(r)
     return out
 
 
-def selected(world_size: int, model: str, dtype: str, ours: str, theirs: str) -> list[dict]:
-    """The rows of every kind (grads, SGD, Adam) of one model and dtype, ours against theirs."""
-    return [r for (case, against), rs in rows(world_size).items() for r in rs
-            if case[1:3] == (model, dtype) and case[-1] == ours and against == theirs]
-
-
-def describe(rs: list[dict]) -> str:
-    return "; ".join(f"{r['case'][0]}{'/' + r['case'][3] if r['case'][0] == 'params' else ''} rank {r['rank']}: "
-                     f"{r['max_abs_diff']:.3g}" for r in rs)
+def describe(by_case: dict[tuple, list[dict]]) -> str:
+    return "; ".join(f"{case}: " + ", ".join(f"{r['max_abs_diff']:.3g}" for r in rs) for case, rs in by_case.items())
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
-@pytest.mark.parametrize("model, buckets", [(m, "default") for m in MODEL_NAMES]
-                         + [(m, "small buckets") for m in scratch.SMALL_BUCKET_MODELS])
+@pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_equal_to_torch_ddp_bit_for_bit(world_size, model, buckets, dtype):
-    suffix = "" if buckets == "default" else ", " + buckets
-    rs = selected(world_size, model, dtype, "scratch" + suffix, "torch" + suffix)
-    assert len(rs) == 3 * world_size
-    assert all(r["identical"] for r in rs), describe(rs)
+def test_equal_to_torch_ddp_bit_for_bit(world_size, model, dtype):
+    """Default buckets, and small buckets on both sides (several per model, rebuilt)."""
+    by_case = selected(world_size, "same buckets", model, dtype)
+    assert len(by_case) == 3 * (1 + (model in scratch.SMALL_BUCKET_MODELS))
+    assert all(scratch.passes("same buckets", rs) and len(rs) == world_size for rs in by_case.values()), \
+        describe(by_case)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("model", scratch.SMALL_BUCKET_MODELS)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_another_bucket_layout_is_equal_within_tolerance(world_size, model, dtype):
-    rs = selected(world_size, model, dtype, "scratch, small buckets", "torch")
-    assert rs and all(r["close"] for r in rs), f"tolerance {TOLERANCE[dtype]}: {describe(rs)}"
+    by_case = selected(world_size, "other buckets", model, dtype)
+    assert len(by_case) == 3
+    assert all(scratch.passes("other buckets", rs) for rs in by_case.values()), \
+        f"tolerance {TOLERANCE[dtype]}: {describe(by_case)}"
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_negative_control_without_hooks_nothing_is_averaged(world_size, model, dtype):
-    rs = selected(world_size, model, dtype, "scratch, hooks removed", "torch")
-    for kind in {r["case"][:-1] for r in rs}:  # each of grads, SGD, Adam must miss, on some rank
-        of_kind = [r for r in rs if r["case"][:-1] == kind]
-        assert not all(r["close"] for r in of_kind), describe(of_kind)
-        assert max(r["max_abs_diff"] for r in of_kind) >= MARGIN * TOLERANCE[dtype]["atol"], describe(of_kind)
+    by_case = selected(world_size, "hooks removed", model, dtype)
+    assert len(by_case) == 3  # grads, SGD, Adam: each must miss, by the margin
+    assert all(scratch.passes("hooks removed", rs) for rs in by_case.values()), describe(by_case)
 
 
 # ---- overlap ---------------------------------------------------------------------------------------
@@ -128,10 +109,12 @@ def test_negative_control_one_bucket_cannot_start_before_the_last_gradient():
 
 # ---- uneven inputs ---------------------------------------------------------------------------------
 
+JOIN_N = scratch.JOIN_WORLD_SIZE
+
 
 @functools.cache
 def join_reference(model: str, dtype: str, divide: bool) -> dict:
-    return join.reference(model, dtype, JOIN_WORLD_SIZE, divide)
+    return join.reference(model, dtype, JOIN_N, divide)
 
 
 @pytest.mark.parametrize("divide", [True, False], ids=["divide_by_initial_world_size", "divide_by_joined"])
@@ -139,22 +122,16 @@ def join_reference(model: str, dtype: str, divide: bool) -> dict:
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_join_every_step_equals_one_process(model, dtype, wrapper, divide):
-    want = join_reference(model, dtype, divide)
-    counts = join.batch_counts(JOIN_WORLD_SIZE)
-    for rank, res in enumerate(results(JOIN_WORLD_SIZE)):
-        got = res["join"][(model, dtype, wrapper, divide)]
-        assert len(got["grads"]) == counts[rank]
-        for step, grads in enumerate(got["grads"]):
-            assert within_tolerance(grads, want["grads"][step], dtype), \
-                f"rank {rank} step {step + 1}: {max_abs_diff(grads, want['grads'][step]):.3g}"
-        assert within_tolerance(got["params"], want["params"], dtype), f"rank {rank} after Join"
+    d = join.differences(results(JOIN_N), (model, dtype, wrapper, divide), join_reference(model, dtype, divide))
+    assert d["steps"] == join.batch_counts(JOIN_N)
+    assert d["close"], f"tolerance {TOLERANCE[dtype]}: gradients off by {d['grads']:.3g}, parameters {d['params']:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_join_scratch_equals_torch_bit_for_bit(model, dtype):
-    for res in results(JOIN_WORLD_SIZE):
-        for divide in (True, False):
+    for divide in (True, False):
+        for res in results(JOIN_N):
             ours, theirs = (res["join"][(model, dtype, w, divide)] for w in ("scratch", "torch"))
             assert all(max_abs_diff(a, b) == 0 for a, b in zip(ours["grads"], theirs["grads"], strict=True))
             assert max_abs_diff(ours["params"], theirs["params"]) == 0
@@ -173,7 +150,7 @@ def test_negative_control_without_join_the_last_all_reduce_times_out(wrapper):
     short, long = (r["no_join"][wrapper] for r in results(2))
     assert short == {"finished": True}
     assert not long["finished"] and long["step"] == 2, long
-    assert long["waited_s"] >= 0.9 * NO_JOIN_TIMEOUT_S and "timed out" in long["error"].lower(), long
+    assert long["waited_s"] >= 0.9 * scratch.NO_JOIN_TIMEOUT_S and "timed out" in long["error"].lower(), long
     assert long["message"].startswith("without Join, rank 1 (which has 2 batches) waited "), long["message"]
 
 
@@ -182,7 +159,7 @@ def test_negative_control_without_join_the_last_all_reduce_times_out(wrapper):
 
 def test_whole_run_at_n2_under_torchrun_equals_torch_ddp(tmp_path):
     """The real command line, against the same run with --ddp torch (in the N = 2 suite)."""
-    proc = torchrun(2, "ddp_demo.train", *FLAGS, "--ddp", "scratch", "--out", str(tmp_path), cwd=tmp_path)
+    proc = torchrun(2, "ddp_demo.train", *scratch.TRAIN_FLAGS, "--ddp", "scratch", "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = results(2)[0]["train"]["torch"]
     assert want["failed"] is None

@@ -29,7 +29,9 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core.dist import DistContext
+from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.parallel.ddp import ScratchDDP
+from ddp_demo.proof.cases import DTYPE_NAMES, max_abs_diff, within_tolerance
 from ddp_demo.proof.equivalence import case_optimizer, case_setup, grads_of, shard
 
 
@@ -39,6 +41,11 @@ def batch_counts(world_size: int) -> list[int]:
 
 
 WRAPPERS = {"torch": DDP, "scratch": ScratchDDP}
+
+
+def cases(models=MODEL_NAMES, dtypes=DTYPE_NAMES) -> list[tuple]:
+    """``(model, dtype, wrapper, divide_by_initial_world_size)``."""
+    return [(m, d, w, div) for m in models for d in dtypes for w in WRAPPERS for div in (True, False)]
 
 
 def join_on_rank(ctx: DistContext, model_name: str, dtype: str, wrapper: str, divide_by_initial: bool) -> dict:
@@ -103,3 +110,14 @@ def without_join_on_rank(ctx: DistContext, wrappers: list[str], timeout_s: float
                 break
         dist.barrier()  # the default group is unaffected: everyone meets here before the next wrapper
     return out
+
+
+def differences(per_rank: list[dict], case: tuple, want: dict) -> dict:
+    """Every rank's gradients (each step it took) and final parameters against ``reference``:
+    the largest differences, whether all are within the tolerances, and each rank's step count."""
+    got = [res["join"][case] for res in per_rank]
+    pairs = [(g, want["grads"][t]) for res in got for t, g in enumerate(res["grads"])]
+    pairs_p = [(res["params"], want["params"]) for res in got]
+    return {"grads": max(max_abs_diff(a, b) for a, b in pairs), "params": max(max_abs_diff(a, b) for a, b in pairs_p),
+            "close": all(within_tolerance(a, b, case[1]) for a, b in pairs + pairs_p),
+            "steps": [len(res["grads"]) for res in got]}

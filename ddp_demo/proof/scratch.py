@@ -31,7 +31,7 @@ from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.parallel.ddp import MIB, ScratchDDP
 from ddp_demo.proof import join
-from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, max_abs_diff, within_tolerance
+from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, max_abs_diff, within_tolerance
 from ddp_demo.proof.equivalence import Wrap, case_setup, grads_on_rank, params_on_rank, shard
 
 SMALL_BUCKET_BYTES = 100  # a cap below every weight matrix: several buckets for these models
@@ -60,10 +60,12 @@ WRAPPERS: dict[str, Wrap] = {
     "torch, small buckets": small_buckets(DDP),
     "scratch, small buckets": small_buckets(ScratchDDP),
 }
-# What is compared with what, on each rank: (ours, torch's). The same bucket layout on both
-# sides, then another layout (torch's one default bucket), then the negative control.
-PAIRS = [("scratch", "torch"), ("scratch, small buckets", "torch, small buckets"),
-         ("scratch, small buckets", "torch"), ("scratch, hooks removed", "torch")]
+# What is compared with what on each rank, (ours, torch's), by check: the same bucket layout
+# on both sides; another layout (our small buckets, torch's one default bucket); the control.
+CHECKS = {"same buckets": [("scratch", "torch"), ("scratch, small buckets", "torch, small buckets")],
+          "other buckets": [("scratch, small buckets", "torch")],
+          "hooks removed": [("scratch, hooks removed", "torch")]}
+MARGIN = 100  # the control must miss by at least this many times the tolerance
 
 
 def cases(world_size: int, models=MODEL_NAMES, dtypes=DTYPE_NAMES) -> list[tuple]:
@@ -87,18 +89,28 @@ def run_case(ctx: DistContext, case: tuple) -> dict[str, torch.Tensor]:
 
 
 def compare(per_rank: list[dict], case_list: list[tuple]) -> list[dict]:
-    """One row per (case under ours, torch's wrapper it is compared with, rank)."""
+    """One row per (check, case under ours, rank): its difference from the case under torch's DDP."""
     rows = []
-    for case in case_list:
-        for ours, theirs in PAIRS:
-            if case[-1] != ours:
-                continue
-            for rank, results in enumerate(per_rank):
-                got, want = results["cases"][case], results["cases"][case[:-1] + (theirs,)]
-                rows.append({"world_size": len(per_rank), "case": case, "against": theirs, "rank": rank,
-                             "max_abs_diff": max_abs_diff(got, want), "close": within_tolerance(got, want, case[2]),
-                             "identical": all(torch.equal(got[k], want[k]) for k in want)})
+    for check, pairs in CHECKS.items():
+        for ours, theirs in pairs:
+            for case in (c for c in case_list if c[-1] == ours):
+                for rank, results in enumerate(per_rank):
+                    got, want = results["cases"][case], results["cases"][case[:-1] + (theirs,)]
+                    rows.append({"check": check, "case": case, "rank": rank, "max_abs_diff": max_abs_diff(got, want),
+                                 "close": within_tolerance(got, want, case[2]),
+                                 "identical": all(torch.equal(got[k], want[k]) for k in want)})
     return rows
+
+
+def passes(check: str, rows: list[dict]) -> bool:
+    """Same buckets: bit-identical. Other buckets: within the tolerances. The control (hooks
+    removed; rows of one case on every rank): fails the comparison by at least ``MARGIN`` x atol."""
+    if check == "same buckets":
+        return all(r["identical"] for r in rows)
+    if check == "other buckets":
+        return all(r["close"] for r in rows)
+    atol = TOLERANCE[rows[0]["case"][2]]["atol"]
+    return not all(r["close"] for r in rows) and max(r["max_abs_diff"] for r in rows) >= MARGIN * atol
 
 
 # ---- overlap: when each bucket's all-reduce starts, against the end of backward ----------------
@@ -159,6 +171,27 @@ def train_on_rank(ctx: DistContext, argv: list[str]) -> dict:
             return {"failed": failed}
         losses = [json.loads(line)["loss"] for line in open(f"{tmp}/out/metrics.jsonl")]
         return {"failed": failed, "final": torch.load(f"{tmp}/out/final.pt", weights_only=True), "losses": losses}
+
+
+# What one set of processes per world size runs (tests/test_scratch_ddp.py, ddp_demo.verify --scratch).
+OVERLAP_BUCKET_BYTES = (100, 10**9)  # several buckets for the CNN; one (the overlap control)
+JOIN_WORLD_SIZE = 3  # ranks with 2, 3 and 4 batches: steps with 3, 2 and 1 ranks still training
+NO_JOIN_TIMEOUT_S = 2.0
+TRAIN_FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "4"]
+RUNS = {2: {"torch": [*TRAIN_FLAGS, "--ddp", "torch"],
+            "unsynced": [*TRAIN_FLAGS, "--ddp", "scratch", "--skip-grad-sync"]},
+        4: {"scratch, K=2": [*TRAIN_FLAGS, "--ddp", "scratch", "--grad-accum-steps", "2"]}}
+
+
+def suite_tasks(world_size: int, models=MODEL_NAMES, runs: bool = True) -> dict:
+    """Every case at every N; overlap and the no-Join control at N = 2; Join at N = 3; the
+    trainer's whole runs (``RUNS``) at N = 2 and 4."""
+    tasks: dict = {"cases": cases(world_size, models), "train": RUNS.get(world_size, {}) if runs else {}}
+    if world_size == 2:
+        tasks |= {"overlap": OVERLAP_BUCKET_BYTES, "no_join": (list(join.WRAPPERS), NO_JOIN_TIMEOUT_S)}
+    if world_size == JOIN_WORLD_SIZE:
+        tasks["join"] = join.cases(models)
+    return tasks
 
 
 def suite_on_rank(ctx: DistContext, tasks: dict) -> dict:
