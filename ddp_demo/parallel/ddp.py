@@ -2,27 +2,23 @@
 
     model = ScratchDDP(module)       # where the trainer would write DDP(module)
 
-torch's ``DistributedDataParallel`` hands the work to a C++ ``Reducer``
-(torch/csrc/distributed/c10d/reducer.cpp). This class does the same work with tensor ops,
-autograd hooks and ``torch.distributed`` calls; each comment names the Reducer (or DDP)
-function the line stands for. One training step, top to bottom:
+torch's DDP hands the gradient work to a C++ ``Reducer`` (torch/csrc/distributed/c10d/
+reducer.cpp); this class does that work with autograd hooks, tensor ops and ``torch.distributed``
+calls, and each comment names the Reducer (or DDP) function the line stands for. One step:
 
-1. construction: rank 0's parameters and buffers are broadcast to every rank, and one hook
-   per parameter is registered that fires as soon as backward has written its ``.grad``;
+1. construction: rank 0's parameters and buffers go to every rank; one hook per parameter
+   fires as soon as backward has written its ``.grad``;
 2. forward: decide whether the coming backward all-reduces (not inside ``no_sync()``);
-3. backward: each ready gradient is copied, divided by N, into its bucket's flat buffer; a
-   full bucket's all-reduce (a sum) starts at once, asynchronously, in bucket order, while
-   autograd goes on computing the earlier layers' gradients: communication overlaps compute;
-4. end of backward: wait for every bucket and copy the averaged values back into ``.grad``,
-   so the optimizer step that follows sees the average over the ranks;
-5. after the first synced backward the buckets are rebuilt in the order the gradients
-   really arrived (rank 0's order, for every rank).
+3. backward: each ready gradient is copied, times 1/N, into its bucket's flat buffer; a full
+   bucket's all-reduce (a sum) starts at once, asynchronously and in bucket order, while
+   autograd computes the earlier layers' gradients: communication overlaps compute;
+4. end of backward: wait for every bucket, copy the averages back into ``.grad``;
+5. after the first synced backward, rebuild the buckets in the order gradients arrived.
 
-Uneven inputs: the class is a ``Joinable``, so ``with Join([model]):`` lets ranks run out of
-batches at different steps (``_ShadowBackward`` below). Left out, as in DDP's defaults or
-beyond this demo: unused parameters, comm hooks, ``gradient_as_bucket_view``,
-``static_graph``, mixed precision, sparse gradients, CUDA streams.
-``tests/test_scratch_ddp.py`` proves it equal to torch's DDP; docs/ddp_from_scratch.md.
+It is a ``Joinable``: ``with Join([model]):`` lets ranks run out of batches at different steps.
+Left out: unused parameters, comm hooks, ``gradient_as_bucket_view``, ``static_graph``, mixed
+precision, sparse gradients, CUDA streams. Proven equal to torch's DDP by
+tests/test_scratch_ddp.py; explained in docs/ddp_from_scratch.md.
 """
 
 from __future__ import annotations
