@@ -76,10 +76,14 @@ class Torchrun:
 
     Launchers differ only here: ``start`` joins the process group, ``wrap`` returns the
     model, optimizer and :class:`GradSync` (None: DDP ``no_sync``) the loop trains with,
-    ``release`` drops what the launcher holds before ``teardown``.
+    ``release`` drops what the launcher holds before ``teardown``; ``name`` is what
+    summary.json records as the run's ``launcher``.
     """
 
+    name = "torchrun"
+
     def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext:
+        self.name = env.launcher  # torchrun, srun, or python (plain `python -m ddp_demo.train`)
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
     def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:
@@ -117,7 +121,8 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     optimizer = make_optimizer(cfg, model.parameters())
     start_step, saved_logs = restore(attempt.found, model, optimizer, ctx)
     history = [StepLog(**entry) for entry in saved_logs]
-    ddp, wrapped_optimizer, grad_sync = (launcher or Torchrun()).wrap(model, optimizer, cfg, ctx)
+    launcher = launcher or Torchrun()
+    ddp, wrapped_optimizer, grad_sync = launcher.wrap(model, optimizer, cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), device {ctx.device}, "
                        f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step"
@@ -143,10 +148,11 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         where = f"checkpoint of step {e.step} in {cfg.checkpoint_dir}; rerun the same command to resume" \
             if cfg.checkpoint_dir else "no --checkpoint-dir, so this progress is lost"
         raise RunFailed(f"{e}: {where}", attempt.stop.exit_code()) from None
-    return finish(cfg, task, ctx, model, logs, start)
+    return finish(cfg, task, ctx, model, logs, start, launcher.name)
 
 
-def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float) -> dict:
+def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float,
+           launcher: str) -> dict:
     identical = all_ranks_equal(flat_parameters(model), ctx)
     if identical:
         log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
@@ -154,6 +160,7 @@ def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[Ste
     summary = {
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
+        "launcher": launcher,
         "backend": ctx.backend,
         "device": ctx.device.type,
         "torch_version": torch.__version__,

@@ -86,6 +86,7 @@ def accelerate_grad_sync(accelerator: Accelerator, model: torch.nn.Module, never
 class AccelerateLauncher:
     """The two things ddp_demo.train does differently under ``accelerate launch``."""
 
+    name = "accelerate"  # summary.json's "launcher"
     accelerator: Accelerator | None = None
 
     def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext:

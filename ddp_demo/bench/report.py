@@ -1,6 +1,6 @@
 """From raw benchmark times to ratios, targets, a Markdown report and a plot.
 
-Conventions (the README's Performance section explains them for readers):
+Conventions (docs/performance.md explains them for readers):
 
 - every time is a median over repetitions, shown with its min-max range;
 - a comparison of two interleaved variants is taken per repetition first (the
