@@ -13,8 +13,8 @@ import copy
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.bench.numbers import paired, stats
-from ddp_demo.bench.ranks import BARE, STOCK, knobs_on_rank
-from ddp_demo.bench.timing import Reps, Step, Variant, Workload, build_workload, interleaved, warm_up
+from ddp_demo.bench.ranks import BARE, RAW, STOCK, knobs_on_rank
+from ddp_demo.bench.timing import Reps, Step, Workload, build_workload, interleaved, warm_up
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.proof.equivalence import case_setup, grads_of, reference_grads
@@ -22,7 +22,6 @@ from ddp_demo.proof.spawn import run_on_ranks
 
 GPU_MLP = Workload("mlp 4x8192", "mlp", batch=1024, steps=10, mlp_width=8192, mlp_depth=4)
 CPU_MLP = Workload("mlp (dry run)", "mlp", batch=32, steps=4, mlp_width=256, mlp_depth=3)
-RAW = Variant("raw all-reduce", flat_all_reduce=True)
 
 
 def max_diff(a: dict, b: dict) -> float:

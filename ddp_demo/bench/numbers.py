@@ -19,6 +19,11 @@ def ratio(t: dict, a: str, b: str) -> dict:
     return paired(t[a], t[b], lambda x, y: x / y)
 
 
+def spread(o: dict, digits: int = 2) -> str:
+    """A ratio as 'median [min-max]'."""
+    return f"{o['median']:.{digits}f} [{o['min']:.{digits}f}–{o['max']:.{digits}f}]"
+
+
 def ms(s: dict) -> str:
     """A time as 'median [min-max]' in milliseconds."""
     return f"{s['median'] * 1e3:.2f} [{s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f}]"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 
 from ddp_demo.bench import report_trainer
-from ddp_demo.bench.numbers import ms, paired, ratio, stats, table
+from ddp_demo.bench.numbers import ms, paired, ratio, spread, stats, table
 from ddp_demo.bench.timing import MB
 
 # (key in summary["targets"], what it is, threshold, True if lower is better)
@@ -75,6 +75,19 @@ def knob_row(r: dict, raw_exposed: float) -> dict:
             "rss_peak_mb": max(peaks, default=None), "rss_added_mb": max(added, default=None)}
 
 
+def scratch(results: dict) -> list[dict]:
+    """ScratchDDP against stock DDP and the raw all-reduce, per workload: step times and paired ratios."""
+    rows = []
+    for label, m in results["scratch"].items():
+        t = m["step_s"]
+        rows.append({"workload": label, "params": m["params"], "batch": m["batch"],
+                     "step_s": {name: stats(times) for name, times in t.items()},
+                     "scratch_over_ddp": ratio(t, "ScratchDDP", "DDP"),
+                     "raw_over_ddp": ratio(t, "raw all-reduce", "DDP"),
+                     "max_diff_vs_ddp": m["max_diff_vs_ddp"]})
+    return rows
+
+
 def busbw(results: dict, n: int = 2) -> list[dict]:
     """busbw = S / t * 2(N-1)/N: what each link carries in a ring all-reduce (nccl-tests' definition)."""
     rows = []
@@ -100,6 +113,8 @@ def summarize(results: dict) -> dict:
     s = {"weak_scaling": weak_scaling(results, cores), "ddp_overhead_n1": overhead_n1(results)}
     if "knobs" in results:
         s |= {"knobs": knobs(results), "busbw": busbw(results)}
+    if "scratch" in results:
+        s["scratch"] = scratch(results)
     s["launchers"] = launchers(results)
     s |= {"trainer": report_trainer.trainer_rows(results), "command": report_trainer.command_summary(results)}
     s["targets"] = targets(s)
@@ -162,6 +177,8 @@ def markdown(results: dict) -> str:
     parts += [weak_section(s), overhead_section(s)]
     if "knobs" in s:
         parts += [knobs_section(results), busbw_section(s)]
+    if "scratch" in s:
+        parts.append(scratch_section(s["scratch"]))
     if s.get("trainer"):
         parts.append(report_trainer.trainer_section(s))
     parts += [launchers_section(s["launchers"]), report_trainer.command_section(s)]
@@ -169,13 +186,10 @@ def markdown(results: dict) -> str:
 
 
 def weak_section(s: dict) -> str:
-    def r3(o: dict) -> str:
-        return f"{o['median']:.2f} [{o['min']:.2f}–{o['max']:.2f}]"
-
     rows = [[f"{r['workload']} ({params(r['params'])})", f"{r['n']}" + (" (oversubscribed)" if r["oversubscribed"]
              else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", ms(r["solo_step_s"]),
-             f"{r['solo_samples_per_s']:,.0f}", r3(r["efficiency"]), r3(r["core_sharing"]), r3(r["sync"]),
-             r3(r["tuned_efficiency"])] for r in s["weak_scaling"]]
+             f"{r['solo_samples_per_s']:,.0f}", spread(r["efficiency"]), spread(r["core_sharing"]), spread(r["sync"]),
+             spread(r["tuned_efficiency"])] for r in s["weak_scaling"]]
     faults = [[r["workload"], r["n"]] + [f"{r['page_faults_per_step'][v]:,.0f}" for v in ("solo bare", "bare", "DDP")]
               for r in s["weak_scaling"] if r.get("page_faults_per_step")]
     return ("## Weak scaling (same batch per rank at every N)\n\nN = 1 is rank 0 running alone inside the same job, "
@@ -227,6 +241,19 @@ def buckets(sizes: list[float] | None) -> str:
 def size_label(mb: float) -> str:
     n = mb * MB
     return f"{mb:g} MB" if n >= MB else f"{n / 1000:g} KB" if n >= 1000 else f"{n:.0f} B"
+
+
+def scratch_section(rows: list[dict]) -> str:
+    return ("## ddp_demo's own DDP beside torch's at N = 2\n\nScratchDDP (ddp_demo/parallel/ddp.py) at DDP's "
+            "default bucket sizes, stock DDP, and the bare step plus one raw all-reduce of all gradients, "
+            "interleaved; ratios are paired per repetition. Max gradient difference: ScratchDDP's after its last "
+            "step against DDP's.\n\n"
+            + table(["workload", "bare, ms", "stock DDP, ms", "ScratchDDP, ms", "raw all-reduce, ms",
+                     "ScratchDDP / DDP", "raw / DDP", "max gradient difference"],
+                    [[f"{r['workload']} ({params(r['params'])}, batch {r['batch']})"]
+                     + [ms(r["step_s"][v]) for v in ("bare", "DDP", "ScratchDDP", "raw all-reduce")]
+                     + [spread(r["scratch_over_ddp"]), spread(r["raw_over_ddp"]), f"{r['max_diff_vs_ddp']:.1e}"]
+                     for r in rows]))
 
 
 def busbw_section(s: dict) -> str:

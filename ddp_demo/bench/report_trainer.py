@@ -9,7 +9,7 @@ commands), then the median.
 from __future__ import annotations
 
 from ddp_demo.bench.command import PHASES
-from ddp_demo.bench.numbers import ms, paired, ratio, stats, table
+from ddp_demo.bench.numbers import ms, paired, ratio, spread, stats, table
 
 
 def trainer_rows(results: dict) -> list[dict]:
@@ -45,7 +45,7 @@ def command_summary(results: dict) -> dict:
 
 def trainer_section(s: dict) -> str:
     def r3(o: dict) -> str:
-        return f"{o['median']:.3f} [{o['min']:.3f}–{o['max']:.3f}]"
+        return spread(o, 3)
 
     rows = [[r["model"], ms(r["bare_step_s"]), ms(r["trainer_step_s"]), r3(r["trainer_over_bare"]),
              r3(r["own_all_reduce_over_bare"]), ms(r["bf16_step_s"]), r3(r["bf16_over_fp32"])] for r in s["trainer"]]
