@@ -97,7 +97,8 @@ def busbw_panel(ax, s: dict) -> None:
 
 
 def overhead_panel(ax, s: dict) -> None:
-    """What the wrappers cost: DDP at N = 1 over the bare module, accelerate over torchrun;
+    """What the wrappers cost: DDP at N = 1 over the bare module, accelerate over torchrun, the
+    trainer's step over the minimal DDP loop's (N = 2);
     whiskers: the per-repetition (per-block for the launchers) min-max."""
     labels, values, lows, highs, colors, limits = [], [], [], [], [], []
 
@@ -118,6 +119,9 @@ def overhead_panel(ax, s: dict) -> None:
         t, a = lr["torchrun_step_s"], lr["accelerate_step_s"]
         ratio = {"median": lr["ratio"] - 1, "min": a["min"] / t["max"] - 1, "max": a["max"] / t["min"] - 1}
         add("accelerate /\ntorchrun", ratio, 100, "tab:purple", 2.0)
+    for r in s.get("trainer") or []:  # the trainer's step over the minimal DDP loop's, N = 2
+        o = r["trainer_over_bare"]
+        add(f"{r['model']}\ntrainer/loop", {k: v - 1 for k, v in o.items()}, 100, "tab:orange", 2.0)
     ax.bar(range(len(values)), values, yerr=[lows, highs], capsize=3, color=colors)
     for i, limit in enumerate(limits):
         if limit is not None:
@@ -125,5 +129,5 @@ def overhead_panel(ax, s: dict) -> None:
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(values)), labels, fontsize=8)
     ax.set_ylabel("overhead, % of the step")
-    ax.set_title("Wrapper overhead: DDP at N = 1 over bare; accelerate over torchrun\n"
+    ax.set_title("Overheads: DDP at N = 1 / bare; accelerate / torchrun; trainer / bare DDP loop\n"
                  "(dashed: target; whiskers: min–max)", fontsize=10)
