@@ -49,7 +49,9 @@ def ddp_grad_sync(model: torch.nn.Module, k: int, never_sync: bool = False) -> G
         return contextlib.nullcontext()
 
     def backward(loss: torch.Tensor) -> None:
-        (loss / k).backward()  # DDP all-reduces gradient buckets while this runs, unless in no_sync
+        # DDP all-reduces gradient buckets while this runs, unless in no_sync. (k = 1: loss / 1
+        # would be one more op in forward and backward for the same numbers.)
+        (loss / k if k > 1 else loss).backward()
 
     return GradSync(context, backward)
 
@@ -65,12 +67,13 @@ def accumulate_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     """
     losses = []
     # TrainConfig.check_batch_split made the rank's batch divide by k: the pieces are equal.
-    for i, (xm, ym) in enumerate(zip(x.tensor_split(k), y.tensor_split(k), strict=True), start=1):
+    pieces = zip(x.tensor_split(k), y.tensor_split(k), strict=True) if k > 1 else [(x, y)]
+    for i, (xm, ym) in enumerate(pieces, start=1):
         with sync.context(i == k):
             with precision.autocast():
                 loss = loss_fn(model(xm), ym)
             losses.append(loss.detach())
             if note_loss is not None:
-                note_loss(loss)
+                note_loss(losses[-1])
             sync.backward(precision.scale(loss))
-    return torch.stack(losses).mean()
+    return losses[0] if k == 1 else torch.stack(losses).mean()

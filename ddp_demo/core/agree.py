@@ -40,7 +40,7 @@ class Agreement:
         self.losses: list[torch.Tensor] = []  # this step's micro-batch losses (detached), before the synced backward
         self.stop = False
         self.carried: torch.Tensor | None = None  # the agreed pair, once bucket 0 has carried it this step
-        self._room: dict[tuple, torch.Tensor] = {}  # bucket 0 plus two numbers, reused every step
+        self._room: dict[tuple, tuple] = {}  # bucket 0 plus two numbers, and views into it, reused every step
         if carry and isinstance(model, DDP):  # accelerate's prepared model is torch's DDP too
             model.register_comm_hook(model.process_group, self._hook)
 
@@ -48,8 +48,11 @@ class Agreement:
         self.losses, self.stop, self.carried = [], stop, None
 
     def note(self, loss: torch.Tensor) -> None:
-        """A micro-batch's mean loss, noted before its backward (which may be the synced one)."""
-        self.losses.append(loss.detach())
+        """A micro-batch's mean loss (detached), noted before its backward (which may be the synced one)."""
+        self.losses.append(loss)
+
+    def mean_loss(self) -> torch.Tensor:
+        return self.losses[0] if len(self.losses) == 1 else torch.stack(self.losses).mean()
 
     def _hook(self, group, bucket):  # (ProcessGroup | None, dist.GradBucket) -> Future[Tensor]
         # No annotations: DDP checks them against the real classes, and this module's
@@ -59,22 +62,25 @@ class Agreement:
         if bucket.index() != 0 or not self.losses:  # torch's allreduce_hook: average by dividing first, then sum
             grads.div_(group.size())
             return dist.all_reduce(grads, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
-        n = grads.numel()
-        both = self._room.get((n, grads.dtype))
-        if both is None:
-            both = self._room[(n, grads.dtype)] = torch.empty(n + 2, dtype=grads.dtype, device=grads.device)
-        torch.div(grads, group.size(), out=both[:n])  # one pass, as the default hook's in-place division
-        both[n].copy_(torch.stack(self.losses).mean())
-        both[n + 1].fill_(float(self.stop))  # a fill, not a host-to-device copy: no CUDA sync
-        both[n:].div_(group.size())
-        self.carried = both[n:]
+        n, size = grads.numel(), group.size()
+        if (n, grads.dtype) not in self._room:
+            both = torch.empty(n + 2, dtype=grads.dtype, device=grads.device)
+            self._room[(n, grads.dtype)] = both, both[:n], both[n], both[n + 1], both[n:]
+        both, room_grads, room_loss, room_stop, pair = self._room[(n, grads.dtype)]
+        # Every number divided by N before the sum, as torch's allreduce_hook does: the gradients
+        # in one pass (as its in-place division), the loss and the flag beside them. The flag
+        # is a fill, not a host-to-device copy, so there is no CUDA sync here.
+        torch.div(grads, size, out=room_grads)
+        torch.div(self.mean_loss(), size, out=room_loss)
+        room_stop.fill_(float(self.stop) / size)
+        self.carried = pair
         return dist.all_reduce(both, group=group, async_op=True).get_future().then(lambda f: f.value()[0][:n])
 
     def result(self) -> torch.Tensor:
         """``[mean loss over the global batch, > 0 if any rank asked to stop]`` on this rank's device."""
         if self.carried is not None:
             return self.carried
-        pair = torch.stack([torch.stack(self.losses).mean().to(torch.float64),
+        pair = torch.stack([self.mean_loss().to(torch.float64),
                             torch.full((), float(self.stop), dtype=torch.float64, device=self.device)])
         if dist.is_initialized():  # no hook ran this step: one all-reduce of its own
             dist.all_reduce(pair)
