@@ -10,7 +10,8 @@ it into:
 - set-up: flags, data, the process group, the model and DDP;
 - training: the steps;
 - final checks: the ranks' parameters compared, the held-out accuracy;
-- writing + exit: ``final.pt``, ``metrics.jsonl``, ``summary.json``, teardown, exit.
+- writing: ``final.pt``, ``metrics.jsonl``, ``summary.json`` (up to ``summary.json``'s mtime);
+- exit: leaving the process group, the interpreter's shutdown, the launcher's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from ddp_demo.bench.launchers import ROOT
 
-PHASES = ("launcher + imports", "set-up", "training", "final checks", "writing + exit")
+PHASES = ("launcher + imports", "set-up", "training", "final checks", "writing", "exit")
 LIBS = Path("/usr/lib/x86_64-linux-gnu")  # where Debian's libjemalloc2 and libtcmalloc-minimal4 put them
 
 
@@ -39,8 +40,8 @@ def allocators() -> dict[str, tuple[dict[str, str], list[str]]]:
 MARKS = ("main_started", "training_started", "training_ended", "checks_ended")
 
 
-def phases(start: float, end: float, timeline: dict) -> dict[str, float]:
-    marks = [start, *(timeline[m] for m in MARKS), end]
+def phases(start: float, end: float, timeline: dict, written: float) -> dict[str, float]:
+    marks = [start, *(timeline[m] for m in MARKS), written, end]
     return {name: b - a for name, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)}
 
 
@@ -55,7 +56,8 @@ def launch_once(flags: list[str], env: dict[str, str], out: Path, timeout: float
     end = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"launch/torchrun.sh {' '.join(flags)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return phases(start, end, json.loads((out / "summary.json").read_text())["timeline"])
+    summary = out / "summary.json"
+    return phases(start, end, json.loads(summary.read_text())["timeline"], summary.stat().st_mtime)
 
 
 def compare(jobs: dict[str, list[str]], settings: dict[str, tuple[dict, list[str]]], launches: int, bar,
