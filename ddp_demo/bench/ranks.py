@@ -54,7 +54,7 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
         workload, variants = tasks["knobs"]
         out["knobs"] = knobs_on_rank(ctx, workload, variants, r, queue)
     if "trainer" in tasks:
-        out["trainer"] = trainer_on_rank(ctx, *tasks["trainer"], r, queue)
+        out["trainer"] = trainer_on_rank(ctx, *tasks["trainer"], queue)
     if "scratch" in tasks:
         out["scratch"] = {w.label: scratch_on_rank(ctx, w, r, queue) for w in tasks["scratch"]}
     out["threads"] = torch.get_num_threads()

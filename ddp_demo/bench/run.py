@@ -69,6 +69,9 @@ class BenchPlan:
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
     launches: int  # launches per launcher, alternated
     trainer_steps: int  # steps per epoch (= per repetition) of the trainer vs bare-loop comparison, at N = 2
+    # Its repetitions: more than the rest, as a gloo all-reduce here takes 0.2 or 1.8 ms by chance, which moves
+    # a 64-step epoch of the 2 ms MLP step by more than the 2% the comparison is about.
+    trainer_reps: int
     malloc: str = "keep"  # as the trainer's --malloc: keep freed memory (core/malloc.py), or glibc's default
     trainer_models: tuple[str, ...] = ("mlp", "cnn")
     command_jobs: dict = field(default_factory=lambda: {"default": [], "cnn": ["--model", "cnn"]})  # trainer flags
@@ -80,7 +83,7 @@ def make_plan(quick: bool, launchers: bool, malloc: str = "keep") -> BenchPlan:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
         cnn = Workload("cnn", "cnn", 8, 2)
         return BenchPlan((2,), [cnn, mlp], mlp, [cnn, mlp], [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
-                    launcher_steps=12, launches=int(launchers), trainer_steps=4, malloc=malloc,
+                    launcher_steps=12, launches=int(launchers), trainer_steps=4, trainer_reps=2, malloc=malloc,
                     command_jobs={"default": ["--steps", "12"]})
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
@@ -89,7 +92,7 @@ def make_plan(quick: bool, launchers: bool, malloc: str = "keep") -> BenchPlan:
     return BenchPlan((2, 4), [cnn, Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp, [cnn, mlp],
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
-                launcher_steps=220, launches=3 * int(launchers), trainer_steps=64,  # 64: the trainer's epoch
+                launcher_steps=220, launches=3 * int(launchers), trainer_steps=64, trainer_reps=21,  # 64: an epoch
                 malloc=malloc)
 
 
@@ -188,7 +191,8 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
         tasks: dict = {"weak": plan.workloads, "malloc": plan.malloc}
         if n == 2:
             tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants),
-                      "scratch": plan.scratch_workloads, "trainer": (list(plan.trainer_models), plan.trainer_steps)}
+                      "scratch": plan.scratch_workloads, "trainer": (list(plan.trainer_models), plan.trainer_steps,
+                                                                       plan.trainer_reps)}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
         per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's

@@ -86,15 +86,16 @@ class TrainerEpochs:
         self.step = end
 
 
-def trainer_on_rank(ctx: DistContext, models: list[str], steps: int, r: Reps, queue) -> dict:
-    """Seconds per step of the bare loop and each trainer variant, per model, interleaved."""
+def trainer_on_rank(ctx: DistContext, models: list[str], steps: int, reps: int, queue) -> dict:
+    """Seconds per step of the bare loop and each trainer variant, per model, interleaved, ``reps`` times."""
+    r = Reps(warmup=1, reps=reps)  # one epoch each to warm up: buckets rebuilt, memory settled
     out = {}
     with open(os.devnull, "w") as quiet:
         for model in models:
             job = Job(model, steps, ctx)
             fns = {"bare loop": BareEpochs(job)}
             fns |= {name: TrainerEpochs(job, *how, quiet) for name, how in TRAINER_VARIANTS.items()}
-            warm_up(fns, Reps(warmup=1, reps=r.reps))  # one epoch each: buckets rebuilt, memory settled
+            warm_up(fns, r)
             times = interleaved(fns, {name: 1 for name in fns}, r, ctx)
             out[model] = {"steps_per_epoch": steps, "step_s": {k: [t / steps for t in v] for k, v in times.items()}}
             progress(queue, ctx, f"trainer vs bare loop: {model}")
