@@ -54,7 +54,7 @@ class TrainConfig:
     checkpoint_every: int = _opt(50, "steps between checkpoints (one is always written at the last step)")
     keep_last: int = _opt(3, "how many checkpoints to keep in --checkpoint-dir")
     resume: str = _opt("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH")
-    record_samples: bool = _opt(False, "record each step's global batch sample ids in metrics.jsonl")
+    record_samples: bool = _opt(False, "record each step's sample ids, rank by rank, in metrics.jsonl")
     inject_fault: str | None = _opt(
         None, "for tests and demos: KIND:RANK:STEP with KIND kill (SIGKILL) or hang (SIGSTOP), first attempt only",
         type_=str,
