@@ -226,6 +226,7 @@ def test_survivor_exits_on_its_own_when_a_peer_is_lost(data, tmp_path, kind, tim
         struck = time.monotonic()
         code = procs[0].wait(timeout=timeout + 60)
         waited = time.monotonic() - struck
+    print(f"{kind}: rank 0 exited {waited:.1f} s after the fault (--timeout {timeout})")  # shown by pytest -rA
     assert code == 1
     assert "lost contact with another rank" in (tmp_path / "rank0.err").read_text()
     if kind == "kill":

@@ -9,6 +9,8 @@ the tests assert them case by case.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ddp_demo.core.config import DTYPES, OPTIMIZERS
@@ -50,6 +52,7 @@ def cases(models=MODEL_NAMES, dtypes=DTYPE_NAMES) -> list[tuple]:
 ONE_PROCESS = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
 
 
+@functools.cache  # the same for every world size: computed once per case (callers only read it)
 def reference(case: tuple) -> dict[str, torch.Tensor]:
     """What one process computes on the whole batch (``trainer``: the trainer's own code, unwrapped)."""
     kind, model, dtype, *rest = case
