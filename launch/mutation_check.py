@@ -40,7 +40,7 @@ class Mutation:
 
 def _eq(kind: str) -> str:
     """Node id of a 5-step equivalence case at N = 2 (mlp, float64, SGD; ``kind`` params or trainer)."""
-    return f"tests/test_equivalence.py::test_parameters_after_five_steps_equal_single_process[{kind}-sgd-float64-mlp-2]"
+    return f"tests/test_equivalence.py::test_parameters_after_five_steps_equal_single_process[2-mlp-float64-sgd-{kind}]"
 
 
 CKPT = "tests/test_checkpoint.py::"
@@ -208,8 +208,9 @@ def run(chosen: list[Mutation], work: Path) -> int:
     start = time.monotonic()
     failed, ran = failing_tests(copy_repo(work / "baseline"), every_test, work / "baseline.log")
     print(f"baseline: {ran} tests on the unchanged package, {len(failed)} failed ({time.monotonic() - start:.0f} s)")
-    if failed or ran == 0:
-        print("the tests must pass on the unchanged package first:\n  " + "\n  ".join(failed))
+    if failed or ran < len(every_test):  # each node id runs at least one test; a wrong one runs none
+        tail = "".join((work / "baseline.log").read_text().splitlines(keepends=True)[-15:])
+        print("the tests must pass on the unchanged package first:\n  " + "\n  ".join(failed) + "\n" + tail)
         return 1
     rows = []
     for i, m in enumerate(chosen):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .helpers import ROOT
+from .helpers import PYTHON, ROOT, run_cmd
 
 spec = importlib.util.spec_from_file_location("mutation_check", ROOT / "launch" / "mutation_check.py")
 mutation_check = sys.modules["mutation_check"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
@@ -40,3 +40,11 @@ def test_negative_control_a_target_that_moved_stops_the_check(tmp_path):
     with pytest.raises(SystemExit, match="occurs 0 times"):
         mutation_check.apply(moved, tmp_path)
     assert (tmp_path / "f.py").read_text() == "x = 1\n"
+
+
+def test_every_named_test_id_is_collected(tmp_path):
+    """Parametrized ids included (``[2-mlp-float64-sgd-trainer]``): a renamed case would leave the
+    check's baseline with nothing to run."""
+    ids = sorted({t for m in MUTATIONS for t in m.tests})
+    proc = run_cmd([PYTHON, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids], ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
