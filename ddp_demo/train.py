@@ -35,6 +35,7 @@ from ddp_demo.core.loop import NonFiniteLoss, StepLog, StopRequested, loss_funct
 from ddp_demo.core.models import build_model
 from ddp_demo.core.outputs import check_out_dir, write_outputs
 from ddp_demo.doctor import LaunchProblem, preflight
+from ddp_demo.parallel.ddp import ScratchDDP
 from ddp_demo.resilience import checkpoint
 from ddp_demo.resilience.faults import FaultInjector
 from ddp_demo.resilience.resume import Checkpointer, checkpoint_state, resolve_resume, restore
@@ -54,15 +55,19 @@ def make_model(cfg: TrainConfig, task: Task, device: torch.device) -> torch.nn.M
     return build_model(cfg.model, task.x_shape, task.num_classes).to(device=device, dtype=cfg.torch_dtype)
 
 
-def ddp_wrap(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+def ddp_wrap(model: torch.nn.Module, ctx: DistContext, wrapper: str = "torch") -> torch.nn.Module:
     """The one line data parallelism adds to a model: ``DDP(model)``.
 
     DDP broadcasts rank 0's parameters and buffers now, and from here on every
     ``backward()`` averages the gradients over the ranks (in buckets, while backward
     runs). Without a process group (plain ``python``) there is nothing to average with.
+    ``--ddp scratch`` wraps with ddp_demo's own ``ScratchDDP`` instead: the same work done
+    by hooks and tensor ops you can read (ddp_demo/parallel/ddp.py), with the same result.
     """
     if not ctx.distributed:
         return model
+    if wrapper == "scratch":
+        return ScratchDDP(model)
     return DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
 
@@ -71,14 +76,18 @@ class Torchrun:
 
     Launchers differ only here: ``start`` joins the process group, ``wrap`` returns the
     model, optimizer and :class:`GradSync` (None: DDP ``no_sync``) the loop trains with,
-    ``release`` drops what the launcher holds before ``teardown``.
+    ``release`` drops what the launcher holds before ``teardown``; ``name`` is what
+    summary.json records as the run's ``launcher``.
     """
 
+    name = "torchrun"
+
     def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext:
+        self.name = env.launcher  # torchrun, srun, or python (plain `python -m ddp_demo.train`)
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
     def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:
-        return ddp_wrap(model, ctx), optimizer, None
+        return ddp_wrap(model, ctx, cfg.ddp), optimizer, None
 
     def release(self) -> None:
         pass
@@ -112,7 +121,8 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     optimizer = make_optimizer(cfg, model.parameters())
     start_step, saved_logs = restore(attempt.found, model, optimizer, ctx)
     history = [StepLog(**entry) for entry in saved_logs]
-    ddp, wrapped_optimizer, grad_sync = (launcher or Torchrun()).wrap(model, optimizer, cfg, ctx)
+    launcher = launcher or Torchrun()
+    ddp, wrapped_optimizer, grad_sync = launcher.wrap(model, optimizer, cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), device {ctx.device}, "
                        f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step"
@@ -138,10 +148,11 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         where = f"checkpoint of step {e.step} in {cfg.checkpoint_dir}; rerun the same command to resume" \
             if cfg.checkpoint_dir else "no --checkpoint-dir, so this progress is lost"
         raise RunFailed(f"{e}: {where}", attempt.stop.exit_code()) from None
-    return finish(cfg, task, ctx, model, logs, start)
+    return finish(cfg, task, ctx, model, logs, start, launcher.name)
 
 
-def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float) -> dict:
+def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float,
+           launcher: str) -> dict:
     identical = all_ranks_equal(flat_parameters(model), ctx)
     if identical:
         log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
@@ -149,6 +160,7 @@ def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[Ste
     summary = {
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
+        "launcher": launcher,
         "backend": ctx.backend,
         "device": ctx.device.type,
         "torch_version": torch.__version__,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,6 +27,7 @@ from ddp_demo.core.models import build_model
 SEED = 1234
 GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4
 LR = {"sgd": 0.05, "adam": 0.01}
+Wrap = Callable[[torch.nn.Module], torch.nn.Module]  # DDP, or another wrapper to run the same case under
 
 
 def case_setup(model_name: str, dtype: str, steps: int):
@@ -45,14 +46,16 @@ def shard(batch, ctx: DistContext):
     return [t[ctx.rank :: ctx.world_size] for t in batch]
 
 
-def _optimizer(name: str, params):
+def case_optimizer(name: str, params) -> torch.optim.Optimizer:
+    """The optimizer every case uses: the trainer's, at the case's learning rate."""
     return make_optimizer(TrainConfig(optimizer=name, lr=LR[name]), params)
 
 
-def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True) -> dict[str, torch.Tensor]:
-    """One forward/backward of this rank's shard through DDP; the resulting .grad tensors."""
+def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True,
+                  wrap: Wrap = DDP) -> dict[str, torch.Tensor]:
+    """One forward/backward of this rank's shard through DDP (or ``wrap``); the resulting .grad tensors."""
     model, (batch,), loss_fn = case_setup(model_name, dtype, steps=1)
-    ddp = DDP(model)
+    ddp = wrap(model)
     x, y = shard(batch, ctx)
     with contextlib.nullcontext() if sync else ddp.no_sync():
         loss_fn(ddp(x), y).backward()
@@ -66,12 +69,12 @@ def reference_grads(model_name: str, dtype: str) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, sync: bool = True,
-                   steps: int = 5) -> dict[str, torch.Tensor]:
-    """``steps`` optimizer steps through DDP; the parameters afterwards."""
+def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, steps: int = 5,
+                   sync: bool = True, wrap: Wrap = DDP) -> dict[str, torch.Tensor]:
+    """``steps`` optimizer steps through DDP (or ``wrap``); the parameters afterwards."""
     model, batches, loss_fn = case_setup(model_name, dtype, steps)
-    ddp = DDP(model)
-    opt = _optimizer(optimizer, ddp.parameters())
+    ddp = wrap(model)
+    opt = case_optimizer(optimizer, ddp.parameters())
     for batch in batches:
         x, y = shard(batch, ctx)
         opt.zero_grad()
@@ -83,7 +86,7 @@ def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str
 
 def reference_params(model_name: str, dtype: str, optimizer: str, steps: int = 5) -> dict[str, torch.Tensor]:
     model, batches, loss_fn = case_setup(model_name, dtype, steps)
-    opt = _optimizer(optimizer, model.parameters())
+    opt = case_optimizer(optimizer, model.parameters())
     for x, y in batches:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -91,8 +94,8 @@ def reference_params(model_name: str, dtype: str, optimizer: str, steps: int = 5
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def trainer_params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, sync: bool = True,
-                           steps: int = 5) -> dict[str, torch.Tensor]:
+def trainer_params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, steps: int = 5,
+                           sync: bool = True) -> dict[str, torch.Tensor]:
     """``steps`` optimizer steps through the trainer's own code: its model and optimizer,
     its loader (``rank_loader``: this rank's B / N samples of each shuffled global batch),
     the torchrun launcher's wrap (``DDP(model)``) and ``train_loop``. ``sync=False`` is
@@ -148,5 +151,10 @@ def all_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, dict[
     A case is ``("grads", model, dtype, sync)``, ``("params", model, dtype, optimizer, sync)``
     or ``("trainer", model, dtype, optimizer, sync)``.
     """
-    run = {"grads": grads_on_rank, "params": params_on_rank, "trainer": trainer_params_on_rank}
-    return {case: run[case[0]](ctx, *case[1:]) for case in cases}
+    steps = {"params": params_on_rank, "trainer": trainer_params_on_rank}
+    out = {}
+    for case in cases:
+        kind, model, dtype, *rest = case
+        out[case] = grads_on_rank(ctx, model, dtype, sync=rest[0]) if kind == "grads" else \
+            steps[kind](ctx, model, dtype, rest[0], sync=rest[1])
+    return out
