@@ -16,8 +16,10 @@ The table it prints is in docs/mutations.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -162,8 +164,14 @@ def failing_tests(repo: Path, tests: tuple[str, ...], log: Path) -> tuple[list[s
     report = log.with_suffix(".xml")
     env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests]
-    with open(log, "w") as out:
-        subprocess.run(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1800)
+    with open(log, "w") as out:  # its own session: if this script stops, torchrun's workers stop too
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=1800)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     if not report.exists():
         return ["(pytest wrote no report: see " + str(log) + ")"], 0
     cases = ET.parse(report).getroot().iter("testcase")
