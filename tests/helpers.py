@@ -119,10 +119,10 @@ def global_batches(out: Path, world_size: int, global_batch: int) -> list[list[i
     return batches
 
 
-def continued_from(out: Path, ckpt_file: Path) -> bool:
-    """The run in ``out`` took its first steps from the checkpoint, wall-clock rates included:
-    it resumed rather than redoing them (a redone step would log another rate)."""
-    logged = checkpoint.load(ckpt_file)["logs"]
+def continued_from(out: Path, logged: list[dict]) -> bool:
+    """The run in ``out`` took its first steps from a checkpoint whose ``logs`` were ``logged``
+    (read before the resume: a run that redid the work would rewrite that checkpoint), wall-clock
+    rates included. A redone step logs another rate, so this tells a resume from a rerun."""
     return len(logged) > 0 and metrics(out)[: len(logged)] == logged
 
 

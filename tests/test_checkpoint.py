@@ -70,10 +70,11 @@ def uninterrupted(data, tmp_path_factory) -> dict[tuple[str, str], Path]:
 def test_stopped_and_resumed_run_is_bit_identical(data, uninterrupted, tmp_path, in_process, model, optimizer):
     ref = uninterrupted[(model, optimizer)]
     assert in_process(*job(data, tmp_path, model, optimizer, steps=6)).returncode == 0
+    logged = checkpoint.load(tmp_path / "ckpt" / "step-000006.pt")["logs"]
     resumed = in_process(*job(data, tmp_path, model, optimizer))
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout and "step 6," in resumed.stdout
     assert max_diff(tmp_path / "out" / "final.pt", ref / "out" / "final.pt") == 0
-    assert continued_from(tmp_path / "out", tmp_path / "ckpt" / "step-000006.pt")
+    assert continued_from(tmp_path / "out", logged)
     want, got = (checkpoint.load(d / "ckpt" / "step-000012.pt")["optimizer"] for d in (ref, tmp_path))
     assert tensors(want) and len(tensors(want)) == len(tensors(got))
     assert all(torch.equal(a, b) for a, b in zip(tensors(want), tensors(got), strict=True))
@@ -97,7 +98,7 @@ def test_resume_path_takes_that_checkpoint(data, uninterrupted, tmp_path, in_pro
     resumed = in_process(*job(data, tmp_path, ckpt=False), "--resume", older)
     assert resumed.returncode == 0 and f"resuming from {older}: step 4," in resumed.stdout, resumed.stderr
     assert max_diff(tmp_path / "out" / "final.pt", ref / "out" / "final.pt") == 0
-    assert continued_from(tmp_path / "out", older)
+    assert continued_from(tmp_path / "out", checkpoint.load(older)["logs"])  # not rewritten: no --checkpoint-dir
 
 
 def test_resume_path_that_does_not_exist_is_one_line(data, tmp_path, in_process):
