@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
     p.add_argument("--keep", action="store_true", help="keep the temporary copies and logs")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as each mutation finishes
     chosen = [m for m in MUTATIONS if not args.only or args.only in m.name]
     if args.list or not chosen:
         for m in chosen:
@@ -228,7 +229,7 @@ def run(chosen: list[Mutation], work: Path) -> int:
         failed, ran = failing_tests(repo, m.tests, work / f"m{i}.log")
         rows.append((m, failed, ran))
         verdict = f"caught by {len(failed)} of {ran}" if failed else "NOT CAUGHT"
-        print(f"{m.name}: {verdict} ({time.monotonic() - start:.0f} s)", flush=True)
+        print(f"{m.name}: {verdict} ({time.monotonic() - start:.0f} s)")
     print("\n| mutation | file | caught by (tests that failed / tests run) |\n| --- | --- | --- |")
     for m, failed, ran in rows:
         caught = ("<br>".join(f"`{short(t)}`" for t in failed) + f" ({len(failed)}/{ran})") if failed \
