@@ -6,8 +6,10 @@ BatchNorm left as it is); ``shape`` is ``"BC"`` (BatchNorm1d on ``(B, C)``) or `
 (BatchNorm2d); ``split`` deals the global batch ``r::N`` (``"even"``, as DistributedSampler
 does) or in contiguous pieces of different sizes, one of them empty at N = 4 (``"uneven"``).
 
-Every rank wraps the layer in DDP and runs two forward/backward steps on its share of two
-seeded global batches, with ``loss = sum(y * g)`` for a seeded upstream gradient ``g``, so the
+One set of 4 processes runs every world size: N = 1, 2, 3 use the process groups of ranks
+0..N-1 (``dist.new_group``), since starting processes costs seconds and a case milliseconds.
+Every rank of the group wraps the layer in DDP over that group and runs two forward/backward
+steps on its share of two seeded global batches, with ``loss = sum(y * g)`` for a seeded upstream gradient ``g``, so the
 single-process loss is the sum of the ranks' losses whatever their sizes.
 :func:`sync_bn_cases_on_rank` returns what a rank holds after that; :func:`compare` holds it
 against one process: outputs and input gradients of step 1 (put back in global order),
@@ -18,6 +20,7 @@ process's sum), and the running statistics after step 2.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -25,6 +28,7 @@ from ddp_demo.core.config import DTYPES
 from ddp_demo.core.dist import DistContext
 from ddp_demo.parallel.sync_batchnorm import convert_sync_batchnorm
 from ddp_demo.proof.cases import TOLERANCE
+from ddp_demo.proof.spawn import run_on_ranks
 
 BATCH, CHANNELS, SEED = 20, 3, 7
 UNEVEN = {1: [20], 2: [7, 13], 3: [2, 7, 11], 4: [0, 3, 8, 9]}  # samples per rank, in order
@@ -57,19 +61,19 @@ def case_data(dtype: str, shape: str) -> dict:
             for k, v in data.items()}
 
 
-def make_layer(layer: str, dtype: str, shape: str, data: dict) -> nn.Module:
+def make_layer(layer: str, dtype: str, shape: str, data: dict, group=None) -> nn.Module:
     bn = (nn.BatchNorm1d if shape == "BC" else nn.BatchNorm2d)(CHANNELS, momentum=0.1).to(DTYPES[dtype])
     with torch.no_grad():
         bn.weight.copy_(data["weight"])
         bn.bias.copy_(data["bias"])
-    return convert_sync_batchnorm(bn) if layer == "sync" else bn
+    return convert_sync_batchnorm(bn, group) if layer == "sync" else bn
 
 
-def run_case(ctx: DistContext, case: tuple) -> dict[str, torch.Tensor]:
+def run_case(rank: int, world_size: int, group, case: tuple) -> dict[str, torch.Tensor]:
     layer, dtype, shape, split = case
-    data, idx = case_data(dtype, shape), indices(split, ctx.rank, ctx.world_size)
-    bn = make_layer(layer, dtype, shape, data)
-    ddp, out = DDP(bn), {}
+    data, idx = case_data(dtype, shape), indices(split, rank, world_size)
+    bn = make_layer(layer, dtype, shape, data, group)
+    ddp, out = DDP(bn, process_group=group), {}
     for step in range(2):
         x = data["x"][step][idx].clone().requires_grad_(True)
         y = ddp(x)
@@ -79,9 +83,21 @@ def run_case(ctx: DistContext, case: tuple) -> dict[str, torch.Tensor]:
     return {**out, "running_mean": bn.running_mean, "running_var": bn.running_var}
 
 
-def sync_bn_cases_on_rank(ctx: DistContext, case_list: list[tuple]) -> dict[tuple, dict[str, torch.Tensor]]:
-    """Every case in one set of processes (start-up costs seconds, a case milliseconds)."""
-    return {case: run_case(ctx, case) for case in case_list}
+def sync_bn_cases_on_rank(ctx: DistContext, world_sizes: tuple[int, ...]) -> dict[int, dict[tuple, dict]]:
+    """``{N: {case: this rank's tensors}}`` for every N this rank takes part in."""
+    out = {}
+    for n in world_sizes:
+        group = dist.new_group(list(range(n)))  # every rank must join the creation of every group
+        if ctx.rank < n:
+            out[n] = {case: run_case(ctx.rank, n, group, case) for case in cases(n)}
+    return out
+
+
+def run_all(world_sizes: tuple[int, ...] = (1, 2, 3, 4), timeout: float = 200) -> dict[int, dict[tuple, dict]]:
+    """``{N: {case: compare(...)}}``: every case at every N, on one set of ``max(world_sizes)`` processes."""
+    per_rank = run_on_ranks(sync_bn_cases_on_rank, max(world_sizes), (world_sizes,), timeout=timeout)
+    return {n: {case: compare(case, [per_rank[r][n][case] for r in range(n)]) for case in cases(n)}
+            for n in world_sizes}
 
 
 def reference(case: tuple) -> dict[str, torch.Tensor]:
