@@ -16,18 +16,27 @@ def _stage(row: Row, steps: int) -> str:
     return "gradient" if row.stage == "gradient" else f"value after {steps} step{'s' * (steps > 1)}"
 
 
+def tolerance_line(v: Verdict) -> str:
+    tol = v.tolerance
+    line = (f"tolerance per tensor ({tol['dtype']}): max |DDP - one process| <= {tol['atol']:g} + {tol['rtol']:g} "
+            "x max |one process|")
+    if tol["adam_allowance"]:
+        line += (f", plus {tol['adam_allowance']:.3g} for values after Adam steps (Adam can turn rounding in a "
+                 "zero gradient into a step; docs/check.md)")
+        if tol["adam_allowance"] >= 2 * v.plan.steps * v.plan.learning_rate:
+            line += "; at this dtype that is a full step each way, so the gradients carry the proof"
+    return line
+
+
 def header(v: Verdict) -> list[str]:
-    model, plan, tol = v.target.model, v.plan, v.tolerance
+    model, plan = v.target.model, v.plan
     params = [p for p in model.parameters() if p.requires_grad]
     return [
         f"ddp_demo.check {plan.spec}",
         f"model {type(model).__name__}: {len(params)} parameter tensors ({sum(p.numel() for p in params):,} values); "
-        f"batch of {v.target.batch_size}; {tol['dtype']}; {plan.steps} step{'s' * (plan.steps > 1)} of "
+        f"batch of {v.target.batch_size}; {v.tolerance['dtype']}; {plan.steps} step{'s' * (plan.steps > 1)} of "
         f"{plan.optimizer}, lr {plan.learning_rate:g}",
-        f"tolerance per tensor ({tol['dtype']}): max |DDP - one process| <= {tol['atol']:g} + {tol['rtol']:g} "
-        "x max |one process|" + (f", plus {tol['adam_allowance']:.3g} after the Adam steps "
-                                 "(rounding in a zero gradient becomes a step; docs/check.md)"
-                                 if tol["adam_allowance"] else ""),
+        tolerance_line(v),
         f"{'N':>4}  {'gradients (1st backward)':>24}  {'after ' + str(plan.steps) + ' steps':>14}  {'time':>7}",
     ]
 
@@ -60,8 +69,9 @@ def verdict_lines(v: Verdict) -> list[str]:
     if v.ok:
         worst = max((r.max_abs_diff for w in v.worlds for r in w.rows), default=0.0)
         note = "; with find_unused_parameters=True" if v.plan.find_unused_parameters else ""
-        return [f"PASS: DDP on {sizes} processes equals one process (largest difference {_num(worst)}, "
-                f"tolerance {v.tolerance['atol']:g} + {v.tolerance['rtol']:g} x scale){note}"]
+        noun = "process" if sizes == "1" else "processes"
+        return [f"PASS: DDP on {sizes} {noun} equals one process: every tensor within its tolerance "
+                f"(largest difference {_num(worst)}){note}"]
     world, row = v.first_failure()
     if row is not None:
         lines = [f"FAIL at N={world.world_size}: {row.name}'s {_stage(row, v.plan.steps)} differs by "

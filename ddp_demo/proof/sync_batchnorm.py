@@ -9,12 +9,15 @@ does) or in contiguous pieces of different sizes, one of them empty at N = 4 (``
 One set of 4 processes runs every world size: N = 1, 2, 3 use the process groups of ranks
 0..N-1 (``dist.new_group``), since starting processes costs seconds and a case milliseconds.
 Every rank of the group wraps the layer in DDP over that group and runs two forward/backward
-steps on its share of two seeded global batches, with ``loss = sum(y * g)`` for a seeded upstream gradient ``g``, so the
-single-process loss is the sum of the ranks' losses whatever their sizes.
+steps on its share of two seeded global batches, with ``loss = sum(y * g)`` for a seeded
+upstream gradient ``g``, so the single-process loss is the sum of the ranks' losses whatever
+their sizes.
 :func:`sync_bn_cases_on_rank` returns what a rank holds after that; :func:`compare` holds it
 against one process: outputs and input gradients of step 1 (put back in global order),
 weight and bias gradients of step 1 (DDP averages them, so N times the rank's equals one
 process's sum), and the running statistics after step 2.
+
+    python -m ddp_demo.proof.sync_batchnorm     # the table; tests/test_sync_batchnorm.py asserts it
 """
 
 from __future__ import annotations
@@ -141,3 +144,21 @@ def compare(case: tuple, per_rank: list[dict], want: dict[str, torch.Tensor] | N
             worst = max(worst, (diff, key))
             close &= torch.allclose(got[key], w, **TOLERANCE[case[1]])
     return {"max_abs_diff": worst[0], "worst": worst[1], "close": close}
+
+
+def main() -> int:
+    """``python -m ddp_demo.proof.sync_batchnorm``: every case's largest difference, N = 1 to 4."""
+    ok = True
+    print(f"{'N':>2}  {'layer':<6} {'dtype':<8} {'shape':<5} {'split':<7} {'max |N ranks - one process|':>28}  verdict")
+    for n, rows in run_all().items():
+        for (layer, dtype, shape, split), got in rows.items():
+            good = got["close"] if layer == "sync" else not got["close"]  # the control must miss
+            ok &= good
+            verdict = ("match" if layer == "sync" else "differs (control)") if good else "FAIL"
+            print(f"{n:>2}  {layer:<6} {dtype:<8} {shape:<5} {split:<7} {got['max_abs_diff']:>28.3g}  {verdict}")
+    print("all checks passed" if ok else "SOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
