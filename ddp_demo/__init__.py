@@ -8,13 +8,14 @@ The package, by concern (entry points on top, each run as ``python -m ddp_demo.<
 
 - ``train``, ``train_accelerate``: the trainer under torchrun or ``accelerate launch``;
   ``verify``: the equivalence table; ``explain``: one gradient, reconciled;
-  ``doctor``: the launch doctor; ``bench``: the benchmark.
+  ``doctor``: the launch doctor; ``bench``: the benchmark; ``compare``: runs of one job on one picture.
 - ``core``: the training core (config -> dist -> data -> models -> loop -> outputs).
 - ``resilience``: checkpoints, resume, stop signals, injected faults.
+- ``parallel``: data-parallel machinery by hand: ``ScratchDDP``, DDP from hooks (``--ddp scratch``);
+  ``SyncBatchNorm`` for the CPU (``ddp_demo.convert_sync_batchnorm``).
 - ``proof``: N processes against one, case by case, with negative controls.
 - ``check``: the same proof pointed at your own model (``python -m ddp_demo.check``);
   ``testing``: its pytest helper.
-- ``parallel``: data-parallel machinery written by hand, e.g. SyncBatchNorm for the CPU.
 
 ``ddp_demo.convert_sync_batchnorm(model)`` is imported on first use, so that every command
 that imports this package stays quick to start.

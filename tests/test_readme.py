@@ -106,7 +106,7 @@ def runnable_with_dash_m(name: str) -> bool:
 
 
 def test_module_pattern_finds_commands():
-    text = "torchrun --nproc_per_node=2 -m ddp_demo.train; python -m ddp_demo; ENTRY=ddp_demo.proof.x; --rdzv-id=ddp_demo"
+    text = "torchrun -m ddp_demo.train; python -m ddp_demo; ENTRY=ddp_demo.proof.x; --rdzv-id=ddp_demo"
     assert MODULE.findall(text) == ["ddp_demo.train", "ddp_demo", "ddp_demo.proof.x"]
 
 
