@@ -128,18 +128,24 @@ def test_json_has_per_tensor_per_n_differences_and_tolerances():
     assert {t["kind"] for t in data["world_sizes"][0]["tensors"]} == {"parameter", "buffer"}  # running stats
 
 
-# --- the command and the helper (N = 1: one process each, as they share the engine above) -----------
+# --- the command and the helper ------------------------------------------------------------------
+# One real run each (N = 1, a single process); their other outcomes reuse verdicts computed above.
 
 
-def test_command_exit_codes_0_and_1_and_json(tmp_path, capsys):
+def test_command_exit_1_prints_the_cause_and_writes_json(tmp_path, capsys):
     out = tmp_path / "v.json"
     assert main([f"{EX}/unused.py:build", "--world-sizes", "1", "--json", str(out)]) == 1
     report = capsys.readouterr().out
-    assert "FAIL at N=1" in report and "aux.weight" in report
+    assert "FAIL at N=1" in report and "cause: parameters that receive no gradient: aux.bias, aux.weight" in report
     assert json.loads(out.read_text())["causes"][0]["names"] == ["aux.bias", "aux.weight"]
-    assert main([f"{EX}/unused.py:build", "--world-sizes", "1", "--find-unused-parameters"]) == 0
-    report = capsys.readouterr().out
-    assert "PASS: DDP on 1 process equals one process" in report and "tolerance per tensor (float64)" in report
+
+
+@pytest.mark.parametrize("name,code", [("lstm.py:build", 0), ("summed_loss.py:build", 1)])
+def test_command_exit_code_and_output_follow_the_verdict(name, code, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ddp_demo.check.__main__.check", lambda specs, options: [verdicts()[name]])
+    assert main([f"{EX}/{name}", "--json", str(tmp_path / "v.json")]) == code
+    assert capsys.readouterr().out.strip() == text(verdicts()[name])
+    assert json.loads((tmp_path / "v.json").read_text())["exit_code"] == code
 
 
 class OneOfTwo(torch.nn.Module):
@@ -158,16 +164,18 @@ def build_with_unused_layer():
     return OneOfTwo(), (x, x.sum(dim=1, keepdim=True)), torch.nn.functional.mse_loss
 
 
-def test_helper_raises_the_report():
-    with pytest.raises(AssertionError, match=r"FAIL at N=1(.|\n)*cause: parameters that receive no gradient: "
-                                             r"unused.bias, unused.weight"):
-        assert_ddp_equivalent(build_with_unused_layer, world_sizes=(1,))
+def test_helper_passes_a_test_files_function_and_takes_the_flags():
+    assert assert_ddp_equivalent(build_with_unused_layer, world_sizes=(1,), find_unused_parameters=True) is None
     with pytest.raises(CheckError, match="module-level"):
         assert_ddp_equivalent(lambda: None)
 
 
-def test_helper_passes_quietly():
-    assert assert_ddp_equivalent(f"{EX}/summed_loss.py:build_mean", world_sizes=(1,)) is None
+def test_helper_failure_message_is_the_report(monkeypatch):
+    v = verdicts()["summed_loss.py:build"]
+    monkeypatch.setattr("ddp_demo.testing.check", lambda specs, options: [v])
+    with pytest.raises(AssertionError) as failure:
+        assert_ddp_equivalent(build_with_unused_layer)
+    assert str(failure.value).strip() == text(v) and "cause: the loss sums over the batch" in text(v)
 
 
 # --- bad input: one line, exit 2, nothing written -----------------------------------------------
