@@ -78,8 +78,7 @@ class Torchrun:
     name = "torchrun"
 
     def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext:
-        if not env.launched:
-            self.name = "python"  # plain `python -m ddp_demo.train`: one process, no launcher
+        self.name = env.launcher  # torchrun, srun, or python (plain `python -m ddp_demo.train`)
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
     def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:

@@ -21,7 +21,9 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    """This environment less any launcher's: run inside a SLURM job, the suite's own processes
+    would otherwise read its ``SLURM_*`` variables as their rank and world size (core/dist.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
