@@ -35,6 +35,7 @@ from ddp_demo.core.loop import NonFiniteLoss, StepLog, StopRequested, loss_funct
 from ddp_demo.core.models import build_model
 from ddp_demo.core.outputs import check_out_dir, write_outputs
 from ddp_demo.doctor import LaunchProblem, preflight
+from ddp_demo.parallel.ddp import ScratchDDP
 from ddp_demo.resilience import checkpoint
 from ddp_demo.resilience.faults import FaultInjector
 from ddp_demo.resilience.resume import Checkpointer, checkpoint_state, resolve_resume, restore
@@ -54,15 +55,19 @@ def make_model(cfg: TrainConfig, task: Task, device: torch.device) -> torch.nn.M
     return build_model(cfg.model, task.x_shape, task.num_classes).to(device=device, dtype=cfg.torch_dtype)
 
 
-def ddp_wrap(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+def ddp_wrap(model: torch.nn.Module, ctx: DistContext, wrapper: str = "torch") -> torch.nn.Module:
     """The one line data parallelism adds to a model: ``DDP(model)``.
 
     DDP broadcasts rank 0's parameters and buffers now, and from here on every
     ``backward()`` averages the gradients over the ranks (in buckets, while backward
     runs). Without a process group (plain ``python``) there is nothing to average with.
+    ``--ddp scratch`` wraps with ddp_demo's own ``ScratchDDP`` instead: the same work done
+    by hooks and tensor ops you can read (ddp_demo/parallel/ddp.py), with the same result.
     """
     if not ctx.distributed:
         return model
+    if wrapper == "scratch":
+        return ScratchDDP(model)
     return DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
 
@@ -82,7 +87,7 @@ class Torchrun:
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
     def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:
-        return ddp_wrap(model, ctx), optimizer, None
+        return ddp_wrap(model, ctx, cfg.ddp), optimizer, None
 
     def release(self) -> None:
         pass

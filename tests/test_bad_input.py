@@ -27,6 +27,7 @@ def _bad_files(d):
 CASES = {
     "unknown model": (["--model", "resnet"], "--model"),
     "unknown dtype": (["--dtype", "float16"], "--dtype"),
+    "unknown wrapper": (["--ddp", "horovod"], "--ddp"),
     "zero steps": (["--steps", "0"], "--steps"),
     "negative steps": (["--steps", "-3"], "--steps"),
     "steps not a number": (["--steps", "ten"], "--steps"),

@@ -56,6 +56,19 @@ def test_the_raw_all_reduce_equals_ddp_and_the_unsynced_control_does_not(quick: 
     assert check["max_diff_unsynced_vs_ddp"] > 1e-4  # the check can fail: ranks hold different data
 
 
+def test_scratch_ddp_is_timed_beside_torch_ddp_and_the_raw_all_reduce(quick: Path):
+    res = json.loads((quick / "results.json").read_text())
+    reps = res["plan"]["reps"]["reps"]
+    assert set(res["scratch"]) == {"cnn", "mlp"}
+    for m in res["scratch"].values():
+        assert set(m["step_s"]) == {"bare", "DDP", "ScratchDDP", "raw all-reduce"}
+        assert all(positive_times(t, reps) for t in m["step_s"].values())
+        assert m["max_diff_vs_ddp"] == 0.0  # the wrapper timed is the one proven equal (tests/test_scratch_ddp.py)
+    rows = res["summary"]["scratch"]
+    assert all(r["scratch_over_ddp"]["median"] > 0 and r["raw_over_ddp"]["median"] > 0 for r in rows)
+    assert "## ddp_demo's own DDP beside torch's at N = 2" in (quick / "results.md").read_text()
+
+
 def test_summary_reports_every_target(quick: Path):
     summary = json.loads((quick / "results.json").read_text())["summary"]
     targets = {t["key"]: t for t in summary["targets"]}

@@ -37,6 +37,8 @@ from ddp_demo.core.dist import DistContext
 BARE = Variant("bare")  # the module alone: no wrapper, no sync
 STOCK = Variant("DDP", ddp={})  # what ddp_demo.train wraps with: DistributedDataParallel(model)
 TUNED = Variant("DDP tuned", ddp={"bucket_cap_mb": 100, "gradient_as_bucket_view": True, "static_graph": True})
+SCRATCH = Variant("ScratchDDP", ddp={}, scratch=True)  # ddp_demo's own DDP, at DDP's default bucket sizes
+RAW = Variant("raw all-reduce", flat_all_reduce=True)
 
 
 def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
@@ -50,6 +52,8 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     if "knobs" in tasks:
         workload, variants = tasks["knobs"]
         out["knobs"] = knobs_on_rank(ctx, workload, variants, r, queue)
+    if "scratch" in tasks:
+        out["scratch"] = {w.label: scratch_on_rank(ctx, w, r, queue) for w in tasks["scratch"]}
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -151,3 +155,16 @@ def check_raw_all_reduce(model, x: torch.Tensor, y: torch.Tensor, ctx: DistConte
         grads[name] = step.gradients()
     return {"max_diff_raw_vs_ddp": float((grads["raw"] - grads["ddp"]).abs().max()),
             "max_diff_unsynced_vs_ddp": float((grads["unsynced"] - grads["ddp"]).abs().max())}
+
+
+def scratch_on_rank(ctx: DistContext, w: Workload, r: Reps, queue) -> dict:
+    """ddp_demo's ScratchDDP beside stock DDP, the raw flat all-reduce and the bare step,
+    interleaved; and, as the wrapper timed must be the one proven, its gradients against DDP's."""
+    model, x, y = build_workload(w, ctx)
+    fns = {v.name: Step(model, x, y, v, ctx) for v in (BARE, STOCK, SCRATCH, RAW)}
+    warm_up(fns, r)
+    times = interleaved(fns, {name: w.steps for name in fns}, r, ctx)
+    diff = float((fns[SCRATCH.name].gradients() - fns[STOCK.name].gradients()).abs().max())
+    progress(queue, ctx, f"ScratchDDP {w.label}")
+    return {"model": w.model, "params": param_count(model), "batch": w.batch, "step_s": times,
+            "max_diff_vs_ddp": diff}

@@ -85,6 +85,19 @@ def knob_row(r: dict, raw_exposed: float) -> dict:
             "rss_peak_mb": max(peaks, default=None), "rss_added_mb": max(added, default=None)}
 
 
+def scratch(results: dict) -> list[dict]:
+    """ScratchDDP against stock DDP and the raw all-reduce, per workload: step times and paired ratios."""
+    rows = []
+    for label, m in results["scratch"].items():
+        t = m["step_s"]
+        rows.append({"workload": label, "params": m["params"], "batch": m["batch"],
+                     "step_s": {name: stats(times) for name, times in t.items()},
+                     "scratch_over_ddp": ratio(t, "ScratchDDP", "DDP"),
+                     "raw_over_ddp": ratio(t, "raw all-reduce", "DDP"),
+                     "max_diff_vs_ddp": m["max_diff_vs_ddp"]})
+    return rows
+
+
 def busbw(results: dict, n: int = 2) -> list[dict]:
     """busbw = S / t * 2(N-1)/N: what each link carries in a ring all-reduce (nccl-tests' definition)."""
     rows = []
@@ -110,6 +123,8 @@ def summarize(results: dict) -> dict:
     s = {"weak_scaling": weak_scaling(results, cores), "ddp_overhead_n1": overhead_n1(results)}
     if "knobs" in results:
         s |= {"knobs": knobs(results), "busbw": busbw(results)}
+    if "scratch" in results:
+        s["scratch"] = scratch(results)
     s["launchers"] = launchers(results)
     s["targets"] = targets(s)
     return s
@@ -140,6 +155,11 @@ def headline(results: dict) -> str:
         verdict = {True: "met", False: "MISSED", None: "-"}[t["met"]]
         lines.append(f"{t['what']}: {value} (target {t['target']}: {verdict})")
     return "\n".join(lines)
+
+
+def spread(o: dict) -> str:
+    """A ratio as 'median [min-max]'."""
+    return f"{o['median']:.2f} [{o['min']:.2f}–{o['max']:.2f}]"
 
 
 def ms(s: dict) -> str:
@@ -181,18 +201,17 @@ def markdown(results: dict) -> str:
     parts += [weak_section(s), overhead_section(s)]
     if "knobs" in s:
         parts += [knobs_section(results), busbw_section(s)]
+    if "scratch" in s:
+        parts.append(scratch_section(s["scratch"]))
     parts.append(launchers_section(s["launchers"]))
     return "\n".join(parts)
 
 
 def weak_section(s: dict) -> str:
-    def r3(o: dict) -> str:
-        return f"{o['median']:.2f} [{o['min']:.2f}–{o['max']:.2f}]"
-
     rows = [[f"{r['workload']} ({params(r['params'])})", f"{r['n']}" + (" (oversubscribed)" if r["oversubscribed"]
              else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", ms(r["solo_step_s"]),
-             f"{r['solo_samples_per_s']:,.0f}", r3(r["efficiency"]), r3(r["core_sharing"]), r3(r["sync"]),
-             r3(r["tuned_efficiency"])] for r in s["weak_scaling"]]
+             f"{r['solo_samples_per_s']:,.0f}", spread(r["efficiency"]), spread(r["core_sharing"]), spread(r["sync"]),
+             spread(r["tuned_efficiency"])] for r in s["weak_scaling"]]
     faults = [[r["workload"], r["n"]] + [f"{r['page_faults_per_step'][v]:,.0f}" for v in ("solo bare", "bare", "DDP")]
               for r in s["weak_scaling"] if r.get("page_faults_per_step")]
     return ("## Weak scaling (same batch per rank at every N)\n\nN = 1 is rank 0 running alone inside the same job, "
@@ -244,6 +263,19 @@ def buckets(sizes: list[float] | None) -> str:
 def size_label(mb: float) -> str:
     n = mb * MB
     return f"{mb:g} MB" if n >= MB else f"{n / 1000:g} KB" if n >= 1000 else f"{n:.0f} B"
+
+
+def scratch_section(rows: list[dict]) -> str:
+    return ("## ddp_demo's own DDP beside torch's at N = 2\n\nScratchDDP (ddp_demo/parallel/ddp.py) at DDP's "
+            "default bucket sizes, stock DDP, and the bare step plus one raw all-reduce of all gradients, "
+            "interleaved; ratios are paired per repetition. Max gradient difference: ScratchDDP's after its last "
+            "step against DDP's.\n\n"
+            + table(["workload", "bare, ms", "stock DDP, ms", "ScratchDDP, ms", "raw all-reduce, ms",
+                     "ScratchDDP / DDP", "raw / DDP", "max gradient difference"],
+                    [[f"{r['workload']} ({params(r['params'])}, batch {r['batch']})"]
+                     + [ms(r["step_s"][v]) for v in ("bare", "DDP", "ScratchDDP", "raw all-reduce")]
+                     + [spread(r["scratch_over_ddp"]), spread(r["raw_over_ddp"]), f"{r['max_diff_vs_ddp']:.1e}"]
+                     for r in rows]))
 
 
 def busbw_section(s: dict) -> str:

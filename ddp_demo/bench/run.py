@@ -10,6 +10,7 @@ Measures, on this machine (CPU + gloo, or CUDA + nccl where GPUs exist):
 3. DDP's knobs (``bucket_cap_mb``, ``gradient_as_bucket_view``, ``static_graph``,
    ``no_sync`` accumulation) with each one's peak memory per rank;
 4. wrapper overhead: DDP at N = 1 vs the bare module, accelerate vs torchrun on one job;
+5. ddp_demo's own DDP (``parallel/ddp.py``) beside torch's and the raw all-reduce at N = 2;
 
 and writes ``results.json``, ``results.md`` and ``bench.png`` under ``--out``. One
 process group per world size does all of that size's work (``bench.ranks``); the
@@ -36,12 +37,12 @@ import torch
 from tqdm import tqdm
 
 from ddp_demo.bench import launchers, report
-from ddp_demo.bench.ranks import STOCK, TUNED, suite_on_rank
+from ddp_demo.bench.ranks import RAW, STOCK, TUNED, suite_on_rank
 from ddp_demo.bench.timing import Reps, Variant, Workload
 from ddp_demo.proof.spawn import run_on_ranks
 
 VARIANTS = [
-    Variant("raw all-reduce", flat_all_reduce=True),  # the floor for a sync not overlapped with backward
+    RAW,  # the floor for a sync not overlapped with backward
     STOCK,  # bucket_cap_mb = 25 is DDP's default
     Variant("bucket_cap_mb=1", ddp={"bucket_cap_mb": 1}),
     Variant("bucket_cap_mb=5", ddp={"bucket_cap_mb": 5}),
@@ -61,6 +62,7 @@ class BenchPlan:
     world_sizes: tuple[int, ...]
     workloads: list[Workload]  # weak scaling, at every N
     knobs_workload: Workload  # where the time goes and DDP's knobs, at N = 2
+    scratch_workloads: list[Workload]  # ddp_demo's ScratchDDP beside torch's DDP, at N = 2
     busbw_mb: list[float]
     reps: Reps
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
@@ -72,13 +74,14 @@ class BenchPlan:
 def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> BenchPlan:
     if quick:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
-        return BenchPlan((2,), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
+        cnn = Workload("cnn", "cnn", 8, 2)
+        return BenchPlan((2,), [cnn, mlp], mlp, [cnn, mlp], [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
                     launcher_steps=12, launches=int(launchers), keep_freed_memory=keep_freed_memory)
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
     # parameters = 12.6 MB of float32 gradients to all-reduce every step.
-    mlp = Workload("mlp", "mlp", 32, 6)
-    return BenchPlan((2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
+    mlp, cnn = Workload("mlp", "mlp", 32, 6), Workload("cnn", "cnn", 32, 20)
+    return BenchPlan((2, 4), [cnn, Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp, [cnn, mlp],
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
                 launcher_steps=220, launches=3 * int(launchers), keep_freed_memory=keep_freed_memory)
@@ -167,7 +170,8 @@ class ProgressBar:
 def units(plan: BenchPlan) -> int:
     """How many progress labels the run will produce."""
     per_n = len(plan.workloads)
-    return per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + 2 * plan.launches
+    return (per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + len(plan.scratch_workloads)
+            + 2 * plan.launches)
 
 
 def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> dict:
@@ -176,7 +180,8 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
     for n in plan.world_sizes:
         tasks: dict = {"weak": plan.workloads, "keep_freed_memory": plan.keep_freed_memory}
         if n == 2:
-            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants)}
+            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants),
+                      "scratch": plan.scratch_workloads}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
         per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
@@ -184,6 +189,7 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
         if n == 2:
             results["busbw"] = per_rank[0]["busbw"]
             results["knobs"] = merge_memory(per_rank)
+            results["scratch"] = per_rank[0]["scratch"]
     return results
 
 

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp_demo.core.data import builtin_task
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import build_model
+from ddp_demo.parallel.ddp import ScratchDDP
 
 MB = 1_000_000  # decimal units throughout: MB and GB/s
 
@@ -62,6 +63,7 @@ class Variant:
 
     name: str
     ddp: dict | None = None  # DistributedDataParallel keyword arguments; None: no DDP
+    scratch: bool = False  # wrap with ddp_demo's own ScratchDDP (parallel/ddp.py) instead of torch's DDP
     flat_all_reduce: bool = False  # bare module + one all_reduce of all gradients in one buffer
     accumulate: int = 1  # micro-batches per optimizer step; DDP syncs only the last (no_sync)
 
@@ -130,7 +132,8 @@ class Step:
                  group: dist.ProcessGroup | None = None):
         self.model = copy.deepcopy(model)
         if v.ddp is not None:
-            self.model = DDP(self.model, process_group=group, **v.ddp)  # group None: all ranks
+            wrapper = ScratchDDP if v.scratch else DDP
+            self.model = wrapper(self.model, process_group=group, **v.ddp)  # group None: all ranks
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=0.9)
         self.flat = FlatGrads(self.model) if v.flat_all_reduce else None
         self.x, self.y, self.v, self.world_size = x, y, v, ctx.world_size

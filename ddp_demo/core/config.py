@@ -16,6 +16,7 @@ import torch
 from ddp_demo.core.models import MODEL_NAMES
 
 OPTIMIZERS = ("sgd", "adam")
+WRAPPERS = ("torch", "scratch")  # --ddp: torch's DistributedDataParallel, or ddp_demo.parallel.ddp.ScratchDDP
 # The one dtype table: the --dtype name and the torch dtype it means.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,6 +40,8 @@ class TrainConfig:
         1, "split each rank's batch into K micro-batches and sync gradients once, after the K-th"
     )
     lr: float = _opt(0.05, "learning rate")
+    ddp: str = _opt("torch", "gradient averaging: torch's DistributedDataParallel, or scratch, ddp_demo's own "
+                    "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS)
     optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
     seed: int = _opt(0, "seeds the model init, the built-in data and the sampler order")
     dtype: str = _opt("float32", "parameter and data dtype", tuple(DTYPES))
@@ -64,7 +67,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        for name in ("model", "optimizer", "dtype", "device", "backend"):
+        for name in ("model", "optimizer", "ddp", "dtype", "device", "backend"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(
