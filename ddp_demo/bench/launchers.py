@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ddp_demo.bench.timing import GIB
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: ddp_demo/bench/launchers.py, three levels up
 JOB = ["--model", "cnn", "--global-batch-size", "64"]
 GLOBAL_BATCH = 64
 BLOCKS = 5  # repetitions per launch: the measured steps are cut into this many blocks
