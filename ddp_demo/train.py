@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_demo.core import log
+from ddp_demo.core import log, malloc
 from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
 from ddp_demo.core.data import Task, builtin_task, heldout_counts, load_task, rank_loader
-from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, setup, teardown
+from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, pick_device, setup, teardown
 from ddp_demo.core.loop import NonFiniteLoss, StepLog, StopRequested, loss_function, make_optimizer, train_loop
 from ddp_demo.core.models import build_model
 from ddp_demo.core.outputs import check_out_dir, write_outputs
@@ -112,6 +112,7 @@ class Attempt:
     found: checkpoint.Found | None = None  # the checkpoint to resume from (None: start fresh)
     restart_count: int = 0  # torchrun's restart attempt; injected faults strike attempt 0 only
     stop: Callable[[], bool] = lambda: False  # True once a stop signal arrived (StopSignals)
+    started: float = 0.0  # time.time() when main() began: the benchmark splits a run's wall time with it
 
 
 def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attempt(), launcher=None) -> dict:
@@ -136,6 +137,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         fault(step)
         ckpt(step, epoch, logs)
 
+    timeline = {"main_started": attempt.started, "training_started": time.time()}
     try:
         logs = history + train_loop(ddp, wrapped_optimizer, loader, loss_function(task), cfg, ctx, grad_sync,
                                     start_step=start_step, after_step=after_step, stop_requested=attempt.stop)
@@ -148,15 +150,17 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         where = f"checkpoint of step {e.step} in {cfg.checkpoint_dir}; rerun the same command to resume" \
             if cfg.checkpoint_dir else "no --checkpoint-dir, so this progress is lost"
         raise RunFailed(f"{e}: {where}", attempt.stop.exit_code()) from None
-    return finish(cfg, task, ctx, model, logs, start, launcher.name)
+    timeline["training_ended"] = time.time()
+    return finish(cfg, task, ctx, model, logs, start, launcher.name, timeline)
 
 
 def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float,
-           launcher: str) -> dict:
+           launcher: str, timeline: dict) -> dict:
     identical = all_ranks_equal(flat_parameters(model), ctx)
     if identical:
         log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
     correct, total = heldout_counts(model, task, ctx)
+    timeline["checks_ended"] = time.time()
     summary = {
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
@@ -169,6 +173,7 @@ def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[Ste
         "heldout_samples": total,
         "params_identical_across_ranks": identical,
         "wall_time_s": round(time.perf_counter() - start, 3),
+        "timeline": timeline,  # time.time() on rank 0 as each phase ended; bench.command splits a run with it
     }
     if ctx.is_main:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # no "module." prefix
@@ -190,6 +195,7 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
         passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_batch_split(env.world_size)
+    cfg.check_precision(pick_device(env.local_rank, cfg.device).type)
     check_out_dir(cfg.out)
     if cfg.checkpoint_dir:
         check_out_dir(cfg.checkpoint_dir, flag="--checkpoint-dir")
@@ -198,10 +204,12 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
 
 
 def main(argv: list[str] | None = None, launcher=None) -> int:
+    started = time.time()
     launcher = launcher or Torchrun()
     env = launch_env()
     try:
         cfg, task, found = prepare(argv, env)
+        malloc.apply(cfg.malloc)  # before the process group, the model and the data loader allocate
         ctx = launcher.start(env, cfg)
     except LaunchProblem as e:  # a node's own setup: each node's first process says it, once per node
         log.error(env.local_rank, str(e))
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
         return 2
     stop = StopSignals()
     try:
-        run(cfg, task, ctx, Attempt(found, env.restart_count, stop), launcher)
+        run(cfg, task, ctx, Attempt(found, env.restart_count, stop, started), launcher)
         return 0
     except RunFailed as e:
         log.error(ctx.rank, str(e))

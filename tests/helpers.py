@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -10,6 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
+
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof.agreement import agreement_on_rank
+from ddp_demo.proof.autocast import autocast_cases_on_rank
+from ddp_demo.proof.spawn import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -70,3 +77,14 @@ def compare_report(stdout: str) -> dict[str, dict]:
     reference, the step of it, and how many steps were exactly equal."""
     return {label: {"largest": float(value), "step": int(step), "exact": int(exact)}
             for label, value, step, exact in COMPARE_LINE.findall(stdout)}
+
+
+def issue13_on_rank(ctx: DistContext) -> dict:
+    """The bodies of test_agree.py and test_precision.py, in one process group: starting one
+    costs seconds, a case milliseconds."""
+    return {"agreement": agreement_on_rank(ctx), "autocast": autocast_cases_on_rank(ctx, MODEL_NAMES)}
+
+
+@functools.cache
+def issue13_ranks() -> list[dict]:
+    return run_on_ranks(issue13_on_rank, 2, timeout=180)

@@ -36,6 +36,10 @@ CASES = {
     "data not a tuple": (["--data", "{d}/dict.pt"], "--data"),
     "data wrong shape for model": (["--data", "{d}/shape.pt", "--model", "cnn"], "--data"),
     "data lengths differ": (["--data", "{d}/length.pt"], "--data"),
+    "fp16 on the cpu": (["--precision", "fp16", "--device", "cpu"], "--precision"),
+    "bf16 with float64": (["--precision", "bf16", "--dtype", "float64"], "--precision"),
+    "unknown precision": (["--precision", "fp8"], "--precision"),
+    "log every zero": (["--log-every", "0"], "--log-every"),
 }
 
 

@@ -23,7 +23,6 @@ from ddp_demo.bench.timing import (
     build_workload,
     ddp_buckets_mb,
     interleaved,
-    keep_freed_memory,
     minor_faults_per_call,
     param_count,
     peak_rss_mb,
@@ -32,6 +31,8 @@ from ddp_demo.bench.timing import (
     slowest_rank,
     warm_up,
 )
+from ddp_demo.bench.trainer import trainer_on_rank
+from ddp_demo.core import malloc
 from ddp_demo.core.dist import DistContext
 
 BARE = Variant("bare")  # the module alone: no wrapper, no sync
@@ -43,8 +44,8 @@ RAW = Variant("raw all-reduce", flat_all_reduce=True)
 
 def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     """Run the pieces named in ``tasks`` at this world size: ``weak`` (always),
-    ``busbw`` and ``knobs`` (at N = 2)."""
-    out = {"malloc_keeps_freed_memory": tasks.get("keep_freed_memory", False) and keep_freed_memory()}
+    ``busbw``, ``knobs`` and ``trainer`` (at N = 2)."""
+    out = {"malloc_keeps_freed_memory": malloc.apply(tasks.get("malloc", "keep"))}
     solo_group = dist.new_group([0])  # every rank must take part in creating a group, even one it is not in
     out["weak_scaling"] = weak_scaling_on_rank(ctx, tasks["weak"], r, queue, solo_group)
     if "busbw" in tasks:
@@ -52,6 +53,8 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     if "knobs" in tasks:
         workload, variants = tasks["knobs"]
         out["knobs"] = knobs_on_rank(ctx, workload, variants, r, queue)
+    if "trainer" in tasks:
+        out["trainer"] = trainer_on_rank(ctx, *tasks["trainer"], r, queue)
     if "scratch" in tasks:
         out["scratch"] = {w.label: scratch_on_rank(ctx, w, r, queue) for w in tasks["scratch"]}
     out["threads"] = torch.get_num_threads()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import statistics
 
+from ddp_demo.bench import report_trainer
+from ddp_demo.bench.numbers import ms, paired, ratio, spread, stats, table
 from ddp_demo.bench.timing import MB
 
 # (key in summary["targets"], what it is, threshold, True if lower is better)
@@ -23,21 +25,9 @@ TARGETS = [
     ("mlp_exposed_sync_ratio_stock", "MLP exposed DDP sync / raw all-reduce, stock DDP, N = 2", 1.0, True),
     ("cnn_ddp_overhead_n1", "CNN: DDP at N = 1 over the bare module", 0.03, True),
     ("accelerate_over_torchrun", "accelerate step time / torchrun step time", 1.02, True),
+    ("mlp_trainer_over_bare_loop", "MLP: trainer step / minimal DDP loop step, N = 2", 1.02, True),
+    ("cnn_trainer_over_bare_loop", "CNN: trainer step / minimal DDP loop step, N = 2", 1.02, True),
 ]
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def paired(a: list[float], b: list[float], op) -> dict:
-    """Median (min-max) over repetitions of ``op(a_i, b_i)`` for back-to-back pairs."""
-    return stats([op(x, y) for x, y in zip(a, b, strict=True)])
-
-
-def ratio(t: dict, a: str, b: str) -> dict:
-    """t[a] / t[b], paired per repetition."""
-    return paired(t[a], t[b], lambda x, y: x / y)
 
 
 def weak_scaling(results: dict, cores: int) -> list[dict]:
@@ -126,6 +116,7 @@ def summarize(results: dict) -> dict:
     if "scratch" in results:
         s["scratch"] = scratch(results)
     s["launchers"] = launchers(results)
+    s |= {"trainer": report_trainer.trainer_rows(results), "command": report_trainer.command_summary(results)}
     s["targets"] = targets(s)
     return s
 
@@ -138,10 +129,10 @@ def targets(s: dict) -> list[dict]:
         "mlp_exposed_sync_ratio_stock": by_name.get("DDP", {}).get("ratio_to_raw"),
         "cnn_ddp_overhead_n1": s["ddp_overhead_n1"].get("cnn", {}).get("DDP", {}).get("median"),
         "accelerate_over_torchrun": (s["launchers"] or {}).get("ratio"),
-    }
+    } | {f"{r['model']}_trainer_over_bare_loop": r["trainer_over_bare"]["median"] for r in s.get("trainer", [])}
     out = []
     for key, what, limit, lower in TARGETS:
-        v = values[key]
+        v = values.get(key)
         met = None if v is None else (v <= limit if lower else v >= limit)
         out.append({"key": key, "what": what, "value": v, "target": ("<= " if lower else ">= ") + f"{limit:g}",
                     "met": met})
@@ -157,21 +148,6 @@ def headline(results: dict) -> str:
     return "\n".join(lines)
 
 
-def spread(o: dict) -> str:
-    """A ratio as 'median [min-max]'."""
-    return f"{o['median']:.2f} [{o['min']:.2f}–{o['max']:.2f}]"
-
-
-def ms(s: dict) -> str:
-    """A time as 'median [min-max]' in milliseconds."""
-    return f"{s['median'] * 1e3:.2f} [{s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f}]"
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
-
-
 def params(n: int) -> str:
     return f"{n / 1e6:.2f}M params" if n >= 100_000 else f"{n:,} params"
 
@@ -182,7 +158,7 @@ def machine_line(results: dict) -> str:
     load = "/".join(f"{x:.2f}" for x in m["load_average_before"][:1] + m["load_average_after"][:1])
     others = m.get("cpu_share_used_by_others")
     load += "" if others is None else f"; other processes used {others:.1%} of the machine's CPU during the run"
-    allocator = ("glibc, keeping freed memory (--keep-freed-memory)" if results.get("malloc_keeps_freed_memory")
+    allocator = ("glibc, keeping freed memory (--malloc keep)" if results.get("malloc_keeps_freed_memory")
                  else "glibc's default")
     return (f"Measured on {where}, torch {m['torch']}, Python {m['python']}, one thread per rank, "
             f"allocator: {allocator}; "
@@ -203,7 +179,9 @@ def markdown(results: dict) -> str:
         parts += [knobs_section(results), busbw_section(s)]
     if "scratch" in s:
         parts.append(scratch_section(s["scratch"]))
-    parts.append(launchers_section(s["launchers"]))
+    if s.get("trainer"):
+        parts.append(report_trainer.trainer_section(s))
+    parts += [launchers_section(s["launchers"]), report_trainer.command_section(s)]
     return "\n".join(parts)
 
 

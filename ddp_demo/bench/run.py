@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddp_demo.bench import launchers, report
+from ddp_demo.bench import command, launchers, report
 from ddp_demo.bench.ranks import RAW, STOCK, TUNED, suite_on_rank
 from ddp_demo.bench.timing import Reps, Variant, Workload
+from ddp_demo.core.malloc import MALLOC_CHOICES
 from ddp_demo.proof.spawn import run_on_ranks
 
 VARIANTS = [
@@ -67,16 +68,20 @@ class BenchPlan:
     reps: Reps
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
     launches: int  # launches per launcher, alternated
-    keep_freed_memory: bool = False  # diagnosis: glibc keeps freed memory (bench.timing.keep_freed_memory)
+    trainer_steps: int  # steps per epoch (= per repetition) of the trainer vs bare-loop comparison, at N = 2
+    malloc: str = "keep"  # as the trainer's --malloc: keep freed memory (core/malloc.py), or glibc's default
+    trainer_models: tuple[str, ...] = ("mlp", "cnn")
+    command_jobs: dict = field(default_factory=lambda: {"default": [], "cnn": ["--model", "cnn"]})  # trainer flags
     variants: list[Variant] = field(default_factory=lambda: VARIANTS)
 
 
-def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> BenchPlan:
+def make_plan(quick: bool, launchers: bool, malloc: str = "keep") -> BenchPlan:
     if quick:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
         cnn = Workload("cnn", "cnn", 8, 2)
         return BenchPlan((2,), [cnn, mlp], mlp, [cnn, mlp], [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
-                    launcher_steps=12, launches=int(launchers), keep_freed_memory=keep_freed_memory)
+                    launcher_steps=12, launches=int(launchers), trainer_steps=4, malloc=malloc,
+                    command_jobs={"default": ["--steps", "12"]})
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
     # parameters = 12.6 MB of float32 gradients to all-reduce every step.
@@ -84,7 +89,8 @@ def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> 
     return BenchPlan((2, 4), [cnn, Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp, [cnn, mlp],
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
-                launcher_steps=220, launches=3 * int(launchers), keep_freed_memory=keep_freed_memory)
+                launcher_steps=220, launches=3 * int(launchers), trainer_steps=64,  # 64: the trainer's epoch
+                malloc=malloc)
 
 
 def cores() -> int:
@@ -171,17 +177,18 @@ def units(plan: BenchPlan) -> int:
     """How many progress labels the run will produce."""
     per_n = len(plan.workloads)
     return (per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + len(plan.scratch_workloads)
-            + 2 * plan.launches)
+            + len(plan.trainer_models) + 2 * plan.launches
+            + len(plan.command_jobs) * len(command.allocators()) * plan.launches)
 
 
 def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> dict:
     """One process group per world size; N = 2 also measures bandwidth and the knobs."""
     results: dict = {"weak_scaling": {}}
     for n in plan.world_sizes:
-        tasks: dict = {"weak": plan.workloads, "keep_freed_memory": plan.keep_freed_memory}
+        tasks: dict = {"weak": plan.workloads, "malloc": plan.malloc}
         if n == 2:
             tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants),
-                      "scratch": plan.scratch_workloads}
+                      "scratch": plan.scratch_workloads, "trainer": (list(plan.trainer_models), plan.trainer_steps)}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
         per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
@@ -190,6 +197,7 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
             results["busbw"] = per_rank[0]["busbw"]
             results["knobs"] = merge_memory(per_rank)
             results["scratch"] = per_rank[0]["scratch"]
+            results["trainer"] = per_rank[0]["trainer"]  # times are already the slowest rank's
     return results
 
 
@@ -210,9 +218,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "measures nothing")
     p.add_argument("--no-launchers", dest="launchers", action="store_false",
                    help="skip the accelerate vs torchrun comparison (it starts 6 real jobs)")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="diagnosis: make glibc keep freed memory (mallopt) in every process, so steps stop "
-                   "page-faulting their memory back in")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="keep",
+                   help="as ddp_demo.train's --malloc, in every process: keep freed memory for reuse (the "
+                   "default), or glibc's default, which gives it back and page-faults it in again")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda (nccl) when available, else cpu (gloo)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one process group may take before failing")
@@ -222,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    plan = make_plan(args.quick, args.launchers, args.keep_freed_memory)
+    plan = make_plan(args.quick, args.launchers, args.malloc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -234,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         if plan.launches:
             bar.bar.set_description("launchers")
             results["launchers"] = launchers.compare(plan.launcher_steps, plan.launches, device, bar,
-                                                           keep_freed_memory=plan.keep_freed_memory)
+                                                           malloc=plan.malloc)
+            bar.bar.set_description("whole command")
+            results["command"] = command.compare(plan.command_jobs, command.allocators(), plan.launches, bar)
     finally:
         bar.close()
     results["machine"]["load_average_after"] = list(os.getloadavg())

@@ -213,28 +213,6 @@ def slowest_rank(times: dict[str, list[float]], ctx: DistContext) -> dict[str, l
 
 # ---- memory --------------------------------------------------------------------------------
 
-GIB = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
-
-    By default glibc serves big blocks (from 128 KiB) with ``mmap`` and unmaps them when
-    freed, and trims the heap when its top is free. It raises those thresholds as it goes,
-    but a training step's mix of block sizes still makes it give back memory that the next
-    step touches again, one page fault per 4 KiB page (the report counts them: hundreds per
-    CNN step here). ``mallopt`` with both thresholds at 1 GiB makes it keep freed memory
-    for reuse (mallopt(3)); PyTorch's CPU performance tuning guide recommends jemalloc or
-    tcmalloc for the same reason. Returns whether glibc accepted.
-    """
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return libc.mallopt(m_mmap_threshold, GIB) == 1 and libc.mallopt(m_trim_threshold, GIB) == 1
-
-
 def minor_faults_per_call(fn: Callable, n: int) -> float:
     """Page faults (minor: no disk involved) of this process per call of ``fn``."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
