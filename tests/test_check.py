@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 
 import pytest
 import torch
@@ -148,6 +149,42 @@ def test_command_exit_code_and_output_follow_the_verdict(name, code, tmp_path, c
     assert json.loads((tmp_path / "v.json").read_text())["exit_code"] == code
 
 
+# --- the picture (--plot, issue 15) ---------------------------------------------------------------
+
+
+def test_plot_shows_which_tensors_diverge(tmp_path, capsys, monkeypatch):
+    """The BatchNorm CNN: every tensor whose difference exceeds its tolerance, and only those, is
+    named in red (0.bias and 3.bias, which feed a BatchNorm that cancels them, stay black)."""
+    from ddp_demo.proof import plots
+
+    v = verdicts()["batchnorm_cnn.py:build"]
+    monkeypatch.setattr("ddp_demo.check.__main__.check", lambda specs, options: [v])
+    out = tmp_path / "check.png"
+    assert main([f"{EX}/batchnorm_cnn.py:build", "--plot", str(out)]) == 1
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "FAIL at N=2" in capsys.readouterr().out
+    fig = plots.check_figure(as_json(v))
+    red = {}
+    try:
+        for ax, stage in zip(fig.axes, ("gradient", "after_steps"), strict=True):
+            red[stage] = {label.get_text() for label in ax.get_yticklabels() if label.get_color() == "tab:red"}
+            assert red[stage] == {r.name for w in v.worlds for r in w.rows if r.stage == stage and not r.ok}
+            assert {c.get_label() for c in ax.collections} == {"tolerance", "N = 2", "N = 3"}
+    finally:
+        plots.plt.close(fig)
+    assert "0.weight" in red["gradient"] and "0.bias" not in red["gradient"]
+    assert "1.running_mean" in red["after_steps"]  # the BatchNorm's own statistics
+
+
+def test_plot_without_matplotlib_is_one_line_before_any_process(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.delitem(sys.modules, "ddp_demo.proof.plots", raising=False)
+    monkeypatch.delattr("ddp_demo.proof.plots", raising=False)
+    monkeypatch.setattr("ddp_demo.check.__main__.check", lambda specs, options: pytest.fail("the check ran"))
+    assert main([f"{EX}/lstm.py:build", "--plot", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[plot]"' in err
+
+
 class OneOfTwo(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -214,6 +251,7 @@ BAD = {  # argv (with {d} the folder of TARGETS), what the one line must say
     "zero world size": (["{d}/two.py:build", "--world-sizes", "0"], "--world-sizes"),
     "bad dtype": (["{d}/two.py:build", "--dtype", "float16"], "--dtype"),
     "json folder missing": ([f"{EX}/lstm.py:build", "--json", "{d}/no/such/v.json"], "--json"),
+    "plot not a picture": ([f"{EX}/lstm.py:build", "--plot", "{d}/v.txt"], "--plot {d}/v.txt: use a .png"),
 }
 
 
@@ -231,7 +269,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_targets, capsys):
     assert main([*argv, "--json", str(bad_targets / "v.json")] if "--json" not in argv else argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("ddp_demo.check: error: "), err
-    assert must_say in err
+    assert must_say.replace("{d}", str(bad_targets)) in err
     assert not (bad_targets / "v.json").exists()
 
 
