@@ -38,11 +38,25 @@ EXTRA = {  # the same engine with the command's other flags, in the same process
     "float32": Plan(f"{EX}/transformer.py:build", dtype="keep"),
     "find_unused": Plan(f"{EX}/unused.py:build", find_unused_parameters=True),
 }
+RAISES = Plan("tests.test_check:build_whole_batch_only")  # fails under DDP only, before the targets after it
+
+
+class WholeBatchOnly(torch.nn.Linear):
+    def forward(self, x):
+        if len(x) != 24:
+            raise ValueError(f"this model takes batches of 24, got {len(x)}")
+        return super().forward(x)
+
+
+def build_whole_batch_only():
+    torch.manual_seed(0)
+    x = torch.randn(24, 3)
+    return WholeBatchOnly(3, 1), (x, x.sum(dim=1, keepdim=True)), torch.nn.functional.mse_loss
 
 
 @functools.cache
 def verdicts() -> dict:
-    plans = {name: Plan(f"{EX}/{name}") for name in [*PASSING, *FAILING]} | EXTRA
+    plans = {"raises": RAISES} | {name: Plan(f"{EX}/{name}") for name in [*PASSING, *FAILING]} | EXTRA
     return dict(zip(plans, check_plans(list(plans.values()), (2, 3), timeout=200), strict=True))
 
 
@@ -117,6 +131,15 @@ def test_unrecognised_cause_prints_every_tensor():
     report = text(v)
     assert "cause not recognised" in report and "every tensor at N=2:" in report
     assert all(r.name in report for r in v.worlds[0].rows)
+
+
+def test_an_error_under_ddp_is_reported_and_the_next_targets_still_run():
+    v = verdicts()["raises"]
+    assert not v.ok and [c.key for c in v.causes] == ["error"]
+    assert "ValueError: this model takes batches of 24, got 12" in v.causes[0].title
+    assert "rank 1:" in v.worlds[0].error and v.first_failure()[1] is None
+    assert "FAIL at N=2: DDP did not run to the end" in text(v)
+    assert verdicts()[PASSING[0]].ok  # ran after it, in the same processes
 
 
 def test_json_has_per_tensor_per_n_differences_and_tolerances():
