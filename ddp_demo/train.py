@@ -111,6 +111,10 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     model = make_model(cfg, task, ctx.device)
     optimizer = make_optimizer(cfg, model.parameters())
     start_step, saved_logs = restore(attempt.found, model, optimizer, ctx)
+    # A node that reads its own local --checkpoint-dir would resume elsewhere and desync the collectives.
+    if not all_ranks_equal(torch.tensor([start_step], device=ctx.device), ctx):
+        raise RunFailed(f"the ranks would resume from different steps (rank 0 from {start_step}): every node "
+                        f"must see the same --checkpoint-dir {cfg.checkpoint_dir}; use a filesystem all nodes mount", 2)
     history = [StepLog(**entry) for entry in saved_logs]
     ddp, wrapped_optimizer, grad_sync = (launcher or Torchrun()).wrap(model, optimizer, cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
@@ -120,11 +124,11 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     log.each(ctx.rank, f"device {ctx.device}, local rank {ctx.local_rank}", cfg.log_all_ranks)
     ckpt = Checkpointer(cfg, ctx, lambda step, epoch, logs: checkpoint_state(
         model, optimizer, cfg, ctx, history + logs, step, epoch), last_saved=start_step)
-    fault = FaultInjector(cfg, ctx.rank, attempt.restart_count)
+    fault = FaultInjector(cfg, ctx.rank, attempt.restart_count, attempt.stop)
 
     def after_step(step: int, epoch: int, logs: list[StepLog]) -> None:
-        fault(step)
         ckpt(step, epoch, logs)
+        fault(step)
 
     try:
         logs = history + train_loop(ddp, wrapped_optimizer, loader, loss_function(task), cfg, ctx, grad_sync,
@@ -175,7 +179,7 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
     """Everything that can reject the input, done before any process group or file exists."""
     cfg = parse_config(argv)
     if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
-        passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend)
+        passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend, env.agent_store)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_batch_split(env.world_size)
     check_out_dir(cfg.out)
