@@ -113,7 +113,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     start_step, saved_logs = restore(attempt.found, model, optimizer, ctx)
     # A node that reads its own local --checkpoint-dir would resume elsewhere and desync the collectives.
     if not all_ranks_equal(torch.tensor([start_step], device=ctx.device), ctx):
-        raise RunFailed(f"the ranks would resume from different steps (rank 0 from {start_step}): every node "
+        raise RunFailed(f"the ranks would resume from different steps (rank {ctx.rank}: step {start_step}): every node "
                         f"must see the same --checkpoint-dir {cfg.checkpoint_dir}; use a filesystem all nodes mount", 2)
     history = [StepLog(**entry) for entry in saved_logs]
     ddp, wrapped_optimizer, grad_sync = (launcher or Torchrun()).wrap(model, optimizer, cfg, ctx)

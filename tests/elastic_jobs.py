@@ -11,6 +11,7 @@ runs on its hosts is killed.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .helpers import max_diff
 from .nodes import MULTINODE, Host, node_env
 
 STEPS, AT = 12, 6  # 51 training samples at a global batch of 16: 3 steps an epoch, 4 epochs; the change at 6
@@ -37,6 +39,23 @@ def write_data(path: Path) -> Path:
     x = torch.randn(64, 10, generator=g)
     torch.save((x, (x[:, 0] > 0).long()), path)
     return path
+
+
+def sample_ids(out: Path) -> list[list[int]]:
+    """Each step's global batch, as ``--record-samples`` logged it in metrics.jsonl."""
+    return [json.loads(line)["sample_ids"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def once_per_epoch(ids: list[list[int]], per_epoch: int = 3) -> bool:
+    epochs = [sum(ids[i : i + per_epoch], []) for i in range(0, len(ids), per_epoch)]
+    return all(len(seen) == len(set(seen)) == 16 * per_epoch for seen in epochs)
+
+
+def trained_alike(out: Path, reference: Path) -> float:
+    """The max difference of ``out``'s weights from ``reference``'s, once the samples agree:
+    the same global batch at every step, and each sample once per epoch."""
+    assert sample_ids(out) == sample_ids(reference) and once_per_epoch(sample_ids(out)), out
+    return max_diff(out / "final.pt", reference / "final.pt")
 
 
 # torchrun's rendezvous settings (--rdzv-conf); docs/elastic.md gives each one's share of the wait.
@@ -153,6 +172,19 @@ def leave(job: Job, at: int = AT) -> dict[str, float]:
     killed = time.monotonic()
     job.hosts[1].power_off()
     return {"kill to node 0's exit": job.exited(0) - killed}
+
+
+@scenario
+def replace(job: Job, at: int = AT) -> dict[str, float]:
+    """As ``leave``, then a new agent starts on node 1 at once: a replacement machine. Its restart
+    count (0) differs from node 0's (1), which a store shared across rounds does not survive."""
+    job.start(0)
+    job.start(1)
+    job.checkpoint(at)
+    killed = time.monotonic()
+    job.hosts[1].power_off()
+    job.start(1)
+    return {"kill to node 0's exit": job.exited(0) - killed, "kill to node 1's exit": job.exited(1) - killed}
 
 
 @scenario

@@ -9,7 +9,6 @@ the timings they print.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from ddp_demo import train as trainer
+from ddp_demo.core.dist import LaunchEnv
+from ddp_demo.proof.spawn import run_on_ranks
 from ddp_demo.resilience import checkpoint
 
 from . import elastic_jobs as jobs
@@ -63,15 +64,39 @@ def reference(tmp_path_factory) -> Path:
     return d
 
 
+def _resume_from_own_dir(ctx, data: Path, dirs: list[Path]) -> tuple[int, str]:
+    """Rank r resumes from ``dirs[r]``, as a node would from its local disk."""
+    flags = [*jobs.train_flags(data), "--out", str(dirs[ctx.rank] / "out"), "--checkpoint-dir", str(dirs[ctx.rank])]
+    cfg, task, found = trainer.prepare(flags, LaunchEnv(ctx.rank, ctx.rank, ctx.world_size, launched=True))
+    try:
+        trainer.run(cfg, task, ctx, trainer.Attempt(found))
+    except trainer.RunFailed as e:
+        return e.code, str(e)
+    return 0, ""
+
+
+def _local_dirs(data: Path, workdir: Path):
+    """Two ranks, each with its own --checkpoint-dir: rank 0's holds step 6, rank 1's nothing."""
+    dirs = [workdir / "node0", workdir / "node1"]
+    assert trainer.main([*jobs.train_flags(data, steps=jobs.AT), "--out", str(workdir / "first"),
+                         "--checkpoint-dir", str(dirs[0])]) == 0
+    try:
+        return run_on_ranks(_resume_from_own_dir, 2, (data, dirs), timeout=120)
+    except Exception as e:
+        return e
+
+
 @pytest.fixture(scope="module")
 def runs(reference, tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("elastic")
-    cases = _cases(reference / "xy.pt")
+    """Every job at once, each on hosts of its own; the wall time is the slowest one's."""
+    d, data = tmp_path_factory.mktemp("elastic"), reference / "xy.pt"
+    cases = _cases(data)
     with ExitStack() as stack:
         pairs = [stack.enter_context(two_hosts()) for _ in cases]  # skips here where namespaces are refused
-        with ThreadPoolExecutor(len(cases)) as pool:
+        with ThreadPoolExecutor(len(cases) + 1) as pool:
             futures = {name: pool.submit(_run, case, pair, d / name.replace(" ", "-"))
                        for (name, case), pair in zip(cases.items(), pairs, strict=True)}
+            futures["local dirs"] = pool.submit(_local_dirs, data, d / "local-dirs")
             return {name: future.result() for name, future in futures.items()}
 
 
@@ -85,19 +110,9 @@ def outcome(runs: dict, name: str) -> jobs.Outcome:
     return found
 
 
-def sample_ids(out: Path) -> list[list[int]]:
-    return [json.loads(line)["sample_ids"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def once_per_epoch(ids: list[list[int]], per_epoch: int = 3) -> bool:
-    epochs = [sum(ids[i : i + per_epoch], []) for i in range(0, len(ids), per_epoch)]
-    return all(len(seen) == len(set(seen)) == 16 * per_epoch for seen in epochs)
-
-
 def same_training(o: jobs.Outcome, reference: Path) -> float:
     """The job trained what one process trains: the same samples each step, the same weights."""
-    assert sample_ids(o.out) == sample_ids(reference / "out") and once_per_epoch(sample_ids(o.out))
-    diff = max_diff(o.out / "final.pt", reference / "out" / "final.pt")
+    diff = jobs.trained_alike(o.out, reference / "out")
     print(f"  max |difference| from the uninterrupted run: {diff:.3g}")
     assert diff <= 1e-10
     return diff
@@ -141,6 +156,17 @@ def test_a_cut_with_restarts_and_the_link_back_resumes(runs, reference):
     same_training(o, reference)
 
 
+def test_ranks_that_would_resume_from_different_steps_stop(runs):
+    """A --checkpoint-dir on each node's own disk: the doctor cannot see it from one node, so the
+    trainer compares the ranks' steps before the first collective of training and stops, exit 2."""
+    found = runs["local dirs"]
+    if isinstance(found, Exception):
+        raise found
+    assert [code for code, _ in found] == [2, 2]
+    assert found[0][1].startswith("the ranks would resume from different steps (rank 0: step 6): every node must")
+    assert found[1][1].startswith("the ranks would resume from different steps (rank 1: step 0): ")
+
+
 def test_negative_control_a_resume_that_forgets_the_momentum_differs(runs, reference, tmp_path):
     """The checks above can fail: resume the leave job's checkpoint of step 6 without the optimizer's
     momentum (what a careless elastic resume loses) and the weights miss by far more than 1e-10."""
@@ -152,5 +178,5 @@ def test_negative_control_a_resume_that_forgets_the_momentum_differs(runs, refer
     diff = max_diff(tmp_path / "out" / "final.pt", reference / "out" / "final.pt")
     print(f"a resume without momentum: max |difference| {diff:.3g}")
     assert diff >= 100 * 1e-10
-    ids = sample_ids(reference / "out")
-    assert not once_per_epoch(ids[:7] + ids[6:11])  # a step replayed: the sample check can fail too
+    ids = jobs.sample_ids(reference / "out")
+    assert not jobs.once_per_epoch(ids[:7] + ids[6:11])  # a step replayed: the sample check can fail too

@@ -1,0 +1,63 @@
+"""The membership soak (launch/soak_membership.sh): RUNS two-host jobs, each changing its nodes
+at a random checkpoint step — node 1 leaves, joins, or leaves and is replaced at once — and
+each must end with the weights one uninterrupted process trains (float64, within 1e-10).
+
+    python -m tests.soak_membership [RUNS] [--seed S]     (as root, from the repository root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from ddp_demo import train as trainer
+
+from . import elastic_jobs as jobs
+from .nodes import two_hosts
+
+STEPS = 24  # 8 epochs of 3 steps; the change at a checkpoint step (every 3) between 3 and 21
+# kind -> (scenario, the rank its pause holds at the change)
+KINDS = {"leave": (jobs.leave, 1), "join": (jobs.join, 0), "replace": (jobs.replace, 1)}
+
+
+def one_run(kind: str, at: int, data: Path, reference: Path, workdir: Path) -> str:
+    """Run one job; return its verdict line."""
+    scenario, paused = KINDS[kind]
+    flags = [*jobs.train_flags(data, STEPS), "--inject-fault", f"pause:{paused}:{at}", "--timeout", "60"]
+    start = time.monotonic()
+    try:
+        with two_hosts() as pair:
+            o = scenario(pair, workdir, flags, jobs.elastic_env(), budget_s=300, at=at)
+        diff = jobs.trained_alike(o.out, reference)
+        ok = diff <= 1e-10 and o.codes[0] == 0 and (kind == "leave" or o.codes[1] == 0)
+        verdict = f"exit {o.codes}, world sizes {o.timeline}, max |difference| {diff:.2g}"
+    except (AssertionError, FileNotFoundError) as e:
+        ok, verdict = False, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    return f"{kind} at step {at}: {verdict}, {time.monotonic() - start:.0f} s: {'ok' if ok else 'FAILED'}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="tests.soak_membership", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=int, nargs="?", default=10, help="how many jobs [default: 10]")
+    parser.add_argument("--seed", type=int, help="seed the random kinds and steps (to repeat a soak)")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        data = jobs.write_data(d / "xy.pt")
+        assert trainer.main([*jobs.train_flags(data, STEPS), "--out", str(d / "reference")]) == 0
+        failed = 0
+        for i in range(1, args.runs + 1):
+            kind, at = rng.choice(sorted(KINDS)), 3 * rng.randint(1, STEPS // 3 - 1)
+            line = one_run(kind, at, data, d / "reference", d / f"run{i}")
+            failed += line.endswith("FAILED")
+            print(f"run {i}: {line}", flush=True)
+    print(f"{args.runs - failed} of {args.runs} membership changes ended equal to the uninterrupted run")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
