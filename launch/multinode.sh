@@ -17,11 +17,12 @@ export RDZV_ID=${RDZV_ID:-ddp_demo}
 is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)
 
 # Every rendezvous round gets a fresh store for the workers, on a port the new rank 0's agent
-# picks and hands out through that round's keys. The store torchrun shares by default outlives
-# the rounds, and the only per-attempt name the workers get, TORCHELASTIC_RESTART_COUNT, is
-# counted by each agent for itself: after a node leaves and another joins the counts differ,
-# and the workers look for each other under different names (pytorch/pytorch#135712;
-# docs/elastic.md measures it). core/dist.py adds its per-attempt prefix only to a shared store.
+# picks and hands out through that round's keys. With the store torchrun shares by default
+# (torch 2.13) a node that joins a later round waits for that store's address, which node 0
+# published only in its first round (dynamic_rendezvous.py reuses _bootstrap_store_info), and
+# the only per-attempt name the workers get, TORCHELASTIC_RESTART_COUNT, is counted by each agent
+# for itself (pytorch/pytorch#135712). docs/elastic.md measures both. core/dist.py adds its
+# per-attempt prefix only to a shared store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 [ "${DOCTOR:-1}" = 0 ] || "$PYTHON" -m ddp_demo.doctor "$@"

@@ -124,13 +124,17 @@ class Job:
             time.sleep(POLL_S)
         return time.monotonic()
 
-    def checkpoint(self, step: int) -> float:
-        """When the checkpoint of ``step`` is complete: its checksum file is written last."""
-        done = self.dir / "ckpt" / f"step-{step:06d}.pt.sha256"
-        return self.wait_for(f"checkpoint of step {step}", done.exists)
+    def checkpoint(self, step: int | None = None) -> float:
+        """When the checkpoint of ``step`` (None: of any step) is complete: its checksum is written last."""
+        name = "step-*.pt.sha256" if step is None else f"step-{step:06d}.pt.sha256"
+        return self.wait_for(f"checkpoint {name}", lambda: any((self.dir / "ckpt").glob(name)))
 
     def lost_contact(self, node: int) -> float:
         return self.wait_for(f"lost-contact line from node {node}", lambda: "lost contact" in self.output(node, "err"))
+
+    def resumed(self) -> float:
+        """When a new attempt has restored the checkpoint (global rank 0, on node 0, says so)."""
+        return self.wait_for("resumed attempt", lambda: "resuming from" in self.output(0))
 
     def exited(self, node: int) -> float:
         return self.wait_for(f"exit of node {node}", lambda: self.procs[node].poll() is not None)
@@ -171,7 +175,8 @@ def leave(job: Job, at: int = AT) -> dict[str, float]:
     job.checkpoint(at)
     killed = time.monotonic()
     job.hosts[1].power_off()
-    return {"kill to node 0's exit": job.exited(0) - killed}
+    return {"kill to node 0's lost-contact line": job.lost_contact(0) - killed,
+            "kill to the resumed attempt": job.resumed() - killed, "kill to node 0's exit": job.exited(0) - killed}
 
 
 @scenario
@@ -193,18 +198,19 @@ def join(job: Job, at: int = AT) -> dict[str, float]:
     job.start(0)
     begun = job.checkpoint(at)
     job.start(1)
-    grown = job.wait_for("second attempt", lambda: "world size 1 -> 2" in job.output(0))
-    job.exited(0), job.exited(1)
-    return {"node 1's start to the grown attempt": grown - begun}
+    grown = job.resumed()
+    return {"node 1's start to the grown attempt": grown - begun, "node 1's start to the exits":
+            max(job.exited(0), job.exited(1)) - begun}
 
 
 @scenario
-def cut_for_good(job: Job, at: int = 3) -> dict[str, float]:
-    """The link goes down after the checkpoint of ``at`` and stays down until both workers gave up
-    and node 0 exited; node 1's agent, cut off from the store on node 0, waits for the link."""
+def cut_for_good(job: Job) -> dict[str, float]:
+    """The link goes down once a checkpoint exists (the run is endless: no pause is needed) and
+    stays down until both workers gave up and node 0 exited; node 1's agent, cut off from the
+    store on node 0, waits for the link."""
     job.start(0)
     job.start(1)
-    job.checkpoint(at)
+    job.checkpoint()
     job.hosts[1].link(False)
     cut = time.monotonic()
     seconds = {f"cut to node {n}'s lost-contact line": job.lost_contact(n) - cut for n in (0, 1)}
@@ -227,5 +233,6 @@ def cut_and_restore(job: Job, at: int = AT) -> dict[str, float]:
     gave_up = job.lost_contact(0)
     job.hosts[1].link(True)
     back = time.monotonic()
-    job.exited(0), job.exited(1)
-    return {"cut to node 0's lost-contact line": gave_up - cut, "link down": back - cut}
+    return {"cut to node 0's lost-contact line": gave_up - cut, "cut to link back": back - cut,
+            "cut to the resumed attempt": job.resumed() - cut,
+            "cut to the exits": max(job.exited(0), job.exited(1)) - cut}

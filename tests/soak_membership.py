@@ -2,7 +2,7 @@
 at a random checkpoint step — node 1 leaves, joins, or leaves and is replaced at once — and
 each must end with the weights one uninterrupted process trains (float64, within 1e-10).
 
-    python -m tests.soak_membership [RUNS] [--seed S]     (as root, from the repository root)
+    python -m tests.soak_membership [RUNS] [--seed S] [--kinds leave,join,replace]   (as root, from the repo root)
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="tests.soak_membership", description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=int, nargs="?", default=10, help="how many jobs [default: 10]")
     parser.add_argument("--seed", type=int, help="seed the random kinds and steps (to repeat a soak)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"draw from these [default: {','.join(KINDS)}]")
     args = parser.parse_args()
+    kinds = sorted(args.kinds.split(","))
+    if not set(kinds) <= set(KINDS):
+        parser.error(f"--kinds {args.kinds}: use some of {', '.join(KINDS)}")
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -51,7 +55,7 @@ def main() -> int:
         assert trainer.main([*jobs.train_flags(data, STEPS), "--out", str(d / "reference")]) == 0
         failed = 0
         for i in range(1, args.runs + 1):
-            kind, at = rng.choice(sorted(KINDS)), 3 * rng.randint(1, STEPS // 3 - 1)
+            kind, at = rng.choice(kinds), 3 * rng.randint(1, STEPS // 3 - 1)
             line = one_run(kind, at, data, d / "reference", d / f"run{i}")
             failed += line.endswith("FAILED")
             print(f"run {i}: {line}", flush=True)

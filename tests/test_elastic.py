@@ -36,7 +36,8 @@ def _cases(data: Path) -> dict:
     """name -> (scenario, trainer flags, launch environment)."""
     flags, timeout = jobs.train_flags(data), ["--timeout", str(TIMEOUT)]
     return {
-        "leave": (jobs.leave, [*flags, *pause(1), *timeout], jobs.elastic_env()),
+        # a killed machine resets its connections: node 0 notices at once, whatever --timeout says
+        "leave": (jobs.leave, [*flags, *pause(1), "--timeout", "30"], jobs.elastic_env()),
         # here --timeout bounds the pause that holds node 0 until node 1 arrives: room for a loaded machine
         "join": (jobs.join, [*flags, *pause(0), "--timeout", "120"], jobs.elastic_env()),
         # fixed membership, no restarts: the job can only end, and must end in bounded time
