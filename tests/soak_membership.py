@@ -31,12 +31,21 @@ def one_run(kind: str, at: int, data: Path, reference: Path, workdir: Path) -> s
     try:
         with two_hosts() as pair:
             o = scenario(pair, workdir, flags, jobs.elastic_env(), budget_s=300, at=at)
-        diff = jobs.trained_alike(o.out, reference)
-        ok = diff <= 1e-10 and o.codes[0] == 0 and (kind == "leave" or o.codes[1] == 0)
-        verdict = f"exit {o.codes}, world sizes {o.timeline}, max |difference| {diff:.2g}"
-    except (AssertionError, FileNotFoundError) as e:
-        ok, verdict = False, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    except AssertionError as e:  # a wait ran past its deadline
+        ok, verdict = False, str(e).splitlines()[0]
+    else:
+        ok, verdict = judge(kind, o, reference)
     return f"{kind} at step {at}: {verdict}, {time.monotonic() - start:.0f} s: {'ok' if ok else 'FAILED'}"
+
+
+def judge(kind: str, o: jobs.Outcome, reference: Path) -> tuple[bool, str]:
+    said = f"exit {o.codes}, world sizes {o.timeline}"
+    if not (o.out / "final.pt").exists():
+        errors = [line for line in o.stderr[0].splitlines() if "Error" in line or "error:" in line]
+        return False, f"{said}, no final.pt; node 0 said: {errors[-1] if errors else 'no error'}"
+    diff = jobs.trained_alike(o.out, reference)
+    ok = diff <= 1e-10 and o.codes[0] == 0 and (kind == "leave" or o.codes[1] == 0)
+    return ok, f"{said}, max |difference| {diff:.2g}"
 
 
 def main() -> int:
