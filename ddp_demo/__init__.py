@@ -8,9 +8,10 @@ The package, by concern (entry points on top, each run as ``python -m ddp_demo.<
 
 - ``train``, ``train_accelerate``: the trainer under torchrun or ``accelerate launch``;
   ``verify``: the equivalence table; ``explain``: one gradient, reconciled;
-  ``doctor``: the launch doctor; ``bench``: the benchmark.
+  ``doctor``: the launch doctor; ``bench``: the benchmark; ``compare``: runs of one job on one picture.
 - ``core``: the training core (config -> dist -> data -> models -> loop -> outputs).
 - ``resilience``: checkpoints, resume, stop signals, injected faults.
+- ``parallel``: data-parallel machinery by hand: ``ScratchDDP``, DDP from hooks (``--ddp scratch``).
 - ``proof``: N processes against one, case by case, with negative controls.
 """
 

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 -m ddp_demo.explain
     python -m ddp_demo.explain                    # one process: nothing to reconcile
+    torchrun --standalone --nproc_per_node=2 -m ddp_demo.explain --buckets   # inside DDP: buckets, overlap
 
 Each rank runs ``multiplier * x_shard`` on its own device and calls backward on the
 mean of its shard. A DDP communication hook sees the gradient bucket exactly as
@@ -18,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core.dist import DistContext, launch_env, setup, teardown
 from ddp_demo.core.models import MultiplyByTwo
+from ddp_demo.parallel.timeline import bucket_report, checks, render
 
 PER_RANK = 2
 
@@ -69,17 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddp_demo.explain", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-allreduce", action="store_true",
                         help="negative control: record the local gradients but never all-reduce them")
+    parser.add_argument("--buckets", action="store_true",
+                        help="instead: the MLP under ddp_demo's own DDP, its gradient buckets and the order "
+                        "gradients became ready and buckets were reduced during one backward")
     args = parser.parse_args(argv)
     env = launch_env()
     # One process still gets a (single-member) group, so DDP and the hook run the same code.
     ctx = setup(env, device="auto", store=dist.HashStore() if env.world_size == 1 else None)
     try:
         reports: list = [None] * ctx.world_size
-        dist.all_gather_object(reports, rank_report(ctx, args.skip_allreduce))
+        dist.all_gather_object(reports, bucket_report(ctx) if args.buckets else rank_report(ctx, args.skip_allreduce))
     finally:
         teardown()
     if not ctx.is_main:
         return 0
+    if args.buckets:
+        print("\n".join(render(reports)))
+        return 0 if all(checks(reports).values()) else 1
     x, full = single_process_gradient(ctx.world_size)
     print(f"MultiplyByTwo: y = multiplier * x with multiplier = 2.0; x = {x} split over {ctx.world_size} rank(s);")
     print("each rank computes loss = mean(y over its shard), so d loss / d multiplier = mean(its shard)\n")

@@ -27,14 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_demo.core import log
+from ddp_demo.core import log, malloc
 from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
 from ddp_demo.core.data import Task, builtin_task, heldout_counts, load_task, rank_loader
-from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, setup, teardown
+from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, pick_device, setup, teardown
 from ddp_demo.core.loop import NonFiniteLoss, StepLog, StopRequested, loss_function, make_optimizer, train_loop
 from ddp_demo.core.models import build_model
 from ddp_demo.core.outputs import check_out_dir, write_outputs
 from ddp_demo.doctor import LaunchProblem, preflight
+from ddp_demo.parallel.ddp import ScratchDDP
 from ddp_demo.resilience import checkpoint
 from ddp_demo.resilience.faults import FaultInjector
 from ddp_demo.resilience.resume import Checkpointer, checkpoint_state, resolve_resume, restore
@@ -54,15 +55,19 @@ def make_model(cfg: TrainConfig, task: Task, device: torch.device) -> torch.nn.M
     return build_model(cfg.model, task.x_shape, task.num_classes).to(device=device, dtype=cfg.torch_dtype)
 
 
-def ddp_wrap(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+def ddp_wrap(model: torch.nn.Module, ctx: DistContext, wrapper: str = "torch") -> torch.nn.Module:
     """The one line data parallelism adds to a model: ``DDP(model)``.
 
     DDP broadcasts rank 0's parameters and buffers now, and from here on every
     ``backward()`` averages the gradients over the ranks (in buckets, while backward
     runs). Without a process group (plain ``python``) there is nothing to average with.
+    ``--ddp scratch`` wraps with ddp_demo's own ``ScratchDDP`` instead: the same work done
+    by hooks and tensor ops you can read (ddp_demo/parallel/ddp.py), with the same result.
     """
     if not ctx.distributed:
         return model
+    if wrapper == "scratch":
+        return ScratchDDP(model)
     return DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
 
@@ -71,14 +76,18 @@ class Torchrun:
 
     Launchers differ only here: ``start`` joins the process group, ``wrap`` returns the
     model, optimizer and :class:`GradSync` (None: DDP ``no_sync``) the loop trains with,
-    ``release`` drops what the launcher holds before ``teardown``.
+    ``release`` drops what the launcher holds before ``teardown``; ``name`` is what
+    summary.json records as the run's ``launcher``.
     """
 
+    name = "torchrun"
+
     def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext:
+        self.name = env.launcher  # torchrun, srun, or python (plain `python -m ddp_demo.train`)
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
     def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:
-        return ddp_wrap(model, ctx), optimizer, None
+        return ddp_wrap(model, ctx, cfg.ddp), optimizer, None
 
     def release(self) -> None:
         pass
@@ -103,6 +112,7 @@ class Attempt:
     found: checkpoint.Found | None = None  # the checkpoint to resume from (None: start fresh)
     restart_count: int = 0  # torchrun's restart attempt; injected faults strike attempt 0 only
     stop: Callable[[], bool] = lambda: False  # True once a stop signal arrived (StopSignals)
+    started: float = 0.0  # time.time() when main() began: the benchmark splits a run's wall time with it
 
 
 def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attempt(), launcher=None) -> dict:
@@ -116,7 +126,8 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         raise RunFailed(f"the ranks would resume from different steps (rank {ctx.rank}: step {start_step}): every node "
                         f"must see the same --checkpoint-dir {cfg.checkpoint_dir}; use a filesystem all nodes mount", 2)
     history = [StepLog(**entry) for entry in saved_logs]
-    ddp, wrapped_optimizer, grad_sync = (launcher or Torchrun()).wrap(model, optimizer, cfg, ctx)
+    launcher = launcher or Torchrun()
+    ddp, wrapped_optimizer, grad_sync = launcher.wrap(model, optimizer, cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), device {ctx.device}, "
                        f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step"
@@ -130,6 +141,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         ckpt(step, epoch, logs)
         fault(step)
 
+    timeline = {"main_started": attempt.started, "training_started": time.time()}
     try:
         logs = history + train_loop(ddp, wrapped_optimizer, loader, loss_function(task), cfg, ctx, grad_sync,
                                     start_step=start_step, after_step=after_step, stop_requested=attempt.stop)
@@ -142,17 +154,21 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         where = f"checkpoint of step {e.step} in {cfg.checkpoint_dir}; rerun the same command to resume" \
             if cfg.checkpoint_dir else "no --checkpoint-dir, so this progress is lost"
         raise RunFailed(f"{e}: {where}", attempt.stop.exit_code()) from None
-    return finish(cfg, task, ctx, model, logs, start)
+    timeline["training_ended"] = time.time()
+    return finish(cfg, task, ctx, model, logs, start, launcher.name, timeline)
 
 
-def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float) -> dict:
+def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float,
+           launcher: str, timeline: dict) -> dict:
     identical = all_ranks_equal(flat_parameters(model), ctx)
     if identical:
         log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
     correct, total = heldout_counts(model, task, ctx)
+    timeline["checks_ended"] = time.time()
     summary = {
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
+        "launcher": launcher,
         "backend": ctx.backend,
         "device": ctx.device.type,
         "torch_version": torch.__version__,
@@ -161,6 +177,7 @@ def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[Ste
         "heldout_samples": total,
         "params_identical_across_ranks": identical,
         "wall_time_s": round(time.perf_counter() - start, 3),
+        "timeline": timeline,  # time.time() on rank 0 as each phase ended; bench.command splits a run with it
     }
     if ctx.is_main:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # no "module." prefix
@@ -182,6 +199,7 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
         passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend, env.agent_store)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_batch_split(env.world_size)
+    cfg.check_precision(pick_device(env.local_rank, cfg.device).type)
     check_out_dir(cfg.out)
     if cfg.checkpoint_dir:
         check_out_dir(cfg.checkpoint_dir, flag="--checkpoint-dir")
@@ -190,10 +208,12 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
 
 
 def main(argv: list[str] | None = None, launcher=None) -> int:
+    started = time.time()
     launcher = launcher or Torchrun()
     env = launch_env()
     try:
         cfg, task, found = prepare(argv, env)
+        malloc.apply(cfg.malloc)  # before the process group, the model and the data loader allocate
         ctx = launcher.start(env, cfg)
     except LaunchProblem as e:  # a node's own setup: each node's first process says it, once per node
         log.error(env.local_rank, str(e))
@@ -203,7 +223,7 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
         return 2
     stop = StopSignals()
     try:
-        run(cfg, task, ctx, Attempt(found, env.restart_count, stop), launcher)
+        run(cfg, task, ctx, Attempt(found, env.restart_count, stop, started), launcher)
         return 0
     except RunFailed as e:
         log.error(ctx.rank, str(e))

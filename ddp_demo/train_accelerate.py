@@ -86,9 +86,13 @@ def accelerate_grad_sync(accelerator: Accelerator, model: torch.nn.Module, never
 class AccelerateLauncher:
     """The two things ddp_demo.train does differently under ``accelerate launch``."""
 
+    name = "accelerate"  # summary.json's "launcher"
     accelerator: Accelerator | None = None
 
     def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext:
+        if cfg.ddp != "torch":
+            raise ConfigError(f"--ddp {cfg.ddp} is for ddp_demo.train: under accelerate launch, Accelerate wraps the "
+                              "model in torch's DDP; drop --ddp or launch ddp_demo.train with torchrun")
         pick_device(env.local_rank, cfg.device)  # --device cuda without CUDA: the same one line as torchrun's
         self.accelerator = make_accelerator(cfg)
         ctx = context_of(self.accelerator)

@@ -12,6 +12,10 @@ The ``accum`` rows accumulate one step over K micro-batches (``--grad-accum-step
 gradient after the K-th must match one process on the whole global batch, and after
 micro-batch K-1 (under ``no_sync``) the ranks must still disagree.
 Exit code 0 when every check and every control behaves.
+
+``--scratch`` checks ddp_demo's own DDP (``parallel/ddp.py``) against torch's instead: the
+same cases under both wrappers on the same ranks, overlap, and uneven inputs with and
+without Join (``proof/scratch.py``, ``proof/join.py``; docs/ddp_from_scratch.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import argparse
 import sys
 
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof import join, scratch
 from ddp_demo.proof.cases import accum_cases, accum_ok, by_case, case_ok, cases, check_accumulation, run_cases
+from ddp_demo.proof.spawn import run_on_ranks
 
 
 def print_accumulation(world_size: int, models) -> bool:
@@ -36,11 +42,71 @@ def print_accumulation(world_size: int, models) -> bool:
     return ok
 
 
+def print_scratch(world_size: int, models) -> bool:
+    """ScratchDDP against torch's DDP at one N: per case, the largest difference of each check."""
+    tasks = scratch.suite_tasks(world_size, models, runs=False)
+    per_rank = run_on_ranks(scratch.suite_on_rank, world_size, (tasks,), timeout=600)
+    by_case: dict[tuple, dict[str, list[dict]]] = {}
+    for r in scratch.compare(per_rank, tasks["cases"]):
+        by_case.setdefault(r["case"][:-1], {}).setdefault(r["check"], []).append(r)
+    ok = True
+    for case, checks in by_case.items():
+        cells = []
+        for check in scratch.CHECKS:
+            rs = checks.get(check)
+            good = rs is None or scratch.passes(check, rs)
+            ok &= good
+            cells.append("-" if rs is None else f"{max(r['max_abs_diff'] for r in rs):.3g}" + ("" if good else " FAIL"))
+        kind, model, dtype, *optim = case
+        print(f"{world_size:>2}  {kind:<7} {model:<9} {dtype:<8} {(optim or ['-'])[0]:<5}" + "".join(
+            f"  {c:>16}" for c in cells))
+    return ok & print_scratch_extras(world_size, per_rank)
+
+
+def print_scratch_extras(world_size: int, per_rank: list[dict]) -> bool:
+    ok = True
+    for bucket_bytes, steps in per_rank[0].get("overlap", {}).items():
+        print(f"\noverlap, N = {world_size}, the CNN with buckets of up to {bucket_bytes:,} bytes (rank 0, ms since "
+              "backward() was called):")
+        for step, st in enumerate(steps, start=1):
+            t = scratch.timeline(st)
+            ok &= scratch.overlapped(st) == (t["buckets"] > 1)  # several buckets overlap; one cannot
+            print(f"  step {step}: {t['buckets']} bucket(s) launched at {', '.join(f'{x:.3f}' for x in t['launch_ms'])}"
+                  f"; last gradient {t['last_gradient_ms']:.3f}; backward returned {t['backward_returned_ms']:.3f}"
+                  + ("; first launch before the last gradient" if scratch.overlapped(st) else ""))
+    for case in per_rank[0].get("join", {}):
+        d = join.differences(per_rank, case, join.reference(case[0], case[1], world_size, case[3]))
+        ok &= d["close"]
+        print(f"Join, N = {world_size}, batches {join.batch_counts(world_size)}: {case[0]} {case[1]} {case[2]}, "
+              f"divide_by_initial_world_size={case[3]}: max |difference| from one process: gradients "
+              f"{d['grads']:.3g}, parameters {d['params']:.3g}" + ("" if d["close"] else " FAIL"))
+    for rank, res in enumerate(per_rank):
+        for wrapper, outcome in res.get("no_join", {}).items():
+            ok &= rank == 0 or not outcome["finished"]
+            print(f"no Join, {wrapper}: rank {rank} " + ("finished its batches" if outcome["finished"]
+                                                         else outcome["message"]))
+    return ok
+
+
+def main_scratch(world_sizes: list[int], models) -> int:
+    ok = True
+    print(f"{'N':>2}  {'check':<7} {'model':<9} {'dtype':<8} {'optim':<5}" + "".join(
+        f"  {c:>16}" for c in scratch.CHECKS) + "   (max |ScratchDDP - torch DDP|)")
+    for n in world_sizes:
+        ok &= print_scratch(n, models)
+    print("all checks passed" if ok else "SOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ddp_demo.verify", description=__doc__.splitlines()[0])
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 3, 4], help="N values to test")
     p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, help="models to test")
+    p.add_argument("--scratch", action="store_true",
+                   help="check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
     args = p.parse_args(argv)
+    if args.scratch:
+        return main_scratch(args.world_sizes, args.models)
     ok = True
     print(f"{'N':>2}  {'check':<8} {'model':<9} {'dtype':<8} {'optim':<5} {'sync':<4}  "
           f"{'max |DDP - single|':>18}  verdict")

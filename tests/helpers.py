@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof.agreement import agreement_on_rank
+from ddp_demo.proof.autocast import autocast_cases_on_rank
+from ddp_demo.proof.spawn import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -20,7 +28,9 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    """This environment less any launcher's: run inside a SLURM job, the suite's own processes
+    would otherwise read its ``SLURM_*`` variables as their rank and world size (core/dist.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
@@ -56,3 +66,25 @@ def max_diff(a: dict | Path | str, b: dict | Path | str) -> float:
     a, b = (load(x) if isinstance(x, (str, Path)) else x for x in (a, b))
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+COMPARE_LINE = re.compile(r"^(.+): largest \|loss - reference\| (\S+) at step (\d+); (\d+) of \d+ steps exactly equal$",
+                          re.M)
+
+
+def compare_report(stdout: str) -> dict[str, dict]:
+    """What ``python -m ddp_demo.compare`` printed: per run label, its largest difference from the
+    reference, the step of it, and how many steps were exactly equal."""
+    return {label: {"largest": float(value), "step": int(step), "exact": int(exact)}
+            for label, value, step, exact in COMPARE_LINE.findall(stdout)}
+
+
+def issue13_on_rank(ctx: DistContext) -> dict:
+    """The bodies of test_agree.py and test_precision.py, in one process group: starting one
+    costs seconds, a case milliseconds."""
+    return {"agreement": agreement_on_rank(ctx), "autocast": autocast_cases_on_rank(ctx, MODEL_NAMES)}
+
+
+@functools.cache
+def issue13_ranks() -> list[dict]:
+    return run_on_ranks(issue13_on_rank, 2, timeout=180)

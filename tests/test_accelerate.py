@@ -107,6 +107,7 @@ def test_accelerate_final_pt_equals_torchrun(runs):
     assert accelerate_losses == pytest.approx(torchrun_losses, abs=1e-10)
     summary = json.loads((runs["accelerate"] / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"]
+    assert summary["launcher"] == "accelerate"
 
 
 def test_accelerate_accumulation_whole_run_equals_torchrun(runs):

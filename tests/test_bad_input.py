@@ -27,6 +27,7 @@ def _bad_files(d):
 CASES = {
     "unknown model": (["--model", "resnet"], "--model"),
     "unknown dtype": (["--dtype", "float16"], "--dtype"),
+    "unknown wrapper": (["--ddp", "horovod"], "--ddp"),
     "zero steps": (["--steps", "0"], "--steps"),
     "negative steps": (["--steps", "-3"], "--steps"),
     "steps not a number": (["--steps", "ten"], "--steps"),
@@ -35,6 +36,10 @@ CASES = {
     "data not a tuple": (["--data", "{d}/dict.pt"], "--data"),
     "data wrong shape for model": (["--data", "{d}/shape.pt", "--model", "cnn"], "--data"),
     "data lengths differ": (["--data", "{d}/length.pt"], "--data"),
+    "fp16 on the cpu": (["--precision", "fp16", "--device", "cpu"], "--precision"),
+    "bf16 with float64": (["--precision", "bf16", "--dtype", "float64"], "--precision"),
+    "unknown precision": (["--precision", "fp8"], "--precision"),
+    "log every zero": (["--log-every", "0"], "--log-every"),
 }
 
 

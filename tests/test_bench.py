@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ddp_demo.bench.command import PHASES, phases
 from ddp_demo.bench.launchers import BLOCKS, block_step_times
 from ddp_demo.bench.run import VARIANTS
 
@@ -48,6 +49,10 @@ def test_results_json_holds_every_measurement(quick: Path):
     for row in res["knobs"]["rows"]:
         assert positive_times(row["step_s"], reps) and len(row["rss_peak_mb"]) == 2  # one per rank
     assert all(positive_times(r["time_s"], reps) for r in res["busbw"])
+    assert set(res["trainer"]) == {"mlp", "cnn"}
+    for m in res["trainer"].values():
+        assert set(m["step_s"]) == {"bare loop", "trainer", "trainer, own all-reduce", "trainer, bf16"}
+        assert all(positive_times(t, reps) for t in m["step_s"].values())
 
 
 def test_the_raw_all_reduce_equals_ddp_and_the_unsynced_control_does_not(quick: Path):
@@ -56,11 +61,25 @@ def test_the_raw_all_reduce_equals_ddp_and_the_unsynced_control_does_not(quick: 
     assert check["max_diff_unsynced_vs_ddp"] > 1e-4  # the check can fail: ranks hold different data
 
 
+def test_scratch_ddp_is_timed_beside_torch_ddp_and_the_raw_all_reduce(quick: Path):
+    res = json.loads((quick / "results.json").read_text())
+    reps = res["plan"]["reps"]["reps"]
+    assert set(res["scratch"]) == {"cnn", "mlp"}
+    for m in res["scratch"].values():
+        assert set(m["step_s"]) == {"bare", "DDP", "ScratchDDP", "raw all-reduce"}
+        assert all(positive_times(t, reps) for t in m["step_s"].values())
+        assert m["max_diff_vs_ddp"] == 0.0  # the wrapper timed is the one proven equal (tests/test_scratch_ddp.py)
+    rows = res["summary"]["scratch"]
+    assert all(r["scratch_over_ddp"]["median"] > 0 and r["raw_over_ddp"]["median"] > 0 for r in rows)
+    assert "## ddp_demo's own DDP beside torch's at N = 2" in (quick / "results.md").read_text()
+
+
 def test_summary_reports_every_target(quick: Path):
     summary = json.loads((quick / "results.json").read_text())["summary"]
     targets = {t["key"]: t for t in summary["targets"]}
     assert set(targets) == {"cnn_weak_scaling_efficiency_n2", "mlp_exposed_sync_ratio_stock",
-                            "cnn_ddp_overhead_n1", "accelerate_over_torchrun"}
+                            "cnn_ddp_overhead_n1", "accelerate_over_torchrun", "mlp_trainer_over_bare_loop",
+                            "cnn_trainer_over_bare_loop"}
     assert targets["accelerate_over_torchrun"]["value"] is None  # --no-launchers
     assert all(isinstance(targets[k]["met"], bool) for k in targets if k != "accelerate_over_torchrun")
     assert [r["name"] for r in summary["knobs"]] == [v.name for v in VARIANTS]
@@ -69,10 +88,26 @@ def test_summary_reports_every_target(quick: Path):
 def test_markdown_and_plot_are_written(quick: Path):
     md = (quick / "results.md").read_text()
     for heading in ("## Targets", "## Weak scaling", "## Where the time goes", "## gloo all-reduce at N = 2",
-                    "## DDP at N = 1", "## accelerate vs torchrun"):
+                    "## DDP at N = 1", "## accelerate vs torchrun", "## The trainer's step vs the minimal DDP loop",
+                    "## The whole command"):
         assert heading in md
     png = (quick / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+def test_the_whole_command_splits_into_phases_that_add_up():
+    timeline = {"main_started": 12.0, "training_started": 13.5, "training_ended": 20.0, "checks_ended": 20.25}
+    split = phases(10.0, 21.0, timeline)
+    assert list(split) == list(PHASES)
+    assert split == pytest.approx({"launcher + imports": 2.0, "set-up": 1.5, "training": 6.5, "final checks": 0.25,
+                                   "writing + exit": 0.75})
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2():
+    r = run_cmd(["bash", "launch/gpu_check.sh"], ROOT, timeout=60, env={"PYTHON": PYTHON, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "no CUDA GPU" in r.stderr
+    assert r.stdout == ""
 
 
 def test_launcher_step_times_are_cut_into_blocks_after_warm_up(tmp_path: Path):

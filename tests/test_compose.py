@@ -121,6 +121,8 @@ def test_the_image_runs_the_same_scripts():
     assert "WORKDIR /app" in dockerfile and "COPY launch launch" in dockerfile
     assert 'ENTRYPOINT ["/app/launch/compose.sh"]' in dockerfile
     assert "-r requirements-cpu.txt" in dockerfile and "whl/cpu" in dockerfile  # CPU torch by default
+    # Buildable without a registry hub: every stage starts from the BASE_IMAGE build argument.
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${BASE_IMAGE}"] * 2
     compose_sh = (LAUNCH / "compose.sh").read_text()
     assert '"$(dirname "$0")/multinode.sh"' in compose_sh  # the compose entrypoint is the bare-metal script
     for script in ("torchrun.sh", "multinode.sh", "compose.sh"):

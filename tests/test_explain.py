@@ -23,3 +23,23 @@ def test_negative_control_without_allreduce_explain_says_no(tmp_path):
     assert proc.returncode != 0
     assert "gradient before all-reduce 1.5, after (no all-reduce) 1.5" in proc.stdout
     assert "every rank's gradient equals the single-process gradient: NO" in proc.stdout
+
+
+def test_explain_buckets_shows_the_layout_and_the_order_from_real_hooks(tmp_path):
+    proc = torchrun(2, "ddp_demo.explain", "--buckets", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    first = ("  bucket 0: linear1.weight (1280 B), linear1.bias (128 B), linear2.weight (256 B), linear2.bias (8 B)"
+             " = 1672 B")
+    rebuilt = ["  bucket 0: linear2.bias (8 B), linear2.weight (256 B) = 264 B",
+               "  bucket 1: linear1.bias (128 B), linear1.weight (1280 B) = 1408 B"]
+    assert first in lines and lines[lines.index(rebuilt[0]) + 1] == rebuilt[1]
+    events = [line.split(" ms  ", 1)[1] for line in lines if " ms  " in line]
+    ready = [e.split()[2] for e in events if e.startswith("gradient ready")]
+    assert ready == ["linear2.bias", "linear2.weight", "linear1.bias", "linear1.weight"]  # backward: last layer first
+    launched = [e for e in events if "all-reduce launched" in e]
+    assert launched == [f"bucket {b}: all-reduce launched (async; backward goes on)" for b in (0, 1)]
+    # bucket 0 went out while backward was still computing linear1's gradients: overlap
+    assert events.index(launched[0]) < next(i for i, e in enumerate(events) if "linear1.bias" in e)
+    assert "torch's DDP with the same bucket cap built the same buckets: yes" in lines
+    assert any(line.startswith("every rank's gradients equal torch DDP's: yes") for line in lines)

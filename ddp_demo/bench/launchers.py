@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ddp_demo.bench.timing import GIB
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: launch/ is there
 JOB = ["--model", "cnn", "--global-batch-size", "64"]
 GLOBAL_BATCH = 64
 BLOCKS = 5  # repetitions per launch: the measured steps are cut into this many blocks
@@ -54,16 +52,14 @@ def block_step_times(metrics: Path, warmup: int) -> list[float]:
     return [sum(seconds[i * size : (i + 1) * size]) / size for i in range(BLOCKS)]
 
 
-def launch(cmd: list[str], steps: int, out: Path, timeout: float, keep_freed_memory: bool = False) -> float:
+def launch(cmd: list[str], steps: int, out: Path, timeout: float, malloc: str = "keep") -> float:
     """Run one job to completion; returns the whole command's wall time."""
     env = {**os.environ, "PYTHON": sys.executable, "NPROC": "2", "NPROC_PER_NODE": "2",
            "OMP_NUM_THREADS": "1"}  # one thread per rank, the same for both launchers
-    if keep_freed_memory:  # what bench.timing.keep_freed_memory does, through glibc's environment variables
-        env |= {"MALLOC_MMAP_THRESHOLD_": str(GIB), "MALLOC_TRIM_THRESHOLD_": str(GIB)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     start = time.perf_counter()
-    proc = subprocess.run([*cmd, *JOB, "--steps", str(steps), "--out", str(out)], env=env, cwd=ROOT,
+    proc = subprocess.run([*cmd, *JOB, "--steps", str(steps), "--malloc", malloc, "--out", str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
@@ -71,7 +67,7 @@ def launch(cmd: list[str], steps: int, out: Path, timeout: float, keep_freed_mem
 
 
 def compare(steps: int, launches: int, device: str, bar, timeout: float = 300.0,
-            keep_freed_memory: bool = False) -> dict:
+            malloc: str = "keep") -> dict:
     """Block step times and wall times of ``launches`` launches per launcher, alternated."""
     reason = unavailable(device)
     if reason:
@@ -86,7 +82,7 @@ def compare(steps: int, launches: int, device: str, bar, timeout: float = 300.0,
             order = list(commands(device).items())
             for name, cmd in order if i % 2 == 0 else order[::-1]:
                 out = Path(tmp) / f"{name}-{i}"
-                runs[name]["wall_s"].append(launch(cmd, steps, out, timeout, keep_freed_memory))
+                runs[name]["wall_s"].append(launch(cmd, steps, out, timeout, malloc))
                 runs[name]["block_step_s"] += block_step_times(out / "metrics.jsonl", warmup)
                 bar.step(f"{name} launch {i + 1}")
     return result | runs

@@ -23,7 +23,6 @@ from ddp_demo.bench.timing import (
     build_workload,
     ddp_buckets_mb,
     interleaved,
-    keep_freed_memory,
     minor_faults_per_call,
     param_count,
     peak_rss_mb,
@@ -32,17 +31,21 @@ from ddp_demo.bench.timing import (
     slowest_rank,
     warm_up,
 )
+from ddp_demo.bench.trainer import trainer_on_rank
+from ddp_demo.core import malloc
 from ddp_demo.core.dist import DistContext
 
 BARE = Variant("bare")  # the module alone: no wrapper, no sync
 STOCK = Variant("DDP", ddp={})  # what ddp_demo.train wraps with: DistributedDataParallel(model)
 TUNED = Variant("DDP tuned", ddp={"bucket_cap_mb": 100, "gradient_as_bucket_view": True, "static_graph": True})
+SCRATCH = Variant("ScratchDDP", ddp={}, scratch=True)  # ddp_demo's own DDP, at DDP's default bucket sizes
+RAW = Variant("raw all-reduce", flat_all_reduce=True)
 
 
 def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     """Run the pieces named in ``tasks`` at this world size: ``weak`` (always),
-    ``busbw`` and ``knobs`` (at N = 2)."""
-    out = {"malloc_keeps_freed_memory": tasks.get("keep_freed_memory", False) and keep_freed_memory()}
+    ``busbw``, ``knobs`` and ``trainer`` (at N = 2)."""
+    out = {"malloc_keeps_freed_memory": malloc.apply(tasks.get("malloc", "keep"))}
     solo_group = dist.new_group([0])  # every rank must take part in creating a group, even one it is not in
     out["weak_scaling"] = weak_scaling_on_rank(ctx, tasks["weak"], r, queue, solo_group)
     if "busbw" in tasks:
@@ -50,6 +53,10 @@ def suite_on_rank(ctx: DistContext, tasks: dict, r: Reps, queue=None) -> dict:
     if "knobs" in tasks:
         workload, variants = tasks["knobs"]
         out["knobs"] = knobs_on_rank(ctx, workload, variants, r, queue)
+    if "trainer" in tasks:
+        out["trainer"] = trainer_on_rank(ctx, *tasks["trainer"], r, queue)
+    if "scratch" in tasks:
+        out["scratch"] = {w.label: scratch_on_rank(ctx, w, r, queue) for w in tasks["scratch"]}
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -151,3 +158,16 @@ def check_raw_all_reduce(model, x: torch.Tensor, y: torch.Tensor, ctx: DistConte
         grads[name] = step.gradients()
     return {"max_diff_raw_vs_ddp": float((grads["raw"] - grads["ddp"]).abs().max()),
             "max_diff_unsynced_vs_ddp": float((grads["unsynced"] - grads["ddp"]).abs().max())}
+
+
+def scratch_on_rank(ctx: DistContext, w: Workload, r: Reps, queue) -> dict:
+    """ddp_demo's ScratchDDP beside stock DDP, the raw flat all-reduce and the bare step,
+    interleaved; and, as the wrapper timed must be the one proven, its gradients against DDP's."""
+    model, x, y = build_workload(w, ctx)
+    fns = {v.name: Step(model, x, y, v, ctx) for v in (BARE, STOCK, SCRATCH, RAW)}
+    warm_up(fns, r)
+    times = interleaved(fns, {name: w.steps for name in fns}, r, ctx)
+    diff = float((fns[SCRATCH.name].gradients() - fns[STOCK.name].gradients()).abs().max())
+    progress(queue, ctx, f"ScratchDDP {w.label}")
+    return {"model": w.model, "params": param_count(model), "batch": w.batch, "step_s": times,
+            "max_diff_vs_ddp": diff}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import statistics
 
+from ddp_demo.bench import report_trainer
+from ddp_demo.bench.numbers import ms, paired, ratio, spread, stats, table
 from ddp_demo.bench.timing import MB
 
 # (key in summary["targets"], what it is, threshold, True if lower is better)
@@ -23,21 +25,9 @@ TARGETS = [
     ("mlp_exposed_sync_ratio_stock", "MLP exposed DDP sync / raw all-reduce, stock DDP, N = 2", 1.0, True),
     ("cnn_ddp_overhead_n1", "CNN: DDP at N = 1 over the bare module", 0.03, True),
     ("accelerate_over_torchrun", "accelerate step time / torchrun step time", 1.02, True),
+    ("mlp_trainer_over_bare_loop", "MLP: trainer step / minimal DDP loop step, N = 2", 1.02, True),
+    ("cnn_trainer_over_bare_loop", "CNN: trainer step / minimal DDP loop step, N = 2", 1.02, True),
 ]
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def paired(a: list[float], b: list[float], op) -> dict:
-    """Median (min-max) over repetitions of ``op(a_i, b_i)`` for back-to-back pairs."""
-    return stats([op(x, y) for x, y in zip(a, b, strict=True)])
-
-
-def ratio(t: dict, a: str, b: str) -> dict:
-    """t[a] / t[b], paired per repetition."""
-    return paired(t[a], t[b], lambda x, y: x / y)
 
 
 def weak_scaling(results: dict, cores: int) -> list[dict]:
@@ -85,6 +75,19 @@ def knob_row(r: dict, raw_exposed: float) -> dict:
             "rss_peak_mb": max(peaks, default=None), "rss_added_mb": max(added, default=None)}
 
 
+def scratch(results: dict) -> list[dict]:
+    """ScratchDDP against stock DDP and the raw all-reduce, per workload: step times and paired ratios."""
+    rows = []
+    for label, m in results["scratch"].items():
+        t = m["step_s"]
+        rows.append({"workload": label, "params": m["params"], "batch": m["batch"],
+                     "step_s": {name: stats(times) for name, times in t.items()},
+                     "scratch_over_ddp": ratio(t, "ScratchDDP", "DDP"),
+                     "raw_over_ddp": ratio(t, "raw all-reduce", "DDP"),
+                     "max_diff_vs_ddp": m["max_diff_vs_ddp"]})
+    return rows
+
+
 def busbw(results: dict, n: int = 2) -> list[dict]:
     """busbw = S / t * 2(N-1)/N: what each link carries in a ring all-reduce (nccl-tests' definition)."""
     rows = []
@@ -110,7 +113,10 @@ def summarize(results: dict) -> dict:
     s = {"weak_scaling": weak_scaling(results, cores), "ddp_overhead_n1": overhead_n1(results)}
     if "knobs" in results:
         s |= {"knobs": knobs(results), "busbw": busbw(results)}
+    if "scratch" in results:
+        s["scratch"] = scratch(results)
     s["launchers"] = launchers(results)
+    s |= {"trainer": report_trainer.trainer_rows(results), "command": report_trainer.command_summary(results)}
     s["targets"] = targets(s)
     return s
 
@@ -123,10 +129,10 @@ def targets(s: dict) -> list[dict]:
         "mlp_exposed_sync_ratio_stock": by_name.get("DDP", {}).get("ratio_to_raw"),
         "cnn_ddp_overhead_n1": s["ddp_overhead_n1"].get("cnn", {}).get("DDP", {}).get("median"),
         "accelerate_over_torchrun": (s["launchers"] or {}).get("ratio"),
-    }
+    } | {f"{r['model']}_trainer_over_bare_loop": r["trainer_over_bare"]["median"] for r in s.get("trainer", [])}
     out = []
     for key, what, limit, lower in TARGETS:
-        v = values[key]
+        v = values.get(key)
         met = None if v is None else (v <= limit if lower else v >= limit)
         out.append({"key": key, "what": what, "value": v, "target": ("<= " if lower else ">= ") + f"{limit:g}",
                     "met": met})
@@ -142,16 +148,6 @@ def headline(results: dict) -> str:
     return "\n".join(lines)
 
 
-def ms(s: dict) -> str:
-    """A time as 'median [min-max]' in milliseconds."""
-    return f"{s['median'] * 1e3:.2f} [{s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f}]"
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
-
-
 def params(n: int) -> str:
     return f"{n / 1e6:.2f}M params" if n >= 100_000 else f"{n:,} params"
 
@@ -162,7 +158,7 @@ def machine_line(results: dict) -> str:
     load = "/".join(f"{x:.2f}" for x in m["load_average_before"][:1] + m["load_average_after"][:1])
     others = m.get("cpu_share_used_by_others")
     load += "" if others is None else f"; other processes used {others:.1%} of the machine's CPU during the run"
-    allocator = ("glibc, keeping freed memory (--keep-freed-memory)" if results.get("malloc_keeps_freed_memory")
+    allocator = ("glibc, keeping freed memory (--malloc keep)" if results.get("malloc_keeps_freed_memory")
                  else "glibc's default")
     return (f"Measured on {where}, torch {m['torch']}, Python {m['python']}, one thread per rank, "
             f"allocator: {allocator}; "
@@ -181,18 +177,19 @@ def markdown(results: dict) -> str:
     parts += [weak_section(s), overhead_section(s)]
     if "knobs" in s:
         parts += [knobs_section(results), busbw_section(s)]
-    parts.append(launchers_section(s["launchers"]))
+    if "scratch" in s:
+        parts.append(scratch_section(s["scratch"]))
+    if s.get("trainer"):
+        parts.append(report_trainer.trainer_section(s))
+    parts += [launchers_section(s["launchers"]), report_trainer.command_section(s)]
     return "\n".join(parts)
 
 
 def weak_section(s: dict) -> str:
-    def r3(o: dict) -> str:
-        return f"{o['median']:.2f} [{o['min']:.2f}–{o['max']:.2f}]"
-
     rows = [[f"{r['workload']} ({params(r['params'])})", f"{r['n']}" + (" (oversubscribed)" if r["oversubscribed"]
              else ""), ms(r["step_s"]), f"{r['samples_per_s']:,.0f}", ms(r["solo_step_s"]),
-             f"{r['solo_samples_per_s']:,.0f}", r3(r["efficiency"]), r3(r["core_sharing"]), r3(r["sync"]),
-             r3(r["tuned_efficiency"])] for r in s["weak_scaling"]]
+             f"{r['solo_samples_per_s']:,.0f}", spread(r["efficiency"]), spread(r["core_sharing"]), spread(r["sync"]),
+             spread(r["tuned_efficiency"])] for r in s["weak_scaling"]]
     faults = [[r["workload"], r["n"]] + [f"{r['page_faults_per_step'][v]:,.0f}" for v in ("solo bare", "bare", "DDP")]
               for r in s["weak_scaling"] if r.get("page_faults_per_step")]
     return ("## Weak scaling (same batch per rank at every N)\n\nN = 1 is rank 0 running alone inside the same job, "
@@ -244,6 +241,19 @@ def buckets(sizes: list[float] | None) -> str:
 def size_label(mb: float) -> str:
     n = mb * MB
     return f"{mb:g} MB" if n >= MB else f"{n / 1000:g} KB" if n >= 1000 else f"{n:.0f} B"
+
+
+def scratch_section(rows: list[dict]) -> str:
+    return ("## ddp_demo's own DDP beside torch's at N = 2\n\nScratchDDP (ddp_demo/parallel/ddp.py) at DDP's "
+            "default bucket sizes, stock DDP, and the bare step plus one raw all-reduce of all gradients, "
+            "interleaved; ratios are paired per repetition. Max gradient difference: ScratchDDP's after its last "
+            "step against DDP's.\n\n"
+            + table(["workload", "bare, ms", "stock DDP, ms", "ScratchDDP, ms", "raw all-reduce, ms",
+                     "ScratchDDP / DDP", "raw / DDP", "max gradient difference"],
+                    [[f"{r['workload']} ({params(r['params'])}, batch {r['batch']})"]
+                     + [ms(r["step_s"][v]) for v in ("bare", "DDP", "ScratchDDP", "raw all-reduce")]
+                     + [spread(r["scratch_over_ddp"]), spread(r["raw_over_ddp"]), f"{r['max_diff_vs_ddp']:.1e}"]
+                     for r in rows]))
 
 
 def busbw_section(s: dict) -> str:

@@ -10,6 +10,7 @@ Measures, on this machine (CPU + gloo, or CUDA + nccl where GPUs exist):
 3. DDP's knobs (``bucket_cap_mb``, ``gradient_as_bucket_view``, ``static_graph``,
    ``no_sync`` accumulation) with each one's peak memory per rank;
 4. wrapper overhead: DDP at N = 1 vs the bare module, accelerate vs torchrun on one job;
+5. ddp_demo's own DDP (``parallel/ddp.py``) beside torch's and the raw all-reduce at N = 2;
 
 and writes ``results.json``, ``results.md`` and ``bench.png`` under ``--out``. One
 process group per world size does all of that size's work (``bench.ranks``); the
@@ -35,13 +36,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddp_demo.bench import launchers, report
-from ddp_demo.bench.ranks import STOCK, TUNED, suite_on_rank
+from ddp_demo.bench import command, launchers, report
+from ddp_demo.bench.ranks import RAW, STOCK, TUNED, suite_on_rank
 from ddp_demo.bench.timing import Reps, Variant, Workload
+from ddp_demo.core.malloc import MALLOC_CHOICES
 from ddp_demo.proof.spawn import run_on_ranks
 
 VARIANTS = [
-    Variant("raw all-reduce", flat_all_reduce=True),  # the floor for a sync not overlapped with backward
+    RAW,  # the floor for a sync not overlapped with backward
     STOCK,  # bucket_cap_mb = 25 is DDP's default
     Variant("bucket_cap_mb=1", ddp={"bucket_cap_mb": 1}),
     Variant("bucket_cap_mb=5", ddp={"bucket_cap_mb": 5}),
@@ -61,27 +63,34 @@ class BenchPlan:
     world_sizes: tuple[int, ...]
     workloads: list[Workload]  # weak scaling, at every N
     knobs_workload: Workload  # where the time goes and DDP's knobs, at N = 2
+    scratch_workloads: list[Workload]  # ddp_demo's ScratchDDP beside torch's DDP, at N = 2
     busbw_mb: list[float]
     reps: Reps
     launcher_steps: int  # optimizer steps per launch in the accelerate vs torchrun comparison
     launches: int  # launches per launcher, alternated
-    keep_freed_memory: bool = False  # diagnosis: glibc keeps freed memory (bench.timing.keep_freed_memory)
+    trainer_steps: int  # steps per epoch (= per repetition) of the trainer vs bare-loop comparison, at N = 2
+    malloc: str = "keep"  # as the trainer's --malloc: keep freed memory (core/malloc.py), or glibc's default
+    trainer_models: tuple[str, ...] = ("mlp", "cnn")
+    command_jobs: dict = field(default_factory=lambda: {"default": [], "cnn": ["--model", "cnn"]})  # trainer flags
     variants: list[Variant] = field(default_factory=lambda: VARIANTS)
 
 
-def make_plan(quick: bool, launchers: bool, keep_freed_memory: bool = False) -> BenchPlan:
+def make_plan(quick: bool, launchers: bool, malloc: str = "keep") -> BenchPlan:
     if quick:
         mlp = Workload("mlp", "mlp", 8, 2, mlp_width=64, mlp_depth=2)
-        return BenchPlan((2,), [Workload("cnn", "cnn", 8, 2), mlp], mlp, [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
-                    launcher_steps=12, launches=int(launchers), keep_freed_memory=keep_freed_memory)
+        cnn = Workload("cnn", "cnn", 8, 2)
+        return BenchPlan((2,), [cnn, mlp], mlp, [cnn, mlp], [4e-6, 0.25, 1.0], Reps(warmup=1, reps=2),
+                    launcher_steps=12, launches=int(launchers), trainer_steps=4, malloc=malloc,
+                    command_jobs={"default": ["--steps", "12"]})
     # CNN: the trainer's default job at N = 2 (global batch 64 = 32 per rank), and the same
     # model with 4x the batch: 4x the compute per all-reduce. MLP: 3 x 1024 hidden, 3.16M
     # parameters = 12.6 MB of float32 gradients to all-reduce every step.
-    mlp = Workload("mlp", "mlp", 32, 6)
-    return BenchPlan((2, 4), [Workload("cnn", "cnn", 32, 20), Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp,
+    mlp, cnn = Workload("mlp", "mlp", 32, 6), Workload("cnn", "cnn", 32, 20)
+    return BenchPlan((2, 4), [cnn, Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp, [cnn, mlp],
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
-                launcher_steps=220, launches=3 * int(launchers), keep_freed_memory=keep_freed_memory)
+                launcher_steps=220, launches=3 * int(launchers), trainer_steps=64,  # 64: the trainer's epoch
+                malloc=malloc)
 
 
 def cores() -> int:
@@ -167,16 +176,19 @@ class ProgressBar:
 def units(plan: BenchPlan) -> int:
     """How many progress labels the run will produce."""
     per_n = len(plan.workloads)
-    return per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + 2 * plan.launches
+    return (per_n * len(plan.world_sizes) + len(plan.busbw_mb) + len(plan.variants) + len(plan.scratch_workloads)
+            + len(plan.trainer_models) + 2 * plan.launches
+            + len(plan.command_jobs) * len(command.allocators()) * plan.launches)
 
 
 def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> dict:
     """One process group per world size; N = 2 also measures bandwidth and the knobs."""
     results: dict = {"weak_scaling": {}}
     for n in plan.world_sizes:
-        tasks: dict = {"weak": plan.workloads, "keep_freed_memory": plan.keep_freed_memory}
+        tasks: dict = {"weak": plan.workloads, "malloc": plan.malloc}
         if n == 2:
-            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants)}
+            tasks |= {"busbw": plan.busbw_mb, "knobs": (plan.knobs_workload, plan.variants),
+                      "scratch": plan.scratch_workloads, "trainer": (list(plan.trainer_models), plan.trainer_steps)}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
         per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
@@ -184,6 +196,8 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
         if n == 2:
             results["busbw"] = per_rank[0]["busbw"]
             results["knobs"] = merge_memory(per_rank)
+            results["scratch"] = per_rank[0]["scratch"]
+            results["trainer"] = per_rank[0]["trainer"]  # times are already the slowest rank's
     return results
 
 
@@ -204,9 +218,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "measures nothing")
     p.add_argument("--no-launchers", dest="launchers", action="store_false",
                    help="skip the accelerate vs torchrun comparison (it starts 6 real jobs)")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="diagnosis: make glibc keep freed memory (mallopt) in every process, so steps stop "
-                   "page-faulting their memory back in")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="keep",
+                   help="as ddp_demo.train's --malloc, in every process: keep freed memory for reuse (the "
+                   "default), or glibc's default, which gives it back and page-faults it in again")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda (nccl) when available, else cpu (gloo)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one process group may take before failing")
@@ -216,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    plan = make_plan(args.quick, args.launchers, args.keep_freed_memory)
+    plan = make_plan(args.quick, args.launchers, args.malloc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -228,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         if plan.launches:
             bar.bar.set_description("launchers")
             results["launchers"] = launchers.compare(plan.launcher_steps, plan.launches, device, bar,
-                                                           keep_freed_memory=plan.keep_freed_memory)
+                                                           malloc=plan.malloc)
+            bar.bar.set_description("whole command")
+            results["command"] = command.compare(plan.command_jobs, command.allocators(), plan.launches, bar)
     finally:
         bar.close()
     results["machine"]["load_average_after"] = list(os.getloadavg())

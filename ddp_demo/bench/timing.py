@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp_demo.core.data import builtin_task
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import build_model
+from ddp_demo.parallel.ddp import ScratchDDP
 
 MB = 1_000_000  # decimal units throughout: MB and GB/s
 
@@ -62,6 +63,7 @@ class Variant:
 
     name: str
     ddp: dict | None = None  # DistributedDataParallel keyword arguments; None: no DDP
+    scratch: bool = False  # wrap with ddp_demo's own ScratchDDP (parallel/ddp.py) instead of torch's DDP
     flat_all_reduce: bool = False  # bare module + one all_reduce of all gradients in one buffer
     accumulate: int = 1  # micro-batches per optimizer step; DDP syncs only the last (no_sync)
 
@@ -130,7 +132,8 @@ class Step:
                  group: dist.ProcessGroup | None = None):
         self.model = copy.deepcopy(model)
         if v.ddp is not None:
-            self.model = DDP(self.model, process_group=group, **v.ddp)  # group None: all ranks
+            wrapper = ScratchDDP if v.scratch else DDP
+            self.model = wrapper(self.model, process_group=group, **v.ddp)  # group None: all ranks
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=0.9)
         self.flat = FlatGrads(self.model) if v.flat_all_reduce else None
         self.x, self.y, self.v, self.world_size = x, y, v, ctx.world_size
@@ -209,28 +212,6 @@ def slowest_rank(times: dict[str, list[float]], ctx: DistContext) -> dict[str, l
 
 
 # ---- memory --------------------------------------------------------------------------------
-
-GIB = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
-
-    By default glibc serves big blocks (from 128 KiB) with ``mmap`` and unmaps them when
-    freed, and trims the heap when its top is free. It raises those thresholds as it goes,
-    but a training step's mix of block sizes still makes it give back memory that the next
-    step touches again, one page fault per 4 KiB page (the report counts them: hundreds per
-    CNN step here). ``mallopt`` with both thresholds at 1 GiB makes it keep freed memory
-    for reuse (mallopt(3)); PyTorch's CPU performance tuning guide recommends jemalloc or
-    tcmalloc for the same reason. Returns whether glibc accepted.
-    """
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return libc.mallopt(m_mmap_threshold, GIB) == 1 and libc.mallopt(m_trim_threshold, GIB) == 1
-
 
 def minor_faults_per_call(fn: Callable, n: int) -> float:
     """Page faults (minor: no disk involved) of this process per call of ``fn``."""

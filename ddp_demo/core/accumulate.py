@@ -23,6 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ddp_demo.core.precision import Precision
+
+FP32 = Precision("fp32", torch.device("cpu"))  # no autocast, no scaling: the default
+
 
 @dataclass(frozen=True)
 class GradSync:
@@ -51,14 +55,22 @@ def ddp_grad_sync(model: torch.nn.Module, k: int, never_sync: bool = False) -> G
 
 
 def accumulate_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
-                         k: int, sync: GradSync) -> torch.Tensor:
+                         k: int, sync: GradSync, precision: Precision = FP32,
+                         note_loss: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Forward and backward over ``k`` equal micro-batches of ``(x, y)``; ``.grad`` then holds
-    the step's gradient. Returns the mean loss over this rank's samples (detached)."""
+    the step's gradient. Returns the mean loss over this rank's samples (detached).
+
+    Forward and loss run under ``precision``'s autocast, backward outside it. ``note_loss``
+    sees each micro-batch's loss before its backward (core.agree carries it in the last one's).
+    """
     losses = []
     # TrainConfig.check_batch_split made the rank's batch divide by k: the pieces are equal.
     for i, (xm, ym) in enumerate(zip(x.tensor_split(k), y.tensor_split(k), strict=True), start=1):
         with sync.context(i == k):
-            loss = loss_fn(model(xm), ym)
-            sync.backward(loss)
-        losses.append(loss.detach())
+            with precision.autocast():
+                loss = loss_fn(model(xm), ym)
+            losses.append(loss.detach())
+            if note_loss is not None:
+                note_loss(loss)
+            sync.backward(precision.scale(loss))
     return torch.stack(losses).mean()

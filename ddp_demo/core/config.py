@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ddp_demo.core.malloc import MALLOC_CHOICES
 from ddp_demo.core.models import MODEL_NAMES
 
 OPTIMIZERS = ("sgd", "adam")
+WRAPPERS = ("torch", "scratch")  # --ddp: torch's DistributedDataParallel, or ddp_demo.parallel.ddp.ScratchDDP
 # The one dtype table: the --dtype name and the torch dtype it means.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "gloo", "nccl")
 FAULT_KINDS = ("kill", "hang", "pause")  # resilience/faults.py
 
@@ -40,6 +43,8 @@ class TrainConfig:
         1, "split each rank's batch into K micro-batches and sync gradients once, after the K-th"
     )
     lr: float = _opt(0.05, "learning rate")
+    ddp: str = _opt("torch", "gradient averaging: torch's DistributedDataParallel, or scratch, ddp_demo's own "
+                    "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS)
     optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
     seed: int = _opt(0, "seeds the model init, the built-in data and the sampler order")
     dtype: str = _opt("float32", "parameter and data dtype", tuple(DTYPES))
@@ -49,6 +54,12 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS)
     timeout: float = _opt(120.0, "seconds a collective may wait for its peers before failing")
     log_all_ranks: bool = _opt(False, "also log from non-zero ranks, prefixed [rank N]")
+    log_every: int = _opt(1, "write the agreed loss to metrics.jsonl every K steps (on CUDA also how often the "
+                          "host waits for the GPU to read it)")
+    malloc: str = _opt("keep", "keep: glibc keeps freed memory for reuse, so steps do not page-fault it back in "
+                       "(core/malloc.py); default: glibc's own thresholds", MALLOC_CHOICES)
+    precision: str = _opt("fp32", "autocast the forward pass: fp32 (off), bf16 (CPU and CUDA), fp16 with a "
+                          "GradScaler (CUDA only)", PRECISIONS)
     preflight: bool = _opt(False, "first run the launch doctor's checks (python -m ddp_demo.doctor); a failure exits 2")
     # resilience: checkpoints, resume, fault injection for tests and demos
     checkpoint_dir: str | None = _opt(None, "save checkpoints here and resume from the newest valid one", type_=str)
@@ -66,7 +77,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        for name in ("model", "optimizer", "dtype", "device", "backend"):
+        for name in ("model", "optimizer", "ddp", "dtype", "device", "backend", "precision", "malloc"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(
@@ -77,13 +88,21 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a positive integer (got {getattr(self, name)})")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be a positive number (got {self.lr})")
-        for name in ("checkpoint_every", "keep_last"):
+        for name in ("checkpoint_every", "keep_last", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be a positive integer (got {getattr(self, name)})")
         if self.inject_fault is not None:
             self.fault()  # validates the format
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be a positive number of seconds (got {self.timeout})")
+        if self.precision != "fp32" and self.dtype != "float32":
+            raise ConfigError(f"--precision {self.precision} autocasts float32 math; use it with --dtype float32")
+
+    def check_precision(self, device_type: str) -> None:
+        """fp16 needs a GradScaler, which this project runs on CUDA only (core/precision.py)."""
+        if self.precision == "fp16" and device_type != "cuda":
+            raise ConfigError("--precision fp16 needs a CUDA device (it trains with a GradScaler there); "
+                              "on the CPU use --precision bf16")
 
     def check_batch_split(self, world_size: int) -> None:
         """The global batch is split evenly: each rank gets ``B / N`` samples per step, in

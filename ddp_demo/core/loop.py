@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ddp_demo.core.accumulate import GradSync, accumulate_gradients, ddp_grad_sync
+from ddp_demo.core.agree import Agreement
 from ddp_demo.core.config import TrainConfig
 from ddp_demo.core.data import Task
 from ddp_demo.core.dist import DistContext
+from ddp_demo.core.precision import Precision
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -72,8 +74,8 @@ class StepLog:
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"the loss is {value} at step {step}; stopped before applying that step")
+    def __init__(self, step: int, value: float, before: str = "applying"):
+        super().__init__(f"the loss is {value} at step {step}; stopped before {before} that step")
         self.step = step
 
 
@@ -85,15 +87,44 @@ class StopRequested(Exception):
         self.step = step
 
 
-def sync_step_stats(loss: torch.Tensor, stop: bool, ctx: DistContext) -> tuple[float, bool]:
-    """One all-reduce per step carries two things every rank must agree on: the loss of
-    the whole global batch (the mean of the ranks' means) and whether any rank was asked
-    to stop. Agreeing on both keeps every rank at the same step when the run ends."""
-    stats = torch.tensor([float(loss.detach()), float(stop)], dtype=torch.float64, device=ctx.device)
-    if dist.is_initialized():
-        dist.all_reduce(stats)
-        stats[0] /= ctx.world_size
-    return float(stats[0]), bool(stats[1] > 0)
+class Watch:
+    """When the host reads the pair the ranks agreed on (core.agree), and what it checks.
+
+    On the CPU it reads every step: the pair is already in host memory, so a read costs
+    nothing, and a non-finite loss is refused before its update is applied. On CUDA a read
+    waits for the GPU to finish the step (a host-device synchronisation that keeps the CPU
+    from queueing the next step's work), so it reads only at the steps that need the
+    values: logged steps (``--log-every``), checkpoints and the last step. In between, the
+    device remembers the first step whose loss was not finite; the next read stops the run
+    there, before any checkpoint or output holds that step.
+    """
+
+    def __init__(self, cfg: TrainConfig, deferred: bool):
+        self.cfg, self.deferred = cfg, deferred  # deferred: read only when due (CUDA), else every step (CPU)
+        self.first_bad: torch.Tensor | None = None  # [step, loss] of the first non-finite loss since the last read
+
+    def due(self, step: int) -> bool:
+        cfg = self.cfg
+        return (not self.deferred or step % cfg.log_every == 0 or step == cfg.steps
+                or (cfg.checkpoint_dir is not None and step % cfg.checkpoint_every == 0))
+
+    def remember(self, step: int, agreed: torch.Tensor) -> None:
+        """Device-side only (no read): keep the first non-finite loss and its step."""
+        mark = torch.stack([torch.full_like(agreed[0], step), agreed[0]])
+        if self.first_bad is None:
+            self.first_bad = torch.zeros_like(mark)
+        new = torch.isfinite(agreed[0]).logical_not() & (self.first_bad[0] == 0)
+        self.first_bad = torch.where(new, mark, self.first_bad)
+
+    def read(self, step: int, agreed: torch.Tensor) -> tuple[float, bool]:
+        """The agreed (loss, stop); raises NonFiniteLoss naming the first bad step."""
+        values = agreed.tolist() + ([] if self.first_bad is None else self.first_bad.tolist())
+        loss, stop = values[0], values[1] > 0
+        bad_step, bad_loss = (values[2], values[3]) if len(values) > 2 and values[2] else (step, loss)
+        if not math.isfinite(bad_loss):
+            raise NonFiniteLoss(int(bad_step), bad_loss, "saving" if self.deferred else "applying")
+        self.first_bad = None
+        return loss, stop
 
 
 def gather_ids(ids: list[int], ctx: DistContext) -> list[int]:
@@ -103,6 +134,19 @@ def gather_ids(ids: list[int], ctx: DistContext) -> list[int]:
     every: list = [None] * ctx.world_size
     dist.all_gather_object(every, ids)
     return sorted(i for part in every for i in part)
+
+
+class Rate:
+    """Samples per second between two logged steps."""
+
+    def __init__(self, cfg: TrainConfig, step: int):
+        self.batch, self.step, self.time = cfg.global_batch_size, step, time.perf_counter()
+
+    def __call__(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = self.batch * (step - self.step) / (now - self.time)
+        self.step, self.time = step, now
+        return rate
 
 
 def train_loop(
@@ -116,30 +160,38 @@ def train_loop(
     start_step: int = 0,
     after_step: Callable[[int, int, list[StepLog]], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    agreement: Agreement | None = None,
 ) -> list[StepLog]:
     """Run optimizer steps ``start_step + 1 ... cfg.steps``; rank 0 shows a progress bar.
 
     ``after_step(step, epoch, logs)`` runs once a step is applied (checkpoints go there).
-    A non-finite loss raises :class:`NonFiniteLoss` *before* its update is applied; a
-    stop request raises :class:`StopRequested` after the step it arrived in.
+    A non-finite loss raises :class:`NonFiniteLoss` before any checkpoint or output holds
+    it (on the CPU: before its update is applied); a stop request raises
+    :class:`StopRequested` after the step it was agreed on. ``agreement`` (made here if
+    not given) carries the loss and stop flag in DDP's gradient all-reduce.
     """
     grad_sync = grad_sync or ddp_grad_sync(model, cfg.grad_accum_steps, never_sync=cfg.skip_grad_sync)
+    agreement = agreement or Agreement(model, ctx)
+    precision, rate = Precision(cfg.precision, ctx.device), Rate(cfg, start_step)
+    watch = Watch(cfg, deferred=ctx.device.type != "cpu")
     logs: list[StepLog] = []
     with tqdm(total=cfg.steps, initial=start_step, disable=not ctx.is_main, unit="step", dynamic_ncols=True) as bar:
         for step, epoch, ids, (x, y) in epoch_batches(loader, cfg.steps, start_step):
-            start = time.perf_counter()
-            x, y = x.to(ctx.device), y.to(ctx.device)
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(model, x, y, loss_fn, cfg.grad_accum_steps, grad_sync)
-            loss_value, stop = sync_step_stats(loss, stop_requested(), ctx)
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(step, loss_value)
-            optimizer.step()
-            rate = cfg.global_batch_size / (time.perf_counter() - start)
-            logs.append(StepLog(step, loss_value, rate, gather_ids(ids, ctx) if cfg.record_samples else None))
+            agreement.begin(stop_requested())
+            accumulate_gradients(model, x, y, loss_fn, cfg.grad_accum_steps, grad_sync, precision, agreement.note)
+            agreed, stop = agreement.result(), False
+            if watch.due(step):
+                loss, stop = watch.read(step, agreed)
+            else:
+                watch.remember(step, agreed)
+            precision.step(optimizer)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                logs.append(StepLog(step, loss, rate(step), gather_ids(ids, ctx) if cfg.record_samples else None))
+                bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{logs[-1].samples_per_s:,.0f}", refresh=False)
             if after_step:
                 after_step(step, epoch, logs)
-            bar.set_postfix(loss=f"{loss_value:.4f}", samples_per_s=f"{rate:,.0f}")
             bar.update()
             if stop:
                 raise StopRequested(step)

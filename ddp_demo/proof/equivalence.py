@@ -10,7 +10,7 @@ local, which is the negative control showing that the comparison can fail.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -25,6 +25,7 @@ from ddp_demo.core.models import build_model
 SEED = 1234
 GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4
 LR = {"sgd": 0.05, "adam": 0.01}
+Wrap = Callable[[torch.nn.Module], torch.nn.Module]  # DDP, or another wrapper to run the same case under
 
 
 def case_setup(model_name: str, dtype: str, steps: int):
@@ -43,14 +44,16 @@ def shard(batch, ctx: DistContext):
     return [t[ctx.rank :: ctx.world_size] for t in batch]
 
 
-def _optimizer(name: str, params):
+def case_optimizer(name: str, params) -> torch.optim.Optimizer:
+    """The optimizer every case uses: the trainer's, at the case's learning rate."""
     return make_optimizer(TrainConfig(optimizer=name, lr=LR[name]), params)
 
 
-def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True) -> dict[str, torch.Tensor]:
-    """One forward/backward of this rank's shard through DDP; the resulting .grad tensors."""
+def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True,
+                  wrap: Wrap = DDP) -> dict[str, torch.Tensor]:
+    """One forward/backward of this rank's shard through DDP (or ``wrap``); the resulting .grad tensors."""
     model, (batch,), loss_fn = case_setup(model_name, dtype, steps=1)
-    ddp = DDP(model)
+    ddp = wrap(model)
     x, y = shard(batch, ctx)
     with contextlib.nullcontext() if sync else ddp.no_sync():
         loss_fn(ddp(x), y).backward()
@@ -65,11 +68,11 @@ def reference_grads(model_name: str, dtype: str) -> dict[str, torch.Tensor]:
 
 
 def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, steps: int = 5,
-                   sync: bool = True) -> dict[str, torch.Tensor]:
-    """``steps`` optimizer steps through DDP; the parameters afterwards."""
+                   sync: bool = True, wrap: Wrap = DDP) -> dict[str, torch.Tensor]:
+    """``steps`` optimizer steps through DDP (or ``wrap``); the parameters afterwards."""
     model, batches, loss_fn = case_setup(model_name, dtype, steps)
-    ddp = DDP(model)
-    opt = _optimizer(optimizer, ddp.parameters())
+    ddp = wrap(model)
+    opt = case_optimizer(optimizer, ddp.parameters())
     for batch in batches:
         x, y = shard(batch, ctx)
         opt.zero_grad()
@@ -81,7 +84,7 @@ def params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str
 
 def reference_params(model_name: str, dtype: str, optimizer: str, steps: int = 5) -> dict[str, torch.Tensor]:
     model, batches, loss_fn = case_setup(model_name, dtype, steps)
-    opt = _optimizer(optimizer, model.parameters())
+    opt = case_optimizer(optimizer, model.parameters())
     for x, y in batches:
         opt.zero_grad()
         loss_fn(model(x), y).backward()

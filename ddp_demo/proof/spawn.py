@@ -34,12 +34,12 @@ class WorkerError(RuntimeError):
 
 
 def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, args: tuple, results,
-            device: str = "cpu") -> None:
+            device: str = "cpu", backend: str = "auto") -> None:
     # One thread per rank: N ranks share the cores, as torchrun's OMP_NUM_THREADS=1 does.
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
     # The backend follows the device: gloo on the CPU (the default here), nccl on CUDA.
-    ctx = setup(LaunchEnv(rank, rank, world_size), device=device, backend="auto", timeout_s=timeout, store=store)
+    ctx = setup(LaunchEnv(rank, rank, world_size), device=device, backend=backend, timeout_s=timeout, store=store)
     try:
         out = fn(ctx, *args)
         buf = io.BytesIO()
@@ -53,16 +53,17 @@ def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, arg
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 120.0,
-                 device: str = "cpu") -> list[Any]:
+                 device: str = "cpu", backend: str = "auto") -> list[Any]:
     """Return ``[fn(ctx_0, *args), ..., fn(ctx_{N-1}, *args)]`` computed on N processes.
 
-    ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``."""
+    ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``; ``backend``
+    overrides (gloo lets two ranks share one GPU, which nccl refuses)."""
     spawn = mp.get_context("spawn")
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            spawn.Process(target=_worker, args=(fn, r, world_size, store_path, timeout, args, results, device),
+            spawn.Process(target=_worker, args=(fn, r, world_size, store_path, timeout, args, results, device, backend),
                           daemon=True)
             for r in range(world_size)
         ]

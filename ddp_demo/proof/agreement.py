@@ -1,0 +1,112 @@
+"""Checks for core/agree.py: the loss and stop flag ride in DDP's gradient all-reduce.
+
+Run on N ranks by ``spawn.run_on_ranks`` (tests/test_agree.py). Every collective is
+counted by wrapping ``torch.distributed.all_reduce``; DDP's buckets are made visible to
+the count by a hook that is torch's own ``allreduce_hook``, counted. Three loops train
+the same steps:
+
+- the bare DDP loop (zero_grad, forward, loss, backward, step): its count is the baseline
+  (and, run again without the counted hook, its gradients are DDP's own);
+- the trainer's ``train_loop``: must make exactly as many collectives, leave bit-identical
+  gradients and log the mean of the ranks' losses;
+- the trainer agreeing with an all-reduce of its own (``carry=False``): the negative
+  control, which must count one more per step, or the count proves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp_demo.core.agree import Agreement
+from ddp_demo.core.config import TrainConfig
+from ddp_demo.core.data import builtin_task, rank_loader
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.loop import StopRequested, loss_function, make_optimizer, train_loop
+from ddp_demo.core.models import build_model
+
+STEPS = 4
+CFG = TrainConfig(model="mlp", steps=STEPS, global_batch_size=16, dtype="float64")
+
+
+@contextlib.contextmanager
+def counting_all_reduce(calls: list[int]) -> Iterator[None]:
+    """Append the element count of every ``dist.all_reduce`` made inside the block."""
+    real = dist.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = real
+
+
+def parts(ctx: DistContext, cfg: TrainConfig = CFG):
+    """The same model, optimizer and data on every call. ``bucket_cap_mb`` is tiny so that
+    DDP makes several buckets and only bucket 0 may carry the pair."""
+    task = builtin_task(cfg.model, cfg.seed, cfg.torch_dtype, n_train=cfg.global_batch_size * STEPS, n_heldout=0)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, task.x_shape, task.num_classes).to(cfg.torch_dtype)
+    ddp = DDP(model, bucket_cap_mb=0.0005)
+    loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
+    return ddp, make_optimizer(cfg, model.parameters()), loader, loss_function(task)
+
+
+def grads(ddp: DDP) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in ddp.module.parameters()])
+
+
+def bare_loop(ctx: DistContext, counted: bool = True) -> dict:
+    ddp, optimizer, loader, loss_fn = parts(ctx)
+    if counted:
+        ddp.register_comm_hook(None, allreduce_hook)  # torch's default, in Python: countable
+    calls: list[int] = []
+    losses = []
+    loader.sampler.set_epoch(0)
+    with counting_all_reduce(calls):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(ddp(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    return {"calls": calls, "grads": grads(ddp), "local_losses": losses}
+
+
+def trainer(ctx: DistContext, carry: bool) -> dict:
+    ddp, optimizer, loader, loss_fn = parts(ctx)
+    if not carry:
+        ddp.register_comm_hook(None, allreduce_hook)  # the buckets counted as in bare_loop
+    agreement = Agreement(ddp, ctx, carry=carry)
+    calls: list[int] = []
+    with counting_all_reduce(calls):
+        logs = train_loop(ddp, optimizer, loader, loss_fn, CFG, ctx, agreement=agreement)
+    return {"calls": calls, "grads": grads(ddp), "logged": [entry.loss for entry in logs]}
+
+
+def stop_on_one_rank(ctx: DistContext, rank: int = 1, at: int = 2) -> int | None:
+    """Only ``rank`` is asked to stop, from step ``at`` on: every rank must stop after that step."""
+    ddp, optimizer, loader, loss_fn = parts(ctx)
+    asked = iter(range(1, 10**6))
+    try:
+        train_loop(ddp, optimizer, loader, loss_fn, replace(CFG, steps=10**6), ctx,
+                   stop_requested=lambda: ctx.rank == rank and next(asked) >= at)
+    except StopRequested as e:
+        return e.step
+    return None
+
+
+def agreement_on_rank(ctx: DistContext) -> dict:
+    return {"bare": bare_loop(ctx), "bare, DDP's C++ hook": bare_loop(ctx, counted=False),
+            "trainer": trainer(ctx, carry=True), "control": trainer(ctx, carry=False),
+            "stopped_at": stop_on_one_rank(ctx)}
