@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 
 import pytest
 import torch
@@ -37,11 +38,25 @@ EXTRA = {  # the same engine with the command's other flags, in the same process
     "float32": Plan(f"{EX}/transformer.py:build", dtype="keep"),
     "find_unused": Plan(f"{EX}/unused.py:build", find_unused_parameters=True),
 }
+RAISES = Plan("tests.test_check:build_whole_batch_only")  # fails under DDP only, before the targets after it
+
+
+class WholeBatchOnly(torch.nn.Linear):
+    def forward(self, x):
+        if len(x) != 24:
+            raise ValueError(f"this model takes batches of 24, got {len(x)}")
+        return super().forward(x)
+
+
+def build_whole_batch_only():
+    torch.manual_seed(0)
+    x = torch.randn(24, 3)
+    return WholeBatchOnly(3, 1), (x, x.sum(dim=1, keepdim=True)), torch.nn.functional.mse_loss
 
 
 @functools.cache
 def verdicts() -> dict:
-    plans = {name: Plan(f"{EX}/{name}") for name in [*PASSING, *FAILING]} | EXTRA
+    plans = {"raises": RAISES} | {name: Plan(f"{EX}/{name}") for name in [*PASSING, *FAILING]} | EXTRA
     return dict(zip(plans, check_plans(list(plans.values()), (2, 3), timeout=200), strict=True))
 
 
@@ -118,6 +133,15 @@ def test_unrecognised_cause_prints_every_tensor():
     assert all(r.name in report for r in v.worlds[0].rows)
 
 
+def test_an_error_under_ddp_is_reported_and_the_next_targets_still_run():
+    v = verdicts()["raises"]
+    assert not v.ok and [c.key for c in v.causes] == ["error"]
+    assert "ValueError: this model takes batches of 24, got 12" in v.causes[0].title
+    assert "rank 1:" in v.worlds[0].error and v.first_failure()[1] is None
+    assert "FAIL at N=2: DDP did not run to the end" in text(v)
+    assert verdicts()[PASSING[0]].ok  # ran after it, in the same processes
+
+
 def test_json_has_per_tensor_per_n_differences_and_tolerances():
     data = json.loads(json.dumps(as_json(verdicts()["batchnorm_cnn.py:build"]), allow_nan=False))
     assert data["verdict"] == "FAIL" and data["exit_code"] == 1
@@ -146,6 +170,42 @@ def test_command_exit_code_and_output_follow_the_verdict(name, code, tmp_path, c
     assert main([f"{EX}/{name}", "--json", str(tmp_path / "v.json")]) == code
     assert capsys.readouterr().out.strip() == text(verdicts()[name])
     assert json.loads((tmp_path / "v.json").read_text())["exit_code"] == code
+
+
+# --- the picture (--plot, issue 15) ---------------------------------------------------------------
+
+
+def test_plot_shows_which_tensors_diverge(tmp_path, capsys, monkeypatch):
+    """The BatchNorm CNN: every tensor whose difference exceeds its tolerance, and only those, is
+    named in red (0.bias and 3.bias, which feed a BatchNorm that cancels them, stay black)."""
+    from ddp_demo.proof import plots
+
+    v = verdicts()["batchnorm_cnn.py:build"]
+    monkeypatch.setattr("ddp_demo.check.__main__.check", lambda specs, options: [v])
+    out = tmp_path / "check.png"
+    assert main([f"{EX}/batchnorm_cnn.py:build", "--plot", str(out)]) == 1
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "FAIL at N=2" in capsys.readouterr().out
+    fig = plots.check_figure(as_json(v))
+    red = {}
+    try:
+        for ax, stage in zip(fig.axes, ("gradient", "after_steps"), strict=True):
+            red[stage] = {label.get_text() for label in ax.get_yticklabels() if label.get_color() == "tab:red"}
+            assert red[stage] == {r.name for w in v.worlds for r in w.rows if r.stage == stage and not r.ok}
+            assert {c.get_label() for c in ax.collections} == {"tolerance", "N = 2", "N = 3"}
+    finally:
+        plots.plt.close(fig)
+    assert "0.weight" in red["gradient"] and "0.bias" not in red["gradient"]
+    assert "1.running_mean" in red["after_steps"]  # the BatchNorm's own statistics
+
+
+def test_plot_without_matplotlib_is_one_line_before_any_process(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.delitem(sys.modules, "ddp_demo.proof.plots", raising=False)
+    monkeypatch.delattr("ddp_demo.proof.plots", raising=False)
+    monkeypatch.setattr("ddp_demo.check.__main__.check", lambda specs, options: pytest.fail("the check ran"))
+    assert main([f"{EX}/lstm.py:build", "--plot", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[plot]"' in err
 
 
 class OneOfTwo(torch.nn.Module):
@@ -214,6 +274,7 @@ BAD = {  # argv (with {d} the folder of TARGETS), what the one line must say
     "zero world size": (["{d}/two.py:build", "--world-sizes", "0"], "--world-sizes"),
     "bad dtype": (["{d}/two.py:build", "--dtype", "float16"], "--dtype"),
     "json folder missing": ([f"{EX}/lstm.py:build", "--json", "{d}/no/such/v.json"], "--json"),
+    "plot not a picture": ([f"{EX}/lstm.py:build", "--plot", "{d}/v.txt"], "--plot {d}/v.txt: use a .png"),
 }
 
 
@@ -231,7 +292,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_targets, capsys):
     assert main([*argv, "--json", str(bad_targets / "v.json")] if "--json" not in argv else argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("ddp_demo.check: error: "), err
-    assert must_say in err
+    assert must_say.replace("{d}", str(bad_targets)) in err
     assert not (bad_targets / "v.json").exists()
 
 

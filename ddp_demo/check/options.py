@@ -28,6 +28,8 @@ class CheckOptions:
                                         "gradient are then not a failure")
     timeout: float = _opt(120.0, "seconds each world size may take before its processes are stopped")
     json: str | None = _opt(None, "also write the verdict as JSON to this file (format: docs/check.md)")
+    plot: str | None = _opt(None, "also draw each tensor's largest difference against its tolerance, for every N, "
+                            "to this .png, .svg or .pdf (needs matplotlib: the plot extra)")
 
     def __post_init__(self):
         if not self.world_sizes or min(self.world_sizes) < 1:
@@ -73,7 +75,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=meta["help"])
             continue
-        kind = {"world_sizes": world_sizes, "lr": float, "json": str}.get(f.name, type(f.default))
+        kind = {"world_sizes": world_sizes, "lr": float, "json": str, "plot": str}.get(f.name, type(f.default))
         default = ",".join(map(str, f.default)) if f.name == "world_sizes" else f.default
         extra = f" ({'|'.join(meta['choices'])})" if meta["choices"] else ""
         extra += "" if f.default is None else f" [default: {default}]"

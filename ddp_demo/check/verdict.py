@@ -70,7 +70,7 @@ class Verdict:
     def first_failure(self) -> tuple[World, Row | None] | None:
         """The first world size (ascending) that fails, and its first differing tensor by name order."""
         for world in sorted(self.worlds, key=lambda w: w.world_size):
-            if world.error or world.unused and not self.plan.find_unused_parameters:
+            if world.error or (world.unused and not self.plan.find_unused_parameters):
                 return world, None
             bad = [r for r in world.rows if not r.ok]
             if bad:
