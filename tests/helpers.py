@@ -175,12 +175,12 @@ def compare_report(stdout: str) -> dict[str, dict]:
             for label, value, step, exact in COMPARE_LINE.findall(stdout)}
 
 
-def issue13_on_rank(ctx: DistContext) -> dict:
+def agreement_and_autocast_on_rank(ctx: DistContext) -> dict:
     """The bodies of test_agree.py and test_precision.py, in one process group: starting one
     costs seconds, a case milliseconds."""
     return {"agreement": agreement_on_rank(ctx), "autocast": autocast_cases_on_rank(ctx, MODEL_NAMES)}
 
 
 @functools.cache
-def issue13_ranks() -> list[dict]:
-    return run_on_ranks(issue13_on_rank, 2, timeout=180)
+def agreement_and_autocast_ranks() -> list[dict]:
+    return run_on_ranks(agreement_and_autocast_on_rank, 2, timeout=180)

@@ -133,6 +133,12 @@ def attempt_store(env: LaunchEnv, timeout_s: float) -> dist.Store:
     names and may connect to them, failing or hanging (the issue that asked for this
     measured 4 restarts in 10). A per-attempt prefix gives every attempt a clean
     namespace; ``launch/soak_restart.sh`` measures both ways (docs/resilience.md).
+
+    A store that rank 0 hosts itself (no agent store: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``,
+    as launch/multinode.sh sets) is new every attempt and needs no prefix. It must not get one
+    either: each node's agent counts its own restarts, so after a membership change the nodes'
+    counts differ (pytorch/pytorch#135712) and the workers would look for each other under
+    different names.
     """
     store = dist.TCPStore(
         env.master_addr,
@@ -142,6 +148,8 @@ def attempt_store(env: LaunchEnv, timeout_s: float) -> dist.Store:
         timeout=timedelta(seconds=timeout_s),
         wait_for_workers=False,
     )
+    if not env.agent_store:
+        return store
     attempt = env.restart_count if env.attempt_prefix else 0
     return dist.PrefixStore(f"ddp_demo/attempt-{attempt}/", store)
 
