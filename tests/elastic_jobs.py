@@ -42,8 +42,9 @@ def write_data(path: Path) -> Path:
 
 
 def sample_ids(out: Path) -> list[list[int]]:
-    """Each step's global batch, as ``--record-samples`` logged it in metrics.jsonl."""
-    return [json.loads(line)["sample_ids"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """Each step's global batch, sorted: the union of the ranks' shares ``--record-samples`` logged."""
+    rows = [json.loads(line)["sample_ids"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [sorted(i for share in shares for i in share) for shares in rows]
 
 
 def once_per_epoch(ids: list[list[int]], per_epoch: int = 3) -> bool:
