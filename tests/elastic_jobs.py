@@ -42,9 +42,10 @@ def write_data(path: Path) -> Path:
 
 
 def sample_ids(out: Path) -> list[list[int]]:
-    """Each step's global batch, sorted: the union of the ranks' shares ``--record-samples`` logged."""
-    rows = [json.loads(line)["sample_ids"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [sorted(i for share in shares for i in share) for shares in rows]
+    """Each step's global batch (the sorted union of the ranks' shares ``--record-samples`` logged
+    in metrics.jsonl): the same at every world size when the samples agree."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [sorted(i for share in json.loads(line)["sample_ids"] for i in share) for line in lines]
 
 
 def once_per_epoch(ids: list[list[int]], per_epoch: int = 3) -> bool:
