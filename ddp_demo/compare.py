@@ -135,14 +135,15 @@ def labels_of(runs: list[Run]) -> list[str]:
             for label, run in zip(labels, runs, strict=True)]
 
 
-def check_out_file(out: str) -> None:
+def check_out_file(out: str, flag: str = "--out") -> None:
+    """A picture's path, checked before any work (also ``python -m ddp_demo.check --plot``)."""
     if Path(out).suffix not in FORMATS:
-        raise ConfigError(f"--out {out}: use a {', '.join(FORMATS)} file name, e.g. --out proof.png")
-    check_out_dir(str(Path(out).parent), flag="--out")
+        raise ConfigError(f"{flag} {out}: use a {', '.join(FORMATS)} file name, e.g. {flag} picture.png")
+    check_out_dir(str(Path(out).parent), flag=flag)
 
 
 def import_plots():
-    """matplotlib only here: the commands that do not draw never import it."""
+    """matplotlib only here: the commands that do not draw never import it (also used by the check)."""
     try:
         from ddp_demo.proof import plots
     except ImportError as e:

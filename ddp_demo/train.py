@@ -121,6 +121,10 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     model = make_model(cfg, task, ctx.device)
     optimizer = make_optimizer(cfg, model.parameters())
     start_step, saved_logs = restore(attempt.found, model, optimizer, ctx)
+    # A node that reads its own local --checkpoint-dir would resume elsewhere and desync the collectives.
+    if not all_ranks_equal(torch.tensor([start_step], device=ctx.device), ctx):
+        raise RunFailed(f"the ranks would resume from different steps (rank {ctx.rank}: step {start_step}): every node "
+                        f"must see the same --checkpoint-dir {cfg.checkpoint_dir}; use a filesystem all nodes mount", 2)
     history = [StepLog(**entry) for entry in saved_logs]
     launcher = launcher or Torchrun()
     ddp, wrapped_optimizer, grad_sync = launcher.wrap(model, optimizer, cfg, ctx)
@@ -131,11 +135,11 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     log.each(ctx.rank, f"device {ctx.device}, local rank {ctx.local_rank}", cfg.log_all_ranks)
     ckpt = Checkpointer(cfg, ctx, lambda step, epoch, logs: checkpoint_state(
         model, optimizer, cfg, ctx, history + logs, step, epoch), last_saved=start_step)
-    fault = FaultInjector(cfg, ctx.rank, attempt.restart_count)
+    fault = FaultInjector(cfg, ctx.rank, attempt.restart_count, attempt.stop)
 
     def after_step(step: int, epoch: int, logs: list[StepLog]) -> None:
-        fault(step)
         ckpt(step, epoch, logs)
+        fault(step)
 
     timeline = {"main_started": attempt.started, "training_started": time.time()}
     try:
@@ -192,7 +196,7 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
     """Everything that can reject the input, done before any process group or file exists."""
     cfg = parse_config(argv)
     if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
-        passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend)
+        passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend, env.agent_store)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_batch_split(env.world_size)
     cfg.check_precision(pick_device(env.local_rank, cfg.device).type)

@@ -6,8 +6,10 @@
 For each world size N this starts N gloo processes (FileStore, no ports) and, for
 every model and dtype, compares every rank's gradients after one step, and its
 parameters after 5 steps of SGD-with-momentum and of Adam, with one process on the
-same global batch. Each row also runs the negative control (gradient sync disabled
-with ``DDP.no_sync``), which must *fail* the same comparison for N > 1.
+same global batch; the ``trainer`` rows take those 5 steps through the trainer's own
+loader, wrap and loop. Each row also runs the negative control (gradient sync disabled
+with ``DDP.no_sync``), which must *fail* the same comparison for N > 1, by at least
+100 tolerances.
 The ``accum`` rows accumulate one step over K micro-batches (``--grad-accum-steps``): the
 gradient after the K-th must match one process on the whole global batch, and after
 micro-batch K-1 (under ``no_sync``) the ranks must still disagree.
@@ -36,7 +38,8 @@ def print_accumulation(world_size: int, models) -> bool:
         ok &= good
         _, model, dtype, k = rows[0]["case"]
         control = "" if world_size == 1 else f"; after micro-batch {k - 1} ranks differ by " \
-            f"{max(r['mid_diff'] for r in rows):.3g} (control)"
+            f"{max(r['mid_diff'] for r in rows):.3g}, {max(r['mid_tolerances_off'] for r in rows):.3g} " \
+            "tolerances (control)"
         print(f"{world_size:>2}  accum    {model:<9} {dtype:<8} K={k:<3} last  "
               f"{max(r['max_abs_diff'] for r in rows):>18.3g}  {'match' if good else 'FAIL'}{control}")
     return ok
@@ -117,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             good = case_ok(mine)
             ok &= good
             kind, model, dtype, *rest = case
-            optim = rest[0] if kind == "params" else "-"
-            verdict = ("match" if mine[0]["synced"] or n == 1 else "differs (control)") if good else "FAIL"
+            optim = rest[0] if kind != "grads" else "-"
+            off = max(r["tolerances_off"] for r in mine)
+            verdict = ("match" if mine[0]["synced"] or n == 1 else f"differs by {off:.3g} tolerances (control)") \
+                if good else "FAIL"
             print(f"{n:>2}  {kind:<8} {model:<9} {dtype:<8} {optim:<5} {'on' if case[-1] else 'off':<4}  "
                   f"{max(r['max_abs_diff'] for r in mine):>18.3g}  {verdict}")
     for n in args.world_sizes:

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from ddp_demo import train as trainer
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.proof.agreement import agreement_on_rank
 from ddp_demo.proof.autocast import autocast_cases_on_rank
 from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.resilience import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -34,9 +41,35 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
+def main_in_process(argv, monkeypatch: pytest.MonkeyPatch) -> int:
+    """``ddp_demo.train.main(argv)`` in this process, as plain ``python`` runs it (no launcher, one
+    process). For work that needs no process group it costs milliseconds where a subprocess costs seconds."""
+    for var in (*LAUNCH_VARS, "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    return trainer.main([str(a) for a in argv])
+
+
 def run_cmd(args: list[str], cwd: Path, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command to completion (or fail the test at ``timeout``), capturing its output."""
-    return subprocess.run(args, cwd=cwd, env=clean_env(env), capture_output=True, text=True, timeout=timeout)
+    """Run a command to completion (or fail the test at ``timeout``), capturing its output.
+
+    It runs in a session of its own, and whatever is left of that session afterwards is
+    killed: on a timeout or an interrupted test, torchrun's workers go with torchrun."""
+    proc = subprocess.Popen(args, cwd=cwd, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process left in ``proc``'s session (``start_new_session=True``), then reap ``proc``."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing left
+    proc.wait()
 
 
 def torchrun(nproc: int, module: str, *flags: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -50,10 +83,73 @@ def train(*flags: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedP
 
 
 def free_port() -> int:
-    """A port nothing listens on right now (for servers that cannot be handed port 0)."""
+    """A port nothing listens on right now, for servers that cannot be handed port 0 and report
+    the port they got (torchrun's rendezvous, the doctor's checks). Another process may take
+    it before the server binds it: where the code allows, bind port 0 instead."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_one_clear_line(proc: subprocess.CompletedProcess, flag: str, out_dir: Path, *words: str) -> None:
+    """Bad input: exit 2, one line on stderr naming ``flag`` (and ``words``), nothing else, nothing written."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ddp_demo: error: ") and all(w in lines[0] for w in (flag, *words)), lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not out_dir.exists()
+
+
+def metrics(out: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def global_batches(out: Path, world_size: int, global_batch: int) -> list[list[int]]:
+    """Each step's global batch from a ``--record-samples`` run, after checking how it was
+    split: one share per rank, ``B / N`` samples each, no sample on two ranks."""
+    batches = []
+    for row in metrics(out):
+        shares = row["sample_ids"]
+        assert [len(s) for s in shares] == [global_batch // world_size] * world_size, (row["step"], shares)
+        union = sorted(i for share in shares for i in share)
+        assert len(set(union)) == global_batch, f"step {row['step']}: a sample on two ranks: {shares}"
+        batches.append(union)
+    return batches
+
+
+def continued_from(out: Path, logged: list[dict]) -> bool:
+    """The run in ``out`` took its first steps from a checkpoint whose ``logs`` were ``logged``
+    (read before the resume: a run that redid the work would rewrite that checkpoint), wall-clock
+    rates included. A redone step logs another rate, so this tells a resume from a rerun."""
+    return len(logged) > 0 and metrics(out)[: len(logged)] == logged
+
+
+def rewrite_checkpoint(path: Path, change, checksum: bool = True) -> None:
+    """Load a checkpoint, ``change(state)``, save it back: with a matching ``.sha256`` (a checkpoint
+    that verifies but holds other values), or keeping the old one (a damaged checkpoint)."""
+    state = checkpoint.load(path)
+    change(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.write_bytes(buf.getvalue())
+    if checksum:
+        path.with_name(path.name + ".sha256").write_text(hashlib.sha256(buf.getvalue()).hexdigest() + "\n")
+
+
+def nudge_weights(state: dict) -> None:
+    """Move the checkpoint's first weight tensor by 0.5: a run resumed from it must end elsewhere."""
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name] + 0.5
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    """Every tensor in a nested state (an optimizer's state_dict), in order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return [t for item in items for t in tensors(item)]
 
 
 def load(path: Path | str) -> dict:
@@ -79,12 +175,12 @@ def compare_report(stdout: str) -> dict[str, dict]:
             for label, value, step, exact in COMPARE_LINE.findall(stdout)}
 
 
-def issue13_on_rank(ctx: DistContext) -> dict:
+def agreement_and_autocast_on_rank(ctx: DistContext) -> dict:
     """The bodies of test_agree.py and test_precision.py, in one process group: starting one
     costs seconds, a case milliseconds."""
     return {"agreement": agreement_on_rank(ctx), "autocast": autocast_cases_on_rank(ctx, MODEL_NAMES)}
 
 
 @functools.cache
-def issue13_ranks() -> list[dict]:
-    return run_on_ranks(issue13_on_rank, 2, timeout=180)
+def agreement_and_autocast_ranks() -> list[dict]:
+    return run_on_ranks(agreement_and_autocast_on_rank, 2, timeout=180)

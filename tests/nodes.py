@@ -42,14 +42,38 @@ def run_nodes(commands: list[list[str]], envs: list[dict[str, str]], cwd: Path,
         for p in procs:
             outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
     except subprocess.TimeoutExpired:
-        for p in procs:  # each node is its own session: its process group holds its workers too
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            kill_tree(p.pid)
         outputs += [p.communicate() for p in procs[len(outputs):]]
         tails = [f"--- node {i} ---\n{out[-1500:]}\n{err[-1500:]}" for i, (out, err) in enumerate(outputs)]
         raise AssertionError(f"the nodes were still running after {timeout:g} s:\n" + "\n".join(tails)) from None
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
             for p, (out, err) in zip(procs, outputs, strict=True)]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it. Not its process group alone: torchrun starts
+    each worker in a session of its own (torch/distributed/elastic/multiprocessing/subprocess_handler)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces, so split after its last ')'
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, found = [pid], []
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    sigkill(found)
+
+
+def sigkill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it exited meanwhile
+            pass
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,19 @@ class Host:
     def cmd(self, *args: str) -> list[str]:
         """``args`` run inside this host's network namespace."""
         return ["ip", "netns", "exec", self.netns, *args]
+
+    def pids(self) -> list[int]:
+        """Every process in this host's namespace: an agent, its workers (each in a session of its own), ..."""
+        out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True, timeout=30)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def power_off(self) -> None:
+        """SIGKILL everything running on this host, as when a machine loses power."""
+        sigkill(self.pids())
+
+    def link(self, up: bool) -> None:
+        """Plug or unplug this host's cable: its end of the veth pair goes up or down."""
+        _ip("-n", self.netns, "link", "set", self.ifname, "up" if up else "down")
 
     def free_port(self) -> int:
         """Bind port 0 on this host's address: the kernel names a free port."""
@@ -79,8 +116,10 @@ def _ip(*args: str) -> None:
 def two_hosts() -> Iterator[tuple[Host, Host]]:
     """Hosts ``a`` (x.x.x.1) and ``b`` (x.x.x.2) on a private /24 that exists only between them.
 
-    Names are unique per run (interface names stay under Linux's 15 characters), and both
-    namespaces are deleted on the way out, which deletes the veth pair with them.
+    Names are unique per run (interface names stay under Linux's 15 characters), so several
+    pairs can exist at once. On the way out every process left on either host is killed
+    (deleting a namespace does not end its processes) and both namespaces are deleted,
+    which deletes the veth pair with them.
     """
     tag = secrets.token_hex(4)
     net = f"10.213.{secrets.randbelow(254) + 1}"
@@ -101,5 +140,7 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
             _ip("-n", host.netns, "link", "set", "lo", "up")  # a new namespace's loopback starts down
         yield a, b
     finally:
-        for netns in made:
-            subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+        for host in (a, b):
+            if host.netns in made:
+                host.power_off()
+                subprocess.run(["ip", "netns", "delete", host.netns], capture_output=True, timeout=30)

@@ -14,10 +14,19 @@ import pytest
 
 from ddp_demo.core.config import ConfigError, parse_config
 from ddp_demo.core.models import MODEL_NAMES
-from ddp_demo.proof.cases import ACCUM_STEPS, DTYPE_NAMES, TOLERANCE, accum_cases, accum_ok, check_accumulation
+from ddp_demo.proof.cases import (
+    ACCUM_STEPS,
+    CONTROL_MARGIN,
+    DTYPE_NAMES,
+    TOLERANCE,
+    accum_cases,
+    accum_ok,
+    by_case,
+    check_accumulation,
+)
 from ddp_demo.proof.equivalence import GLOBAL_BATCH
 
-from .helpers import load, max_diff, torchrun, train
+from .helpers import global_batches, load, max_diff, torchrun, train
 
 # N = 2 keeps the suite lean; `python -m ddp_demo.verify` also runs N = 1, 3 and 4.
 WORLD_SIZES = (2,)
@@ -28,10 +37,7 @@ SPLITS = [(n, k) for n in WORLD_SIZES for k in ACCUM_STEPS if GLOBAL_BATCH % (n 
 @functools.cache
 def rows_for(world_size: int) -> dict[tuple, list[dict]]:
     """Start ``world_size`` processes once and run every accumulation case in them."""
-    by_case: dict[tuple, list[dict]] = {}
-    for row in check_accumulation(world_size, accum_cases(world_size), timeout=240):
-        by_case.setdefault(row["case"], []).append(row)
-    return by_case
+    return by_case(check_accumulation(world_size, accum_cases(world_size), timeout=240))
 
 
 def _describe(rows, key="max_abs_diff"):
@@ -54,9 +60,9 @@ def test_negative_control_ranks_differ_before_the_last_micro_batch(world_size, k
     rows = rows_for(world_size)[("accum", model, dtype, k)]
     agree = all(r["mid_close"] for r in rows)
     assert not agree, f"ranks agree after micro-batch {k - 1}: {_describe(rows, 'mid_diff')}"
+    off = max(r["mid_tolerances_off"] for r in rows)
+    assert off >= CONTROL_MARGIN, f"ranks differ by only {off:.3g} tolerances after micro-batch {k - 1}"
     assert accum_ok(rows)
-
-
 
 
 FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
@@ -65,11 +71,14 @@ FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batc
 def test_whole_run_with_accumulation_equals_single_process(tmp_path):
     """torchrun, 2 ranks x 2 micro-batches of 4 samples, against one process taking 16 at once."""
     single, accum = tmp_path / "single", tmp_path / "accum"
-    proc = train(*FLAGS, "--out", str(single), cwd=tmp_path)
+    proc = train(*FLAGS, "--record-samples", "--out", str(single), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = torchrun(2, "ddp_demo.train", *FLAGS, "--grad-accum-steps", "2", "--out", str(accum), cwd=tmp_path)
+    proc = torchrun(2, "ddp_demo.train", *FLAGS, "--grad-accum-steps", "2", "--record-samples", "--out", str(accum),
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_diff(load(accum / "final.pt"), load(single / "final.pt")) <= 1e-10
+    # the same samples, each on one rank only: not the same result from duplicated work
+    assert global_batches(accum, 2, 16) == global_batches(single, 1, 16)
 
 
 def test_batch_that_does_not_split_into_micro_batches_gets_one_line_naming_the_fix(tmp_path):

@@ -17,12 +17,12 @@ from ddp_demo.core.config import TrainConfig
 from ddp_demo.core.loop import NonFiniteLoss, Watch
 from ddp_demo.proof.agreement import STEPS
 
-from .helpers import issue13_ranks
+from .helpers import agreement_and_autocast_ranks
 
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    return [r["agreement"] for r in issue13_ranks()]  # one process group with test_precision.py's cases
+    return [r["agreement"] for r in agreement_and_autocast_ranks()]  # one process group with test_precision.py's cases
 
 
 def test_the_trainer_makes_no_collective_beyond_the_bare_loops(ranks):

@@ -7,14 +7,10 @@ through real subprocesses, where import-time warnings would show up too.
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 
-from ddp_demo import train as trainer
-
-from .helpers import torchrun, train
+from .helpers import assert_one_clear_line, torchrun, train
 
 
 def _bad_files(d):
@@ -43,29 +39,12 @@ CASES = {
 }
 
 
-def assert_one_clear_line(proc, flag, out_dir):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("ddp_demo: error: ") and flag in lines[0]
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert not out_dir.exists()
-
-
-def run_in_process(argv: list[str], capsys) -> subprocess.CompletedProcess:
-    code = trainer.main(argv)
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
-
-
 @pytest.mark.parametrize("name", CASES)
-def test_each_bad_input(name, tmp_path, capsys, monkeypatch):
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+def test_each_bad_input(name, tmp_path, in_process):
     _bad_files(tmp_path)
     flags, flag = CASES[name]
     out = tmp_path / "out"
-    proc = run_in_process([*[f.format(d=tmp_path) for f in flags], "--out", str(out)], capsys)
+    proc = in_process(*[f.format(d=tmp_path) for f in flags], "--out", out)
     assert_one_clear_line(proc, flag, out)
 
 
@@ -75,11 +54,10 @@ def test_single_process_command_line(tmp_path):
     assert_one_clear_line(train("--model", "resnet", "--out", str(out), cwd=tmp_path), "--model", out)
 
 
-def test_negative_control_good_input_writes_outputs(tmp_path, capsys):
+def test_negative_control_good_input_writes_outputs(tmp_path, in_process):
     torch.save((torch.randn(64, 10), torch.randint(0, 3, (64,))), tmp_path / "good.pt")
     out = tmp_path / "out"
-    proc = run_in_process(["--data", str(tmp_path / "good.pt"), "--steps", "3", "--global-batch-size", "8",
-                           "--out", str(out)], capsys)
+    proc = in_process("--data", tmp_path / "good.pt", "--steps", "3", "--global-batch-size", "8", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert (out / "final.pt").exists()
 

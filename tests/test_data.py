@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from ddp_demo.core.data import builtin_task, heldout_counts, rank_loader
 from ddp_demo.core.dist import DistContext
@@ -23,12 +23,12 @@ def ids_dataset(n: int = 100) -> TensorDataset:
     return TensorDataset(torch.arange(n), torch.zeros(n))
 
 
-def global_batches(world_size: int, steps: int, dataset=None) -> list[list[int]]:
+def global_batches(world_size: int, steps: int, ctx=fake_ctx) -> list[list[int]]:
     """The union, over ranks, of the sample ids each rank sees at every step."""
-    dataset = dataset or ids_dataset()
+    dataset = ids_dataset()
     per_rank = []
     for rank in range(world_size):
-        loader = rank_loader(dataset, fake_ctx(rank, world_size), GLOBAL_BATCH, seed=7)
+        loader = rank_loader(dataset, ctx(rank, world_size), GLOBAL_BATCH, seed=7)
         per_rank.append([batch[0].tolist() for *_, batch in epoch_batches(loader, steps)])
     return [sorted(sum((per_rank[r][t] for r in range(world_size)), [])) for t in range(steps)]
 
@@ -65,20 +65,22 @@ def test_resuming_mid_epoch_continues_the_same_sequence():
     assert resumed == full[6:]
 
 
-def test_negative_control_without_set_epoch_every_epoch_repeats():
+def test_pytorch_behaviour_sampler_repeats_its_order_without_set_epoch():
+    """A PyTorch behaviour the design relies on (DistributedSampler docs): the order is
+    drawn from seed + epoch, so without ``set_epoch`` every epoch repeats the first one's.
+    That is why ``epoch_batches`` calls it each epoch (its test is the one above)."""
     loader = rank_loader(ids_dataset(), fake_ctx(0, 1), GLOBAL_BATCH, seed=7)
     first = [b[0].tolist() for b in loader]
     second = [b[0].tolist() for b in loader]  # no set_epoch in between
     assert first == second
 
 
-def test_negative_control_union_breaks_when_batch_is_not_split_evenly():
-    """With per-rank batches that do not add up to B, the union property fails."""
-    dataset = ids_dataset()
-    samplers = [DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=7) for r in range(2)]
-    loaders = [DataLoader(dataset, batch_size=10, sampler=s) for s in samplers]  # 20 != 24
-    union = sorted(next(iter(loaders[0]))[0].tolist() + next(iter(loaders[1]))[0].tolist())
-    assert union != global_batches(1, 1)[0]
+def test_negative_control_union_check_catches_ranks_doing_the_same_work():
+    """The union check above fails when the ranks do not split the batch: here every
+    rank takes rank 0's share, so each step repeats half a batch and misses the rest."""
+    duplicated = global_batches(2, 10, ctx=lambda rank, n: fake_ctx(0, n))
+    for got, want in zip(duplicated, global_batches(1, 10), strict=True):
+        assert len(got) == GLOBAL_BATCH and len(set(got)) == GLOBAL_BATCH // 2 and got != want
 
 
 def _counts_on_rank(ctx, n_heldout):
@@ -97,7 +99,10 @@ def test_heldout_accuracy_counts_every_sample_exactly_once(world_size):
     assert all(counts == single for counts in per_rank)
 
 
-def test_negative_control_padded_sampler_would_count_duplicates():
+def test_pytorch_behaviour_padded_sampler_would_count_duplicates():
+    """A PyTorch behaviour the design relies on: without ``drop_last`` DistributedSampler
+    pads with repeated samples to make the shares equal. That is why ``heldout_counts``
+    deals the held-out samples itself instead of using it."""
     n, world = 100, 3
     seen = sum(len(list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)))
                for r in range(world))

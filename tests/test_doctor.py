@@ -50,7 +50,7 @@ def test_healthy_single_node(launch_env, capsys):
 def test_healthy_two_nodes_on_this_machine(launch_env, capsys):
     launch_env(NNODES=2, NODE_RANK=0, RDZV_HOST="127.0.0.1", RDZV_PORT=free_port(), GLOO_SOCKET_IFNAME="lo")
     code, out = diagnose(capsys, "--world-size", "2")
-    assert code == 0 and "6 of 6 checks passed" in out, out
+    assert code == 0 and "7 of 7 checks passed" in out, out
     assert "this node hosts the store" in out and "the port is free" in out
 
 
@@ -101,11 +101,14 @@ def test_cuda_requested_but_absent(launch_env, capsys, monkeypatch):
     assert "--device cpu --backend gloo" in out
 
 
-def test_bad_variable_is_one_line_and_exit_2(tmp_path):
-    proc = run_cmd([PYTHON, "-m", "ddp_demo.doctor"], tmp_path, timeout=60, env={"NNODES": "two"})
+@pytest.mark.parametrize("nnodes, error", [
+    ("two", "NNODES='two' is not a whole number; set NNODES to one, e.g. NNODES=2"),
+    ("2:1", "NNODES='2:1' is not a node count or a range MIN:MAX with 0 < MIN <= MAX; set e.g. NNODES=2 or NNODES=1:2"),
+])
+def test_bad_variable_is_one_line_and_exit_2(tmp_path, nnodes, error):
+    proc = run_cmd([PYTHON, "-m", "ddp_demo.doctor"], tmp_path, timeout=60, env={"NNODES": nnodes})
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == "ddp_demo.doctor: error: NNODES='two' is not a whole number; set NNODES to one, " \
-                                  "e.g. NNODES=2"
+    assert proc.stderr.strip() == f"ddp_demo.doctor: error: {error}"
 
 
 def test_trainer_preflight_stops_a_mismatched_launch(tmp_path):
@@ -118,3 +121,40 @@ def test_trainer_preflight_stops_a_mismatched_launch(tmp_path):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
     assert ours == ["ddp_demo: error: preflight: world size: world size 2 != NNODES 1 x NPROC_PER_NODE 4 = 4; "
                     "fix: start exactly NNODES nodes, every one with the same NPROC_PER_NODE"], proc.stderr
+
+
+def test_an_elastic_launch_that_would_survive_a_node_loss(launch_env, capsys, tmp_path):
+    launch_env(NNODES="1:2", MAX_RESTARTS=3, NODE_RANK=0, RDZV_HOST="127.0.0.1", RDZV_PORT=free_port())
+    code, out = diagnose(capsys, "--checkpoint-dir", str(tmp_path / "ckpt"), "--global-batch-size", "16")
+    assert code == 0 and "node 0 of 1:2" in out and "7 of 7 checks passed" in out, out
+    assert "goes on with 1 to 2 nodes, MAX_RESTARTS=3" in out
+
+
+def test_a_fixed_launch_says_a_lost_node_ends_it(launch_env, capsys):
+    launch_env(NNODES=2, NODE_RANK=0, RDZV_HOST="127.0.0.1", RDZV_PORT=free_port())
+    code, out = diagnose(capsys)
+    assert code == 0 and "a lost node ends the job" in out, out
+
+
+@pytest.mark.parametrize("env, flags, verdict", [
+    ({"MAX_RESTARTS": 0}, ["--checkpoint-dir", "{d}/ckpt"], "NNODES=1:2 but MAX_RESTARTS=0"),
+    ({"MAX_RESTARTS": 3}, [], "no --checkpoint-dir"),
+    ({"MAX_RESTARTS": 3}, ["--checkpoint-dir", "{d}/file"], "is a file, not a directory"),
+    ({"MAX_RESTARTS": 3, "NNODES": "2:3"}, ["--checkpoint-dir", "{d}/ckpt", "--global-batch-size", "16"],
+     "does not divide by world size 3"),
+], ids=["no restarts", "no checkpoints", "checkpoint dir a file", "batch vs a smaller world"])
+def test_an_elastic_launch_missing_what_a_node_loss_needs(launch_env, capsys, tmp_path, env, flags, verdict):
+    (tmp_path / "file").write_text("")
+    launch_env(**{"NNODES": "1:2", "NODE_RANK": 0, "RDZV_HOST": "127.0.0.1", "RDZV_PORT": free_port(), **env})
+    code, out = diagnose(capsys, *[f.format(d=tmp_path) for f in flags])
+    assert code == 1 and "node loss" in only_failure(out) and verdict in out, out
+
+
+def test_world_size_inside_an_elastic_range(launch_env, capsys):
+    launch_env(NNODES="1:2", NPROC_PER_NODE=2, RDZV_HOST="127.0.0.1", RDZV_PORT=free_port(), NODE_RANK=1,
+               MAX_RESTARTS=3)
+    for world_size, ok in ((2, True), (4, True), (3, False)):
+        out = diagnose(capsys, "--world-size", str(world_size), "--checkpoint-dir", "ckpt")[1]
+        assert ("FAIL  world size" not in out) == ok, out
+    assert "world size 3 != NNODES 1:2 x NPROC_PER_NODE 2 = 2 or 4" in out
+

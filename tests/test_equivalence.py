@@ -1,9 +1,14 @@
 """DDP on N gloo processes equals one process: gradients after one step, parameters
 after 5 steps of SGD-with-momentum and of Adam, for every model, dtype and N.
 
+The ``trainer`` cases take those 5 steps through the trainer's own code (its loader, the
+torchrun launcher's ``DDP`` wrap, ``train_loop``), so a trainer that stopped wrapping, or
+split the batch wrongly, fails here too, not only torch's DDP used by hand.
+
 Each world size starts its processes once (FileStore, no ports, with a timeout) and runs
 every case; each case is then a separate test. The ``sync=off`` cases are the negative
-controls: with ``DDP.no_sync`` the same comparison must fail, or it proves nothing.
+controls: with ``DDP.no_sync`` the same comparison must fail, by at least
+``CONTROL_MARGIN`` tolerances, or it proves nothing.
 """
 
 from __future__ import annotations
@@ -13,17 +18,23 @@ import functools
 import pytest
 
 from ddp_demo.core.models import MODEL_NAMES
-from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, case_ok, cases, run_cases
+from ddp_demo.proof.cases import (
+    CONTROL_MARGIN,
+    DTYPE_NAMES,
+    OPTIMIZER_NAMES,
+    TOLERANCE,
+    by_case,
+    case_ok,
+    cases,
+    run_cases,
+)
 
 WORLD_SIZES = (1, 2, 3, 4)
 
 
 @functools.cache
 def rows_for(world_size: int) -> dict[tuple, list[dict]]:
-    by_case: dict[tuple, list[dict]] = {}
-    for row in run_cases(world_size, cases(), timeout=240):
-        by_case.setdefault(row["case"], []).append(row)
-    return by_case
+    return by_case(run_cases(world_size, cases(), timeout=240))
 
 
 def _describe(rows):
@@ -39,27 +50,34 @@ def test_gradients_equal_single_process(world_size, model, dtype):
     assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[dtype]}: {_describe(rows)}"
 
 
+@pytest.mark.parametrize("kind", ["params", "trainer"])
 @pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_parameters_after_five_steps_equal_single_process(world_size, model, dtype, optimizer):
-    rows = rows_for(world_size)[("params", model, dtype, optimizer, True)]
+def test_parameters_after_five_steps_equal_single_process(world_size, model, dtype, optimizer, kind):
+    rows = rows_for(world_size)[(kind, model, dtype, optimizer, True)]
+    assert len(rows) == world_size
     assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[dtype]}: {_describe(rows)}"
+
+
+def _assert_control_fails(rows):
+    off = max(r["tolerances_off"] for r in rows)
+    assert not all(r["close"] for r in rows), f"the unsynced run passed the check: {_describe(rows)}"
+    assert off >= CONTROL_MARGIN, f"the unsynced run missed by only {off:.3g} tolerances: {_describe(rows)}"
+    assert case_ok(rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_negative_control_unsynced_gradients_fail_the_check(world_size, model, dtype):
-    rows = rows_for(world_size)[("grads", model, dtype, False)]
-    assert not all(r["close"] for r in rows), f"no_sync gradients passed the check: {_describe(rows)}"
-    assert case_ok(rows)
+    _assert_control_fails(rows_for(world_size)[("grads", model, dtype, False)])
 
 
+@pytest.mark.parametrize("kind", ["params", "trainer"])
 @pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", (2, 3, 4))
-def test_negative_control_unsynced_training_fails_the_check(world_size, model, optimizer):
-    rows = rows_for(world_size)[("params", model, "float64", optimizer, False)]
-    assert not all(r["close"] for r in rows), f"no_sync training passed the check: {_describe(rows)}"
+def test_negative_control_unsynced_training_fails_the_check(world_size, model, optimizer, kind):
+    _assert_control_fails(rows_for(world_size)[(kind, model, "float64", optimizer, False)])

@@ -81,7 +81,7 @@ def test_two_hosts_equal_one_process(hosts, single, tmp_path):
     for host, node in zip(hosts, nodes, strict=True):
         print(f"--- {host.netns} ({host.addr} on {host.ifname}), exit {node.returncode} ---\n{node.stdout}")
         assert node.returncode == 0, node.stderr[-3000:]
-        assert "6 of 6 checks passed" in node.stdout  # the doctor, run by launch/multinode.sh
+        assert "7 of 7 checks passed" in node.stdout  # the doctor, run by launch/multinode.sh
     print(f"two hosts: wall time {wall:.1f} s")
     stdout = "".join(n.stdout for n in nodes)
     assert stdout.count("preflight: 6 launch checks passed") == 1  # the same checks in the workers

@@ -18,12 +18,13 @@ from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.proof.autocast import CONTROL_MARGIN, U_BF16
 from ddp_demo.proof.autocast import verdicts as autocast_verdicts
 
-from .helpers import issue13_ranks
+from .helpers import agreement_and_autocast_ranks
 
 
 @functools.cache
 def verdicts() -> dict:
-    return autocast_verdicts([r["autocast"] for r in issue13_ranks()])  # one process group with test_agree.py's
+    # one process group with test_agree.py's cases
+    return autocast_verdicts([r["autocast"] for r in agreement_and_autocast_ranks()])
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)

@@ -23,6 +23,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "gloo", "nccl")
+FAULT_KINDS = ("kill", "hang", "pause")  # resilience/faults.py
 
 
 class ConfigError(ValueError):
@@ -65,9 +66,10 @@ class TrainConfig:
     checkpoint_every: int = _opt(50, "steps between checkpoints (one is always written at the last step)")
     keep_last: int = _opt(3, "how many checkpoints to keep in --checkpoint-dir")
     resume: str = _opt("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH")
-    record_samples: bool = _opt(False, "record each step's global batch sample ids in metrics.jsonl")
+    record_samples: bool = _opt(False, "record each step's sample ids, rank by rank, in metrics.jsonl")
     inject_fault: str | None = _opt(
-        None, "for tests and demos: KIND:RANK:STEP with KIND kill (SIGKILL) or hang (SIGSTOP), first attempt only",
+        None, "for tests and demos: KIND:RANK:STEP with KIND kill (SIGKILL), hang (SIGSTOP) or pause (wait for a "
+        "stop signal, at most --timeout s), after STEP, first attempt only",
         type_=str,
     )
     skip_grad_sync: bool = _opt(
@@ -122,7 +124,7 @@ class TrainConfig:
         if self.inject_fault is None:
             return None
         parts = self.inject_fault.split(":")
-        if len(parts) != 3 or parts[0] not in ("kill", "hang") or not all(p.isdigit() for p in parts[1:]):
+        if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
             raise ConfigError(
                 f"--inject-fault {self.inject_fault!r} is not KIND:RANK:STEP; use e.g. --inject-fault kill:1:7"
             )

@@ -133,6 +133,12 @@ def attempt_store(env: LaunchEnv, timeout_s: float) -> dist.Store:
     names and may connect to them, failing or hanging (the issue that asked for this
     measured 4 restarts in 10). A per-attempt prefix gives every attempt a clean
     namespace; ``launch/soak_restart.sh`` measures both ways (docs/resilience.md).
+
+    A store that rank 0 hosts itself (no agent store: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``,
+    as launch/multinode.sh sets) is new every attempt and needs no prefix. It must not get one
+    either: each node's agent counts its own restarts, so after a membership change the nodes'
+    counts differ (pytorch/pytorch#135712) and the workers would look for each other under
+    different names.
     """
     store = dist.TCPStore(
         env.master_addr,
@@ -142,6 +148,8 @@ def attempt_store(env: LaunchEnv, timeout_s: float) -> dist.Store:
         timeout=timedelta(seconds=timeout_s),
         wait_for_workers=False,
     )
+    if not env.agent_store:
+        return store
     attempt = env.restart_count if env.attempt_prefix else 0
     return dist.PrefixStore(f"ddp_demo/attempt-{attempt}/", store)
 
@@ -211,13 +219,18 @@ def teardown() -> None:
     destructor and the C++ runtime calls ``std::terminate``.
 
     The fix is ordering, not retries: by the time this runs the caller has dropped
-    its DDP model, ``gc.collect()`` frees the reducer (it sits in reference cycles),
-    which drops the last reference to the process group, and destroying it joins
-    gloo's worker threads while Python can still hand them the GIL.
+    its DDP model, ``gc.collect()`` frees it and its reducer (they sit in reference
+    cycles, so dropping the last name is not enough), and only then is the process
+    group destroyed, while Python can still hand gloo's threads the GIL.
+    tests/test_root_causes.py checks that order with the automatic collector off.
+    (Measured on torch 2.13: once DDP has used it, the process group object outlives
+    ``destroy_process_group`` and gloo's threads stay alive until the process exits.)
+    Plain ``python`` has no process group and nothing to leave.
     """
+    if not dist.is_initialized():
+        return
     gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
     gc.collect()
 
 

@@ -67,7 +67,7 @@ class StepLog:
     step: int
     loss: float
     samples_per_s: float
-    sample_ids: list[int] | None = None  # with --record-samples: the global batch's dataset indices
+    sample_ids: list[list[int]] | None = None  # with --record-samples: each rank's dataset indices, by rank
 
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -127,13 +127,14 @@ class Watch:
         return loss, stop
 
 
-def gather_ids(ids: list[int], ctx: DistContext) -> list[int]:
-    """The sorted union of every rank's sample ids for this step (test/record mode)."""
+def gather_ids(ids: list[int], ctx: DistContext) -> list[list[int]]:
+    """Every rank's sample ids for this step, by rank (test/record mode): kept apart so a
+    check can see that the ranks' shares are disjoint, B / N each, and make up the batch."""
     if not dist.is_initialized():
-        return sorted(ids)
+        return [list(ids)]
     every: list = [None] * ctx.world_size
-    dist.all_gather_object(every, ids)
-    return sorted(i for part in every for i in part)
+    dist.all_gather_object(every, list(ids))
+    return every
 
 
 class Rate:

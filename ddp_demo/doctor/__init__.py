@@ -5,20 +5,14 @@
 
 It reads the launch configuration the way ``launch/multinode.sh`` does: ``NNODES``,
 ``NPROC_PER_NODE``, ``NODE_RANK``, ``RDZV_HOST``, ``RDZV_PORT``, ``LOCAL_ADDR``,
-``GLOO_SOCKET_IFNAME``, ``MASTER_ADDR``, ``MASTER_PORT``. Each check prints a verdict
+``GLOO_SOCKET_IFNAME``, ``MASTER_ADDR``, ``MASTER_PORT``, ``MAX_RESTARTS`` (``NNODES`` may be a
+range ``MIN:MAX``: membership.py checks what losing a node needs). Each check prints a verdict
 and, when it fails, the fix. Exit 0 when every check passes, 1 otherwise, 2 on bad input.
 
 It imports torch only to look for GPUs when CUDA is asked for, so it answers in a blink.
 """
 
-from ddp_demo.doctor.checks import (
-    DEFAULT_RDZV_PORT,
-    Check,
-    LaunchPlan,
-    LaunchProblem,
-    plan_from_env,
-    preflight,
-    run_checks,
-)
+from ddp_demo.doctor.checks import preflight, run_checks
+from ddp_demo.doctor.plan import DEFAULT_RDZV_PORT, Check, LaunchPlan, LaunchProblem, plan_from_env
 
 __all__ = ["DEFAULT_RDZV_PORT", "Check", "LaunchPlan", "LaunchProblem", "plan_from_env", "preflight", "run_checks"]

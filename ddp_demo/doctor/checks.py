@@ -6,76 +6,11 @@ import errno
 import ipaddress
 import os
 import socket
-from dataclasses import dataclass
+
+from ddp_demo.doctor.membership import check_node_loss
+from ddp_demo.doctor.plan import Check, LaunchPlan, LaunchProblem, plan_from_env
 
 CONNECT_TIMEOUT_S = 5.0
-DEFAULT_RDZV_PORT = 29400  # torchrun's own default for the c10d rendezvous endpoint
-
-
-class LaunchProblem(RuntimeError):
-    """A preflight check failed; the message is the one line the user sees."""
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """How this node is about to launch, or (``launched``) how its workers were launched."""
-
-    nnodes: int | None = None
-    nproc_per_node: int | None = None
-    node_rank: int | None = None
-    rdzv_host: str | None = None
-    rdzv_port: int = DEFAULT_RDZV_PORT
-    local_addr: str | None = None
-    gloo_ifname: str | None = None
-    master_addr: str | None = None
-    master_port: int | None = None
-    device: str = "auto"
-    backend: str = "auto"
-    world_size: int | None = None  # the world size the job must have (the trainer passes the real one)
-    launched: bool = False  # inside torchrun's workers: rendezvous is over and the store listens
-
-    @property
-    def multinode(self) -> bool:
-        return (self.nnodes or 1) > 1
-
-    @property
-    def hosts_store(self) -> bool:
-        """Node 0 runs the store the other nodes connect to (launch/multinode.sh: is_host=1)."""
-        return self.node_rank == 0
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    verdict: str
-    fix: str = ""
-
-
-def _int(environ: dict[str, str], name: str) -> int | None:
-    value = environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"{name}={value!r} is not a whole number; set {name} to one, e.g. {name}=2")
-    return int(value)
-
-
-def plan_from_env(environ: dict[str, str], **given) -> LaunchPlan:
-    """The launch scripts' variables (empty counts as unset); ``given`` adds what flags know."""
-    text = {k: environ.get(k, "").strip() or None for k in ("RDZV_HOST", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME")}
-    return LaunchPlan(
-        nnodes=_int(environ, "NNODES") or (2 if text["RDZV_HOST"] else None),  # launch/multinode.sh's default
-        nproc_per_node=_int(environ, "NPROC_PER_NODE"),
-        node_rank=_int(environ, "NODE_RANK"),
-        rdzv_host=text["RDZV_HOST"],
-        rdzv_port=_int(environ, "RDZV_PORT") or DEFAULT_RDZV_PORT,
-        local_addr=text["LOCAL_ADDR"],
-        gloo_ifname=text["GLOO_SOCKET_IFNAME"],
-        master_addr=environ.get("MASTER_ADDR") or None,
-        master_port=_int(environ, "MASTER_PORT"),
-        **given,
-    )
 
 
 def _resolve(host: str) -> str | None:
@@ -122,13 +57,16 @@ def check_cuda(plan: LaunchPlan) -> Check:
 def check_world_size(plan: LaunchPlan) -> Check:
     if plan.world_size is None or (plan.nnodes is None and plan.nproc_per_node is None):
         return Check("world size", True, "no expected world size to compare with")
-    nnodes, nproc = plan.nnodes or 1, plan.nproc_per_node or 1
-    if plan.world_size == nnodes * nproc:
-        return Check("world size", True, f"{plan.world_size} = NNODES {nnodes} x NPROC_PER_NODE {nproc}")
+    nproc = plan.nproc_per_node or 1
+    sizes = [n * nproc for n in plan.node_counts]
+    if plan.world_size in sizes:
+        return Check("world size", True, f"{plan.world_size} = {plan.world_size // nproc} node(s) of "
+                     f"NNODES {plan.nnodes_text} x NPROC_PER_NODE {nproc}")
     # torchrun sums the processes of the nodes that joined, so a node started with another
-    # NPROC_PER_NODE, or an elastic --nnodes range, silently changes the world size.
-    return Check("world size", False, f"world size {plan.world_size} != NNODES {nnodes} x NPROC_PER_NODE {nproc} "
-                 f"= {nnodes * nproc}", "start exactly NNODES nodes, every one with the same NPROC_PER_NODE")
+    # NPROC_PER_NODE silently changes the world size.
+    allowed = " or ".join(map(str, sizes))
+    return Check("world size", False, f"world size {plan.world_size} != NNODES {plan.nnodes_text} x NPROC_PER_NODE "
+                 f"{nproc} = {allowed}", "start exactly NNODES nodes, every one with the same NPROC_PER_NODE")
 
 
 def check_hostname(plan: LaunchPlan) -> Check:
@@ -224,17 +162,22 @@ def run_checks(plan: LaunchPlan) -> list[Check]:
              check_ifname(plan)]
     if plan.rdzv_host and not plan.launched:  # once launched, rendezvous is over and its port is taken
         found.append(check_endpoint("rendezvous", plan.rdzv_host, plan.rdzv_port, plan.hosts_store, False))
+    if plan.multinode and not plan.launched:  # membership: what a node's loss would need
+        found.append(check_node_loss(plan))
     if plan.master_addr and plan.master_port:
-        found.append(check_endpoint("MASTER_ADDR", plan.master_addr, plan.master_port, plan.hosts_store,
-                                    plan.launched))
+        # Inside the workers the agent's store already listens; a store of the workers' own
+        # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) opens when global rank 0 starts it, maybe later.
+        up = plan.launched and plan.agent_store
+        found.append(check_endpoint("MASTER_ADDR", plan.master_addr, plan.master_port,
+                                    plan.hosts_store and not plan.launched, up))
     return found
 
 
-def preflight(launched: bool, world_size: int, device: str, backend: str) -> int:
+def preflight(launched: bool, world_size: int, device: str, backend: str, agent_store: bool = True) -> int:
     """The trainer's ``--preflight``: raise LaunchProblem (one line) on the first failure."""
     try:
         plan = plan_from_env(dict(os.environ), device=device, backend=backend, launched=launched,
-                             world_size=world_size if launched else None)
+                             world_size=world_size if launched else None, agent_store=agent_store)
     except ValueError as e:
         raise LaunchProblem(f"preflight: {e}") from None
     found = run_checks(plan)

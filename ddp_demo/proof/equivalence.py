@@ -10,16 +10,18 @@ local, which is the negative control showing that the comparison can fail.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_demo import train
 from ddp_demo.core.accumulate import GradSync, accumulate_gradients, ddp_grad_sync
 from ddp_demo.core.config import DTYPES, TrainConfig
-from ddp_demo.core.data import builtin_task
+from ddp_demo.core.data import builtin_task, rank_loader
 from ddp_demo.core.dist import DistContext
-from ddp_demo.core.loop import loss_function, make_optimizer
+from ddp_demo.core.loop import loss_function, make_optimizer, train_loop
 from ddp_demo.core.models import build_model
 
 SEED = 1234
@@ -92,6 +94,24 @@ def reference_params(model_name: str, dtype: str, optimizer: str, steps: int = 5
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def trainer_params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimizer: str, steps: int = 5,
+                           sync: bool = True) -> dict[str, torch.Tensor]:
+    """``steps`` optimizer steps through the trainer's own code: its model and optimizer,
+    its loader (``rank_loader``: this rank's B / N samples of each shuffled global batch),
+    the torchrun launcher's wrap (``DDP(model)``) and ``train_loop``. ``sync=False`` is
+    ``--skip-grad-sync``. On a context of one process with no process group this is the
+    single-process reference: the same code with nothing to wrap and nothing to average."""
+    cfg = TrainConfig(model=model_name, dtype=dtype, optimizer=optimizer, lr=LR[optimizer], steps=steps,
+                      global_batch_size=GLOBAL_BATCH, seed=SEED, skip_grad_sync=not sync)
+    task = builtin_task(model_name, SEED, DTYPES[dtype], n_train=GLOBAL_BATCH * steps, n_heldout=0)
+    model = train.make_model(cfg, task, ctx.device)
+    wrapped, opt, grad_sync = train.Torchrun().wrap(model, make_optimizer(cfg, model.parameters()), cfg, ctx)
+    loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
+    with contextlib.redirect_stderr(io.StringIO()):  # rank 0's progress bar
+        train_loop(wrapped, opt, loader, loss_function(task), cfg, ctx, grad_sync)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -128,10 +148,13 @@ def accum_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, lis
 def all_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, dict[str, torch.Tensor]]:
     """Run many cases in one set of processes (start-up costs seconds; a case, milliseconds).
 
-    A case is ``("grads", model, dtype, sync)`` or ``("params", model, dtype, optimizer, sync)``.
+    A case is ``("grads", model, dtype, sync)``, ``("params", model, dtype, optimizer, sync)``
+    or ``("trainer", model, dtype, optimizer, sync)``.
     """
+    steps = {"params": params_on_rank, "trainer": trainer_params_on_rank}
     out = {}
     for case in cases:
-        kind, *rest = case
-        out[case] = grads_on_rank(ctx, *rest) if kind == "grads" else params_on_rank(ctx, *rest[:3], sync=rest[3])
+        kind, model, dtype, *rest = case
+        out[case] = grads_on_rank(ctx, model, dtype, sync=rest[0]) if kind == "grads" else \
+            steps[kind](ctx, model, dtype, rest[0], sync=rest[1])
     return out

@@ -12,6 +12,7 @@ line that says what it stands for.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -44,10 +45,10 @@ def on_floor(values, floor: float) -> list[float]:
     return [v if v > 0 else floor for v in values]
 
 
-def mark_floor(ax, floor: float) -> None:
+def mark_floor(ax, floor: float, vertical: bool = False) -> None:
     """A dotted line at the floor, named in the legend (call before ``ax.legend``)."""
-    ax.axhline(floor, color="0.4", linestyle=":", linewidth=1,
-               label=f"exactly 0, drawn at {floor:.0e} (a log scale has no 0)")
+    (ax.axvline if vertical else ax.axhline)(floor, color="0.4", linestyle=":", linewidth=1,
+                                             label=f"exactly 0, drawn at {floor:.0e} (a log scale has no 0)")
 
 
 def compare_figure(runs, labels: list[str], diffs):
@@ -76,11 +77,88 @@ def difference_panel(ax, labels: list[str], diffs) -> None:
             ax.plot(diff.steps, on_floor(diff.values, floor), label=label, marker=".", markersize=4,
                     **{**style(i), "linewidth": 1})
     ax.set_yscale("log")
-    mark_floor(ax, floor)
+    if any(v == 0 for diff in diffs[1:] for v in diff.values):
+        mark_floor(ax, floor)
     ax.set_xlabel("step")
     ax.set_ylabel(f"|loss − loss of {labels[0]}|")
     ax.set_title("Difference from the first run (log scale)", fontsize=10)
     ax.legend(fontsize=8)
+
+
+# --- python -m ddp_demo.check --plot: each tensor against its tolerance, at every world size ------
+
+MARKERS = "osD^vP*X"
+
+
+def check_figure(report: dict):
+    """From the check's JSON report (format: docs/check.md): one panel per comparison, a row per
+    tensor, a marker per world size at its largest difference and a black bar at its tolerance.
+    A tensor that differs anywhere is shaded and named in red, so a FAIL shows where at a glance."""
+    worlds = [w for w in report["world_sizes"] if w["tensors"]]
+    stages = {"gradient": "gradients after the first backward",
+              "after_steps": f"tensors after {report['plan']['steps']} optimizer step(s)"}
+    cells = [t for w in worlds for t in w["tensors"]]
+    values = [v for t in cells for v in (t["max_abs_diff"], t["tolerance"]) if v is not None]
+    one_sided = any(t["max_abs_diff"] is None for t in cells)
+    scale = Scale(zero_floor(values), 10.0 ** (math.ceil(math.log10(max(values))) + 1) if one_sided else None)
+    rows = max([sum(t["stage"] == stage for t in worlds[0]["tensors"]) for stage in stages] if worlds else [1])
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(4.0, 0.32 * rows + 2.5)))
+    for ax, (stage, title) in zip(axes, stages.items(), strict=True):
+        if worlds:
+            tensor_panel(ax, worlds, stage, scale)
+        ax.set_title(title, fontsize=10)
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8)
+    fig.suptitle(check_title(report), color="tab:green" if report["verdict"] == "PASS" else "tab:red")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def check_title(report: dict) -> str:
+    lines = [f"ddp_demo.check {report['target']}: {report['verdict']}"]
+    lines += [f"N = {w['world_size']} did not run to the end" for w in report["world_sizes"] if w["error"]]
+    lines += [f"cause: {c['title']}" for c in report["causes"]]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Where a log axis draws what it cannot: 0 on the floor, "on one side only" (JSON null) on the ceiling."""
+
+    floor: float
+    ceiling: float | None  # None: no tensor is on one side only
+
+    def place(self, value: float | None) -> float:
+        return self.ceiling if value is None else value if value > 0 else self.floor
+
+
+def tensor_panel(ax, worlds: list[dict], stage: str, scale: Scale) -> None:
+    by_n = {w["world_size"]: {t["name"]: t for t in w["tensors"] if t["stage"] == stage} for w in worlds}
+    names = list(by_n[worlds[0]["world_size"]])  # the model's order
+    cells = [t for tensors in by_n.values() for t in tensors.values()]
+    failing = {t["name"] for t in cells if not t["ok"]}
+    for i, name in enumerate(names):
+        if name in failing:
+            ax.axhspan(i - 0.5, i + 0.5, color="tab:red", alpha=0.12, linewidth=0)
+    tolerances = [by_n[worlds[0]["world_size"]][name]["tolerance"] for name in names]
+    ax.scatter(tolerances, range(len(names)), marker="|", s=250, color="k", label="tolerance", zorder=2)
+    for j, (n, tensors) in enumerate(by_n.items()):
+        ys = [i + (j - (len(by_n) - 1) / 2) * 0.18 for i in range(len(names))]  # side by side, not hidden
+        ax.scatter([scale.place(tensors[name]["max_abs_diff"]) for name in names], ys,
+                   marker=MARKERS[j % len(MARKERS)], color=f"C{j}", label=f"N = {n}", zorder=3)
+    ax.set_xscale("log")
+    if any(t["max_abs_diff"] == 0 for t in cells):
+        mark_floor(ax, scale.floor, vertical=True)
+    if scale.ceiling is not None:
+        ax.axvline(scale.ceiling, color="tab:red", linestyle=":", linewidth=1,
+                   label=f"on one side only (e.g. no gradient), drawn at {scale.ceiling:.0e}")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for label in ax.get_yticklabels():
+        if label.get_text() in failing:
+            label.set_color("tab:red")
+            label.set_fontweight("bold")
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the first tensor on top
+    ax.set_xlabel("max |DDP − one process| over ranks and elements")
 
 
 def save(fig, out: str | Path) -> None:

@@ -102,6 +102,15 @@ def restore(found: checkpoint.Found | None, model, optimizer, ctx: DistContext) 
     log.info(ctx.rank, f"resuming from {found.path}: step {state['step']}, epoch {state['epoch']}, "
                        f"saved by {state['world_size']} process(es)")
     if state["world_size"] != ctx.world_size:
-        log.info(ctx.rank, f"world size {state['world_size']} -> {ctx.world_size}: the global batch and data order "
-                           "are kept; results match within float rounding, not bit for bit")
+        log.info(ctx.rank, world_size_change(state, ctx.world_size))
     return state["step"], state["logs"]
+
+
+def world_size_change(state: dict, world_size: int) -> str:
+    """The one line that says when (the step resumed from) and why the world size changed."""
+    before, step = state["world_size"], state["step"]
+    why = ("a node left or failed, or the job was relaunched smaller" if world_size < before
+           else "a node joined, or the job was relaunched larger")
+    return (f"world size {before} -> {world_size} at step {step}: {world_size} process(es) resume what {before} "
+            f"saved ({why}); the global batch of {state['config']['global_batch_size']} and the sample order are "
+            "kept, so results match within float rounding, not bit for bit")

@@ -1,0 +1,39 @@
+"""``python -m ddp_demo.check TARGET``: exit 0 (PASS), 1 (FAIL, with the cause) or 2 (bad input)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ddp_demo.check import __doc__ as package_doc
+from ddp_demo.check import check
+from ddp_demo.check.options import parse
+from ddp_demo.check.report import as_json, dumps, text
+from ddp_demo.check.target import CheckError
+from ddp_demo.compare import check_out_file, import_plots
+from ddp_demo.core.config import ConfigError
+from ddp_demo.core.outputs import atomic_write
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        spec, options = parse(argv, package_doc.splitlines()[0])
+        if options.json and not Path(options.json).absolute().parent.is_dir():
+            raise CheckError(f"--json {options.json}: its directory does not exist; create it or pick another path")
+        if options.plot:  # before any process starts: a wrong path or no matplotlib is bad input
+            check_out_file(options.plot, flag="--plot")
+            plots = import_plots()
+        (verdict,) = check([spec], options)
+    except (CheckError, ConfigError) as e:
+        print(f"ddp_demo.check: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(text(verdict), flush=True)
+    if options.json:
+        atomic_write(Path(options.json), lambda p: p.write_text(dumps(verdict)))
+    if options.plot:
+        plots.save(plots.check_figure(as_json(verdict)), options.plot)
+    return 0 if verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""From the runs to a verdict: every tensor compared, per world size, then the causes.
+
+A tensor matches when ``max |DDP - one process| <= atol + rtol * max |one process|`` over all
+its elements and every rank, with ``atol`` and ``rtol`` the proofs' tolerances for its dtype
+(``proof/cases.py``, ``TOLERANCE``; why they hold for deep models: docs/check.md). The scale
+is the tensor's largest value, not each element's, because rounding in a sum grows with the
+size of what is summed, not with the result.
+
+With Adam the values after the steps get a stated allowance on top (:func:`adam_allowance`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ddp_demo.check.engine import Plan, Trained, reference, run_world
+from ddp_demo.check.target import Target, call_target, check_repeatable, check_world_sizes
+from ddp_demo.proof.cases import TOLERANCE
+from ddp_demo.proof.spawn import WorkerError
+
+
+@dataclass
+class Row:
+    """One tensor at one world size: its largest difference over all ranks, and the bound."""
+
+    name: str
+    kind: str  # "parameter" or "buffer"
+    stage: str  # "gradient" (after the first backward) or "after_steps"
+    max_abs_diff: float  # inf: a gradient on one side only, a shape mismatch or a non-finite value
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclass
+class World:
+    """The result at one world size."""
+
+    world_size: int
+    seconds: float
+    rows: list[Row] = field(default_factory=list)
+    error: str | None = None  # a traceback, or why the processes returned nothing
+    unused: list[str] = field(default_factory=list)  # parameters some rank gave no gradient
+    ranks: list[dict] = field(default_factory=list, repr=False)  # the raw tensors (for the diagnosis)
+
+    @property
+    def numbers_match(self) -> bool:
+        return self.error is None and all(r.ok for r in self.rows)
+
+
+@dataclass
+class Verdict:
+    plan: Plan
+    target: Target  # a fresh build, for describing the model and diagnosing it
+    reference: Trained = field(repr=False)
+    tolerance: dict
+    worlds: list[World] = field(default_factory=list)
+    causes: list = field(default_factory=list)  # diagnose.Cause, filled in when the check fails
+
+    @property
+    def ok(self) -> bool:
+        unused = any(w.unused for w in self.worlds) and not self.plan.find_unused_parameters
+        return all(w.numbers_match for w in self.worlds) and not unused
+
+    def first_failure(self) -> tuple[World, Row | None] | None:
+        """The first world size (ascending) that fails, and its first differing tensor by name order."""
+        for world in sorted(self.worlds, key=lambda w: w.world_size):
+            if world.error or (world.unused and not self.plan.find_unused_parameters):
+                return world, None
+            bad = [r for r in world.rows if not r.ok]
+            if bad:
+                return world, bad[0]
+        return None
+
+
+def difference(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
+    if got is None or want is None:
+        return 0.0 if got is None and want is None else math.inf
+    if got.shape != want.shape:
+        return math.inf
+    diff = float((got.to(want.dtype) - want).abs().max()) if want.numel() else 0.0
+    return diff if math.isfinite(diff) else math.inf
+
+
+ADAM_EPS = 1e-8  # torch.optim.Adam's default eps, which the check's Adam uses
+
+
+def adam_allowance(plan: Plan, tol: dict) -> float:
+    """Added to the tolerance of every value after ``plan.steps`` Adam steps.
+
+    Adam steps by ``lr * m / (sqrt(v) + eps)``. Where a parameter's exact gradient is zero (a
+    bias just before BatchNorm, the key bias of attention), its computed gradient is rounding,
+    and Adam turns it into a step of up to ``lr``, in a direction rounding chose. The step's
+    slope in ``g`` is at most ``1 / eps``, and a step is at most ``lr`` either way, so gradients
+    that differ by ``atol`` move a value by at most ``lr * min(2, atol / eps)`` per step.
+    Measured in docs/check.md: float64 stays far inside it; float32 uses half of it.
+    """
+    if plan.optimizer != "adam":
+        return 0.0
+    return plan.steps * plan.learning_rate * min(2.0, tol["atol"] / ADAM_EPS)
+
+
+def compare(want: Trained, ranks: list[dict], params: set[str], tol: dict, allowance: float = 0.0) -> list[Row]:
+    rows = []
+    for stage, ref in (("gradient", want.grads), ("after_steps", want.after)):
+        for name, w in ref.items():
+            scale = 0.0 if w is None or not w.numel() else float(w.abs().max())
+            bound = tol["atol"] + tol["rtol"] * scale + (allowance if stage == "after_steps" else 0.0)
+            rows.append(Row(name, "parameter" if name in params else "buffer", stage,
+                            max(difference(r["grads" if stage == "gradient" else "after"].get(name), w) for r in ranks),
+                            bound))
+    return rows
+
+
+def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
+    """Everything that can go wrong before a process starts (CheckError), then the reference."""
+    target = call_target(plan.spec, plan.dtype)  # never trained: it describes and diagnoses the model
+    check_world_sizes(plan.spec, target, world_sizes)
+    check_repeatable(plan.spec, target, plan.dtype)
+    dtype = "float32" if target.dtype == torch.float32 else "float64"
+    tol = {"dtype": dtype, **TOLERANCE[dtype]}
+    tol["adam_allowance"] = adam_allowance(plan, tol)
+    return Verdict(plan, target, reference(plan), tol)
+
+
+def run_checks(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
+    """For each N, one set of processes runs every target; each verdict gets its World."""
+    plans = [v.plan for v in verdicts]
+    for n in world_sizes:
+        try:
+            results, seconds = run_world(n, plans, timeout)
+        except WorkerError as e:
+            for v in verdicts:
+                v.worlds.append(World(n, math.nan, error=str(e)))
+            continue
+        for v, ranks in zip(verdicts, results, strict=True):
+            v.worlds.append(_world(v, n, seconds, ranks))
+
+
+def _world(v: Verdict, n: int, seconds: float, ranks: list[dict]) -> World:
+    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(ranks) if "error" in res]
+    if errors:
+        return World(n, seconds, error="\n".join(errors))
+    params = {name for name, _ in v.target.model.named_parameters()}
+    unused = sorted({name for names in ranks[0]["unused"] for name in names})
+    rows = compare(v.reference, ranks, params, v.tolerance, v.tolerance["adam_allowance"])
+    return World(n, seconds, rows, unused=unused, ranks=ranks)
