@@ -51,7 +51,8 @@ def test_results_json_holds_every_measurement(quick: Path):
     assert all(positive_times(r["time_s"], reps) for r in res["busbw"])
     assert set(res["trainer"]) == {"mlp", "cnn"}
     for m in res["trainer"].values():
-        assert set(m["step_s"]) == {"bare loop", "trainer", "trainer, own all-reduce", "trainer, bf16"}
+        assert set(m["step_s"]) == {"bare loop", "bare loop, plain DataLoader", "trainer", "trainer, own all-reduce",
+                                    "trainer, bf16"}
         assert all(positive_times(t, reps) for t in m["step_s"].values())
 
 

@@ -92,7 +92,7 @@ def make_plan(quick: bool, launchers: bool, malloc: str = "keep") -> BenchPlan:
     return BenchPlan((2, 4), [cnn, Workload("cnn, batch 128", "cnn", 128, 5), mlp], mlp, [cnn, mlp],
                 # 4 B and 16 KB (about the CNN's 14 KB of gradients): latency; 1-64 MB: bandwidth
                 [4e-6, 0.016384, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], Reps(warmup=3, reps=7),
-                launcher_steps=220, launches=3 * int(launchers), trainer_steps=64, trainer_reps=21,  # 64: an epoch
+                launcher_steps=220, launches=3 * int(launchers), trainer_steps=64, trainer_reps=41,  # 64: an epoch
                 malloc=malloc)
 
 

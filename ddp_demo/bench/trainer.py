@@ -10,7 +10,9 @@ DDP loop over the same data::
         loss_fn(ddp(x), y).backward()
         optimizer.step()
 
-paired repetition by repetition. Two more variants price two choices: the trainer agreeing
+paired repetition by repetition, with the trainer's loader in both (it fetches a batch in
+one indexing op, core/data.py); the same loop with the DataLoader a user would write
+(per-sample fetch and ``torch.stack``) is timed beside them. Two more variants price two choices: the trainer agreeing
 on its loss with an all-reduce of its own each step (what it did before issue 13, instead
 of carrying the loss in DDP's gradient all-reduce, core/agree.py), and the trainer under
 ``--precision bf16``.
@@ -21,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import replace
+
+from torch.utils.data import DataLoader, TensorDataset
 
 from ddp_demo import train
 from ddp_demo.bench.timing import Reps, interleaved, progress, warm_up
@@ -54,10 +58,15 @@ class Job:
 
 
 class BareEpochs:
-    """The minimal DDP loop, one epoch per call."""
+    """The minimal DDP loop, one epoch per call. ``plain_loader``: with the DataLoader a user
+    would write (``TensorDataset``, ``batch_size``, the same DistributedSampler), which
+    fetches sample by sample and stacks them; otherwise with the trainer's own loader."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, plain_loader: bool = False):
         self.ddp, self.optimizer, self.loader = job.parts()
+        if plain_loader:
+            self.loader = DataLoader(TensorDataset(*self.loader.dataset.tensors), batch_size=self.loader.batch_size,
+                                     sampler=self.loader.sampler, drop_last=True)
         self.loss_fn, self.epoch = job.loss_fn, 0
 
     def __call__(self) -> None:
@@ -93,7 +102,7 @@ def trainer_on_rank(ctx: DistContext, models: list[str], steps: int, reps: int, 
     with open(os.devnull, "w") as quiet:
         for model in models:
             job = Job(model, steps, ctx)
-            fns = {"bare loop": BareEpochs(job)}
+            fns = {"bare loop": BareEpochs(job), "bare loop, plain DataLoader": BareEpochs(job, plain_loader=True)}
             fns |= {name: TrainerEpochs(job, *how, quiet) for name, how in TRAINER_VARIANTS.items()}
             warm_up(fns, r)
             times = interleaved(fns, {name: 1 for name in fns}, r, ctx)

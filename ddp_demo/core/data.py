@@ -119,6 +119,24 @@ def _check_shapes(path: str, model: str, x: torch.Tensor, y: torch.Tensor) -> No
         raise ConfigError(f"--data {path}: {problem}")
 
 
+class _Batches(TensorDataset):
+    """The same tensors, fetched a batch at a time: one indexing op per tensor.
+
+    A DataLoader calls ``__getitems__`` with a whole batch's indices when the dataset has
+    it, instead of ``dataset[i]`` once per sample followed by ``torch.stack``: the same
+    numbers in the same order, without the per-sample Python work, which took about half
+    of a small model's step here (issue 13, docs/performance.md).
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        at = torch.tensor(indices)
+        return tuple(t[at] for t in self.tensors)
+
+
+def _as_fetched(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch  # the collate step: __getitems__ already made the batch
+
+
 def rank_loader(dataset: TensorDataset, ctx: DistContext, global_batch: int, seed: int) -> DataLoader:
     """This rank's share of every global batch: ``global_batch / world_size`` samples.
 
@@ -130,7 +148,8 @@ def rank_loader(dataset: TensorDataset, ctx: DistContext, global_batch: int, see
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
     )
-    return DataLoader(dataset, batch_size=global_batch // ctx.world_size, sampler=sampler, drop_last=True)
+    return DataLoader(_Batches(*dataset.tensors), batch_size=global_batch // ctx.world_size, sampler=sampler,
+                      drop_last=True, collate_fn=_as_fetched)
 
 
 @torch.no_grad()

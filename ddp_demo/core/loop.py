@@ -176,6 +176,7 @@ def train_loop(
     precision, rate = Precision(cfg.precision, ctx.device), Rate(cfg, start_step)
     watch = Watch(cfg, deferred=ctx.device.type != "cpu")
     logs: list[StepLog] = []
+    shown = 0.0  # when the bar's loss and rate were last set
     with tqdm(total=cfg.steps, initial=start_step, disable=not ctx.is_main, unit="step", dynamic_ncols=True) as bar:
         for step, epoch, ids, (x, y) in epoch_batches(loader, cfg.steps, start_step):
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -190,7 +191,9 @@ def train_loop(
             precision.step(optimizer)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 logs.append(StepLog(step, loss, rate(step), gather_ids(ids, ctx) if cfg.record_samples else None))
-                bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{logs[-1].samples_per_s:,.0f}", refresh=False)
+                if ctx.is_main and (time.perf_counter() - shown >= 0.1 or step == cfg.steps):
+                    shown = time.perf_counter()  # the bar redraws at most every 0.1 s: no need to format more often
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{logs[-1].samples_per_s:,.0f}", refresh=False)
             if after_step:
                 after_step(step, epoch, logs)
             bar.update()

@@ -1,8 +1,8 @@
 """Checks for core/agree.py: the loss and stop flag ride in DDP's gradient all-reduce.
 
-Run on N ranks by ``spawn.run_on_ranks`` (tests/test_agree.py). Every collective is
-counted by wrapping ``torch.distributed.all_reduce``; DDP's buckets are made visible to
-the count by a hook that is torch's own ``allreduce_hook``, counted. Three loops train
+Run on N ranks by ``spawn.run_on_ranks`` (tests/test_agree.py). Every all-reduce is
+counted by wrapping ``ProcessGroup.allreduce``, where ``dist.all_reduce`` ends too; DDP's
+buckets are made visible to the count by a hook that is torch's own ``allreduce_hook``. Three loops train
 the same steps:
 
 - the bare DDP loop (zero_grad, forward, loss, backward, step): its count is the baseline
@@ -37,18 +37,21 @@ CFG = TrainConfig(model="mlp", steps=STEPS, global_batch_size=16, dtype="float64
 
 @contextlib.contextmanager
 def counting_all_reduce(calls: list[int]) -> Iterator[None]:
-    """Append the element count of every ``dist.all_reduce`` made inside the block."""
-    real = dist.all_reduce
+    """Append the element count of every all-reduce a process group starts inside the block:
+    ``dist.all_reduce`` and direct ``ProcessGroup.allreduce`` calls (core/agree.py's hook
+    makes those) both end in that method."""
+    group_class = dist.ProcessGroup
+    real = group_class.__dict__["allreduce"]  # the descriptor itself, so that it can be put back as it was
 
-    def counted(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real(tensor, *args, **kwargs)
+    def counted(self, tensors, *args, **kwargs):
+        calls.append(sum(t.numel() for t in tensors) if isinstance(tensors, list | tuple) else tensors.numel())
+        return real.__get__(self)(tensors, *args, **kwargs)
 
-    dist.all_reduce = counted
+    group_class.allreduce = counted
     try:
         yield
     finally:
-        dist.all_reduce = real
+        group_class.allreduce = real
 
 
 def parts(ctx: DistContext, cfg: TrainConfig = CFG):
