@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_demo.core import dist as dist_env
 from ddp_demo.core import log, malloc
 from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
 from ddp_demo.core.data import Task, builtin_task, heldout_counts, load_task, rank_loader
@@ -217,9 +218,11 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
         ctx = launcher.start(env, cfg)
     except LaunchProblem as e:  # a node's own setup: each node's first process says it, once per node
         log.error(env.local_rank, str(e))
+        dist_env.after_one_spoke(env, speaker=env.rank - env.local_rank)  # torchrun numbers a node's ranks in a row
         return 2
     except (ConfigError, RuntimeError) as e:
         log.error(env.rank, str(e))
+        dist_env.after_one_spoke(env, speaker=0)
         return 2
     stop = StopSignals()
     try:

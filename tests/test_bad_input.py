@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .helpers import assert_one_clear_line, torchrun, train
+from .helpers import ROOT, assert_one_clear_line, torchrun, train
 
 
 def _bad_files(d):
@@ -80,3 +80,14 @@ def test_under_torchrun_printed_once_by_rank_zero(flags, flag, tmp_path):
 def test_batch_fix_is_named(tmp_path):
     proc = torchrun(4, "ddp_demo.train", "--global-batch-size", "30", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert "use a multiple of 4, e.g. --global-batch-size 28" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["wait", "exit"])
+def test_the_reporting_rank_is_not_stopped_before_it_reports(how):
+    """torchrun stops every worker once one has exited. A silent rank that exits first must not
+    take the reporting rank with it: the ranks wait for its mark in the agent's store. Control:
+    without the wait, rank 0 is stopped and the job fails with no reason given."""
+    proc = torchrun(2, "tests.slow_speaker", how, cwd=ROOT, timeout=60)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
+    assert proc.returncode != 0
+    assert ours == (["ddp_demo: error: bad input, reported once"] if how == "wait" else []), proc.stderr

@@ -154,6 +154,28 @@ def attempt_store(env: LaunchEnv, timeout_s: float) -> dist.Store:
     return dist.PrefixStore(f"ddp_demo/attempt-{attempt}/", store)
 
 
+def after_one_spoke(env: LaunchEnv, speaker: int, wait_s: float = 10.0) -> None:
+    """Bad input is reported by one rank, ``speaker`` (core/log.py), and every rank then exits
+    with code 2. But torchrun's agent stops every other worker as soon as one has exited: a
+    silent rank that got there first would kill the speaker before it had printed, leaving a
+    failed job and no reason (seen in the suite: tests/test_doctor.py's preflight case). So the
+    speaker, once it has printed, sets a key in the agent's store, and the silent ranks wait
+    for that key (at most ``wait_s``) before they exit. Only where torchrun's agent hosts the
+    store (the default): elsewhere there is no store that outlives the speaker to wait on.
+    """
+    if not (env.launched and env.agent_store):
+        return
+    key = f"spoke/{speaker}"
+    try:
+        store = attempt_store(env, wait_s)
+        if env.rank == speaker:
+            store.set(key, "1")
+        else:
+            store.wait([key], timedelta(seconds=wait_s))
+    except RuntimeError:  # torch.distributed.DistError: no store to reach, or the speaker never got there: exit anyway
+        pass
+
+
 def pick_device(local_rank: int, device: str = "auto") -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is available (or asked for), else the CPU."""
     if device == "auto":
