@@ -23,12 +23,11 @@ from pathlib import Path
 
 from ddp_demo.core import log
 from ddp_demo.core.config import ConfigError
-from ddp_demo.core.outputs import check_out_dir
+from ddp_demo.core.outputs import FORMATS, check_out_file, import_plots
 
 # The settings that define the job: runs differing in any of these are different experiments.
 # World size, launcher, --grad-accum-steps and --skip-grad-sync may differ: they are what is compared.
 SAME_JOB = ("seed", "model", "global_batch_size", "dtype", "data", "optimizer", "lr")
-FORMATS = (".png", ".svg", ".pdf")
 STARTED_BY = "pass the --out directory of a finished ddp_demo.train run"
 
 
@@ -133,22 +132,6 @@ def labels_of(runs: list[Run]) -> list[str]:
     labels = [run.label() for run in runs]
     return [f"{label} ({run.path.name})" if labels.count(label) > 1 else label
             for label, run in zip(labels, runs, strict=True)]
-
-
-def check_out_file(out: str, flag: str = "--out") -> None:
-    """A picture's path, checked before any work (also ``python -m ddp_demo.check --plot``)."""
-    if Path(out).suffix not in FORMATS:
-        raise ConfigError(f"{flag} {out}: use a {', '.join(FORMATS)} file name, e.g. {flag} picture.png")
-    check_out_dir(str(Path(out).parent), flag=flag)
-
-
-def import_plots():
-    """matplotlib only here: the commands that do not draw never import it (also used by the check)."""
-    try:
-        from ddp_demo.proof import plots
-    except ImportError as e:
-        raise ConfigError(f"drawing needs matplotlib ({e}); install it with: pip install -e \".[plot]\"") from None
-    return plots
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

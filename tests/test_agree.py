@@ -33,6 +33,17 @@ def test_the_trainer_makes_no_collective_beyond_the_bare_loops(ranks):
         assert sum(ours) == sum(bare) + 2 * STEPS  # the same buckets, bucket 0 two numbers longer
 
 
+def test_with_scratch_ddp_too_the_pair_rides_in_its_buckets(ranks):
+    """``--ddp scratch``: ddp_demo's own DDP takes the same hook (parallel/ddp.py, register_comm_hook);
+    the control, agreeing with an all-reduce of its own, counts one more per step."""
+    for r in ranks:
+        bare, ours, control = (r["scratch"][k]["calls"] for k in ("bare", "trainer", "control"))
+        assert len(bare) > STEPS and len(ours) == len(bare) and sum(ours) == sum(bare) + 2 * STEPS
+        assert len(control) == len(bare) + STEPS
+        assert torch.equal(r["scratch"]["trainer"]["grads"], r["scratch"]["bare"]["grads"])
+        assert torch.equal(r["scratch"]["trainer"]["grads"], r["bare, DDP's C++ hook"]["grads"])
+
+
 def test_negative_control_an_own_all_reduce_is_counted(ranks):
     for r in ranks:
         assert len(r["control"]["calls"]) == len(r["bare"]["calls"]) + STEPS

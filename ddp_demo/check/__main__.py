@@ -10,9 +10,8 @@ from ddp_demo.check import check
 from ddp_demo.check.options import parse
 from ddp_demo.check.report import as_json, dumps, text
 from ddp_demo.check.target import CheckError
-from ddp_demo.compare import check_out_file, import_plots
 from ddp_demo.core.config import ConfigError
-from ddp_demo.core.outputs import atomic_write
+from ddp_demo.core.outputs import atomic_write, check_out_file, import_plots
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ so the copy that makes room for two numbers is cheap. After ``backward()`` has r
 DDP has waited for every bucket, so the agreed pair is there, with no collective of its own.
 
 Where no hook runs (plain ``python`` with no process group; ``--skip-grad-sync``, whose
-backward runs under ``no_sync``; a model that is not torch's DDP), the pair falls back to
+backward runs under ``no_sync``; a model that takes no comm hooks), the pair falls back to
 one explicit ``all_reduce`` (or to the local values when there is no group at all).
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core.dist import DistContext
 
@@ -43,7 +42,8 @@ class Agreement:
         self._room: dict[tuple, tuple] = {}  # bucket 0 plus two numbers, and views into it, reused every step
         self._pending: list[tuple] = []  # this backward's (all-reduce work, what DDP gets back), in bucket order
         self._futures: list[torch.futures.Future] = []  # handed to DDP for every bucket but the last
-        if carry and isinstance(model, DDP):  # accelerate's prepared model is torch's DDP too
+        # torch's DDP (accelerate's prepared model is one too) and ddp_demo's ScratchDDP both take hooks
+        if carry and hasattr(model, "register_comm_hook"):
             model.register_comm_hook(model.process_group, self._hook)
 
     def begin(self, stop: bool) -> None:

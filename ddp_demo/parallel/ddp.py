@@ -15,9 +15,10 @@ calls, and each comment names the Reducer (or DDP) function the line stands for.
 4. end of backward: wait for every bucket, copy the averages back into ``.grad``;
 5. after the first synced backward, rebuild the buckets in the order gradients arrived.
 
-It is a ``Joinable``: ``with Join([model]):`` lets ranks run out of batches at different steps.
-Left out: unused parameters, comm hooks, ``gradient_as_bucket_view``, ``static_graph``, mixed
-precision, sparse gradients, CUDA streams. Proven equal to torch's DDP by
+It is a ``Joinable``: ``with Join([model]):`` lets ranks run out of batches at different steps,
+and ``register_comm_hook`` takes DDP's communication hooks (not together with Join).
+Left out: unused parameters, ``gradient_as_bucket_view``, ``static_graph``, mixed precision,
+sparse gradients, CUDA streams. Proven equal to torch's DDP by
 tests/test_scratch_ddp.py; explained in docs/ddp_from_scratch.md.
 """
 
@@ -62,6 +63,8 @@ class ScratchDDP(nn.Module, Joinable):
         super().__init__()
         Joinable.__init__(self)  # join support stays off until a Join context turns it on
         self.module, self.group = module, process_group or dist.group.WORLD
+        self.process_group = self.group  # DDP's name for it
+        self._comm_hook = None  # (state, hook) once register_comm_hook is called
         self.world_size = dist.get_world_size(self.group)
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
@@ -120,8 +123,12 @@ class ScratchDDP(nn.Module, Joinable):
             return  # inside no_sync(): the gradient only accumulates in .grad
         self._log("ready", i)
         self._ready_order.append(i)  # push_rebuilt_params: remembered for the rebuild
-        # mark_variable_ready_dense: mul_out(bucket_view, grad, 1 / N), divided while copied.
-        torch.mul(self.params[i].grad, 1.0 / self._div, out=self._views[i])
+        # mark_variable_ready_dense: mul_out(bucket_view, grad, 1 / N), divided while copied;
+        # with a comm hook only copied: dividing is then the hook's job, as in torch's allreduce_hook.
+        if self._comm_hook is None:
+            torch.mul(self.params[i].grad, 1.0 / self._div, out=self._views[i])
+        else:
+            self._views[i].copy_(self.params[i].grad)
         self._pending[self.bucket_of[i]] -= 1
         # mark_bucket_ready: buckets start in order, so that every rank issues the same
         # collectives in the same order, whatever order its gradients came in.
@@ -134,14 +141,21 @@ class ScratchDDP(nn.Module, Joinable):
     def _launch(self, b: int) -> None:
         """Reducer::all_reduce_bucket: the sum over ranks of gradients / N is their average."""
         self._log("launch", b)
+        if self._comm_hook is not None:  # Reducer::run_comm_hook: the hook's Future stands for the all-reduce
+            state, hook = self._comm_hook
+            self._works.append(hook(state, _Bucket(b, self.flat[b], b == len(self.buckets) - 1)))
+            return
         work = dist.all_reduce(self.flat[b], group=self.group, async_op=True)  # returns at once
         work.get_future().add_done_callback(lambda _: self._log("reduced", b))  # runs on gloo's thread
-        self._works.append(work)
+        self._works.append(work.get_future())
 
     def _finalize_backward(self) -> None:
         """Reducer::finalize_backward: autograd is done; wait for every bucket, then copy back."""
-        for b, work in enumerate(self._works):
-            work.wait()
+        for b, future in enumerate(self._works):
+            result = future.wait()
+            result = result[0] if isinstance(result, list) else result  # all_reduce's Future holds [tensor]
+            if result.data_ptr() != self.flat[b].data_ptr():  # a hook may hand back another tensor
+                self.flat[b].copy_(result)
             for i in self.buckets[b]:
                 self.params[i].grad.copy_(self._views[i])  # finalize_bucket_dense
         self._log("finalized", -1)
@@ -156,6 +170,13 @@ class ScratchDDP(nn.Module, Joinable):
         nbytes = [p.numel() * p.element_size() for p in self.params]
         self._set_buckets(bucket_layout(nbytes, order_t.tolist(), self.caps))
         self.rebuilt = True
+
+    def register_comm_hook(self, state, hook) -> None:
+        """DDP's ``register_comm_hook``: ``hook(state, bucket)`` replaces each bucket's all-reduce
+        and returns a Future of the reduced bucket (bucket: ``index()``, ``buffer()``, ``is_last()``)."""
+        if self._comm_hook is not None:
+            raise RuntimeError("register_comm_hook can only be called once (as in DDP)")
+        self._comm_hook = (state, hook)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -195,6 +216,8 @@ class ScratchDDP(nn.Module, Joinable):
     # ---- Join: uneven inputs (torch.distributed.algorithms.Join) ----
 
     def join_hook(self, **kwargs) -> JoinHook:
+        if self._comm_hook is not None:
+            raise RuntimeError("ScratchDDP leaves out Join together with a comm hook")
         """``Join([model], divide_by_initial_world_size=...)`` passes its options here.
 
         True (the default): gradients are still divided by the initial N, so on a step where only
@@ -209,6 +232,22 @@ class ScratchDDP(nn.Module, Joinable):
     @property
     def join_process_group(self):
         return self.group
+
+
+class _Bucket:
+    """What a comm hook sees of a bucket: DDP's ``GradBucket``, the parts hooks use."""
+
+    def __init__(self, index: int, flat: torch.Tensor, last: bool):
+        self._index, self._flat, self._last = index, flat, last
+
+    def index(self) -> int:
+        return self._index
+
+    def buffer(self) -> torch.Tensor:
+        return self._flat
+
+    def is_last(self) -> bool:
+        return self._last
 
 
 class _ShadowBackward(JoinHook):

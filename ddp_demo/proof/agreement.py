@@ -30,6 +30,7 @@ from ddp_demo.core.data import builtin_task, rank_loader
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.loop import StopRequested, loss_function, make_optimizer, train_loop
 from ddp_demo.core.models import build_model
+from ddp_demo.parallel.ddp import ScratchDDP
 
 STEPS = 4
 CFG = TrainConfig(model="mlp", steps=STEPS, global_batch_size=16, dtype="float64")
@@ -54,24 +55,26 @@ def counting_all_reduce(calls: list[int]) -> Iterator[None]:
         group_class.allreduce = real
 
 
-def parts(ctx: DistContext, cfg: TrainConfig = CFG):
-    """The same model, optimizer and data on every call. ``bucket_cap_mb`` is tiny so that
-    DDP makes several buckets and only bucket 0 may carry the pair."""
+def parts(ctx: DistContext, cfg: TrainConfig = CFG, scratch: bool = False):
+    """The same model, optimizer and data on every call, in torch's DDP or (``scratch``)
+    ddp_demo's ScratchDDP. ``bucket_cap_mb`` is tiny so that there are several buckets and
+    only bucket 0 may carry the pair."""
     task = builtin_task(cfg.model, cfg.seed, cfg.torch_dtype, n_train=cfg.global_batch_size * STEPS, n_heldout=0)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, task.x_shape, task.num_classes).to(cfg.torch_dtype)
-    ddp = DDP(model, bucket_cap_mb=0.0005)
+    cap = 0.0005  # MB: a few hundred bytes per bucket
+    ddp = ScratchDDP(model, bucket_cap_mb=cap, first_bucket_cap_mb=cap) if scratch else DDP(model, bucket_cap_mb=cap)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     return ddp, make_optimizer(cfg, model.parameters()), loader, loss_function(task)
 
 
-def grads(ddp: DDP) -> torch.Tensor:
+def grads(ddp) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in ddp.module.parameters()])
 
 
-def bare_loop(ctx: DistContext, counted: bool = True) -> dict:
-    ddp, optimizer, loader, loss_fn = parts(ctx)
-    if counted:
+def bare_loop(ctx: DistContext, counted: bool = True, scratch: bool = False) -> dict:
+    ddp, optimizer, loader, loss_fn = parts(ctx, scratch=scratch)
+    if counted and not scratch:  # ScratchDDP's all-reduces are made in Python: counted as they are
         ddp.register_comm_hook(None, allreduce_hook)  # torch's default, in Python: countable
     calls: list[int] = []
     losses = []
@@ -86,9 +89,9 @@ def bare_loop(ctx: DistContext, counted: bool = True) -> dict:
     return {"calls": calls, "grads": grads(ddp), "local_losses": losses}
 
 
-def trainer(ctx: DistContext, carry: bool) -> dict:
-    ddp, optimizer, loader, loss_fn = parts(ctx)
-    if not carry:
+def trainer(ctx: DistContext, carry: bool, scratch: bool = False) -> dict:
+    ddp, optimizer, loader, loss_fn = parts(ctx, scratch=scratch)
+    if not carry and not scratch:
         ddp.register_comm_hook(None, allreduce_hook)  # the buckets counted as in bare_loop
     agreement = Agreement(ddp, ctx, carry=carry)
     calls: list[int] = []
@@ -112,4 +115,6 @@ def stop_on_one_rank(ctx: DistContext, rank: int = 1, at: int = 2) -> int | None
 def agreement_on_rank(ctx: DistContext) -> dict:
     return {"bare": bare_loop(ctx), "bare, DDP's C++ hook": bare_loop(ctx, counted=False),
             "trainer": trainer(ctx, carry=True), "control": trainer(ctx, carry=False),
-            "stopped_at": stop_on_one_rank(ctx)}
+            "stopped_at": stop_on_one_rank(ctx),
+            "scratch": {"bare": bare_loop(ctx, scratch=True), "trainer": trainer(ctx, carry=True, scratch=True),
+                        "control": trainer(ctx, carry=False, scratch=True)}}
