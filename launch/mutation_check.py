@@ -47,6 +47,7 @@ def _eq(kind: str) -> str:
 
 CKPT = "tests/test_checkpoint.py::"
 RESILIENCE = "tests/test_resilience.py::"
+AGREE = "tests/test_agree.py::"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
@@ -137,6 +138,23 @@ MUTATIONS = (
         (("    return torch.load(io.BytesIO(data), weights_only=True)\n",
           "    return torch.load(io.BytesIO(data), weights_only=False)\n"),),
         (CKPT + "test_checkpoint_cannot_run_code",),
+    ),
+    Mutation(
+        "the loss and stop flag no longer ride in the gradient all-reduce", "ddp_demo/core/agree.py",
+        (("        if bucket.index() == 0 and self.losses:\n", "        if False:\n"),),
+        (AGREE + "test_the_trainer_makes_no_collective_beyond_the_bare_loops",
+         AGREE + "test_with_scratch_ddp_too_the_pair_rides_in_its_buckets"),
+    ),
+    Mutation(
+        "ScratchDDP ignores a registered comm hook", "ddp_demo/parallel/ddp.py",
+        (("        if self._comm_hook is not None:  # Reducer::run_comm_hook",
+          "        if False:  # Reducer::run_comm_hook"),),
+        (AGREE + "test_with_scratch_ddp_too_the_pair_rides_in_its_buckets",),
+    ),
+    Mutation(
+        "silent ranks exit without waiting for the reporting rank", "ddp_demo/core/dist.py",
+        (("            store.wait([key], timedelta(seconds=wait_s))\n", "            pass\n"),),
+        ("tests/test_bad_input.py::test_the_reporting_rank_is_not_stopped_before_it_reports",),
     ),
 )
 
