@@ -48,6 +48,7 @@ class Agreement:
 
     def begin(self, stop: bool) -> None:
         self.losses, self.stop, self.carried = [], stop, None
+        self._pending, self._futures = [], []  # nothing left over from a backward that raised midway
 
     def note(self, loss: torch.Tensor) -> None:
         """A micro-batch's mean loss (detached), noted before its backward (which may be the synced one)."""
