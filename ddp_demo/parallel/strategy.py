@@ -1,0 +1,223 @@
+"""Three ways to split one Module's training over N ranks: ``ddp``, ``zero``, ``fsdp``.
+
+The seed article's point is that a Module owns its parameters. The strategies differ in how
+much of that ownership each rank keeps:
+
+- ``ddp``: every rank owns all of it (parameters, gradients, optimizer state); backward
+  all-reduces the gradients (``DistributedDataParallel``, or ddp_demo's ``ScratchDDP``).
+- ``zero``: DDP as above, but each rank keeps the optimizer state of only its share of the
+  parameters, steps those, and broadcasts them to the others afterwards
+  (``ZeroRedundancyOptimizer``, ZeRO stage 1: Rajbhandari et al., 2020).
+- ``fsdp``: each rank keeps 1/N of every parameter, of its gradient and of its optimizer
+  state (``torch.distributed.fsdp.fully_shard``, FSDP2). Forward and backward all-gather a
+  block's parameters just before it runs and free them after; backward reduce-scatters the
+  gradients, so each rank receives the average of its own slice only.
+
+:func:`wrap` takes a built Module and returns a :class:`Wrapped`: the model to call, the
+user's Module (parameter names without prefixes), and an optimizer built for the strategy.
+:func:`full_state_dict` gives rank 0 the whole ``state_dict`` in the format DDP's ``final.pt``
+has. What each rank holds is read by ``ddp_demo.parallel.holdings``.
+
+Without a process group (plain ``python``) every strategy is the bare Module and its
+optimizer: there is nothing to split with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp_demo.core.accumulate import GradSync
+from ddp_demo.core.dist import DistContext
+from ddp_demo.parallel.ddp import ScratchDDP
+
+STRATEGIES = ("ddp", "zero", "fsdp")
+DDP_IMPLS = ("torch", "scratch")
+# Under --precision bf16, fsdp computes with bf16 copies of the parameters but reduce-scatters
+# the gradients in float32: the average over ranks then adds no rounding beyond what a float32
+# gradient has (FSDP2 docs, MixedPrecisionPolicy.reduce_dtype). The sharded parameters and the
+# optimizer stay in the parameters' own dtype.
+BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How to split the training of one Module over the ranks."""
+
+    name: str = "ddp"
+    """ddp, zero or fsdp (module docstring)."""
+    ddp_impl: str = "torch"
+    """The wrapper that all-reduces under ddp and zero: torch's DDP, or ddp_demo's ScratchDDP
+    (ZeroRedundancyOptimizer is an optimizer: it works over either)."""
+    precision: str = "fp32"
+    """The trainer's --precision: bf16 gives fsdp its MixedPrecisionPolicy (BF16_POLICY)."""
+    reduce_grads: bool = True
+    """False is the negative control: every rank trains on its own gradient, nothing is averaged."""
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.ddp_impl not in DDP_IMPLS:
+            raise ValueError(f"unknown DDP implementation {self.ddp_impl!r}; choose one of {', '.join(DDP_IMPLS)}")
+
+
+@dataclass
+class Wrapped:
+    """What a strategy hands the training loop."""
+
+    strategy: str
+    model: nn.Module  # call this one: forward and backward go through the strategy's hooks
+    module: nn.Module  # the user's Module: named_parameters() and state_dict() keys without prefixes
+    optimizer: torch.optim.Optimizer
+    replicated: list[nn.Parameter] = field(default_factory=list)  # fsdp: parameters kept whole (see Replicas)
+    replicas: Replicas | None = None
+    reduce: bool = True  # StrategyConfig.reduce_grads: False never averages (the negative control)
+
+    def set_grad_sync(self, on: bool) -> None:
+        """Whether the coming backward averages gradients over the ranks (off: accumulate locally)."""
+        if isinstance(self.model, FSDPModule):  # its control is OwnGradient: the reduce-scatter still runs
+            self.model.set_requires_gradient_sync(on)
+            self.replicas.syncing = on
+        elif hasattr(self.model, "require_backward_grad_sync"):  # DDP's and ScratchDDP's no_sync switch
+            self.model.require_backward_grad_sync = on and self.reduce
+
+    def grad_sync(self, k: int) -> GradSync:
+        """Accumulation over ``k`` micro-batches: only the last one's backward averages.
+
+        DDP decides in forward whether backward all-reduces; FSDP2 decides in backward whether to
+        reduce-scatter. Switching before forward serves both."""
+
+        @contextlib.contextmanager
+        def context(is_last: bool) -> Iterator[None]:
+            if is_last:
+                yield
+                return
+            self.set_grad_sync(False)
+            try:
+                yield
+            finally:
+                self.set_grad_sync(True)
+
+        def backward(loss: torch.Tensor) -> None:
+            (loss / k if k > 1 else loss).backward()
+
+        return GradSync(context, backward)
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The blocks ``fsdp`` shards one by one, before the root takes the rest.
+
+    The rule: every direct child of the root that holds parameters is a block, except
+    containers (``ModuleList``, ``ModuleDict``, ``Sequential``), whose children are looked at
+    the same way instead, so a transformer's ``layers`` yields one block per layer. A block
+    that shares a parameter with another (tied weights) is left to the root: fully_shard lets
+    one group own a parameter, and the root's group is alive for the whole forward and backward.
+    The article's MLP gives ``linear1`` and ``linear2``; the classifier ``features`` and ``head``.
+    """
+    found: list[nn.Module] = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList | nn.ModuleDict | nn.Sequential):
+            found += shard_units(child)
+        elif any(True for _ in child.parameters()):
+            found.append(child)
+    owners: dict[int, int] = {}
+    for block in found:
+        for p in block.parameters():
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [b for b in found if all(owners[id(p)] == 1 for p in b.parameters())]
+
+
+class Replicas:
+    """fully_shard refuses 0-dim parameters (a dimension 0 is what it splits), such as the
+    article's ``MultiplyByTwo.multiplier``. Those stay whole on every rank, as under DDP, and a
+    hook averages their gradient once backward has accumulated it (when syncing)."""
+
+    def __init__(self, params: list[nn.Parameter], world_size: int, reduce: bool):
+        self.syncing, self.reduce, self.world_size = True, reduce, world_size
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._average)
+
+    def _average(self, p: nn.Parameter) -> None:
+        if self.syncing and self.reduce:
+            dist.all_reduce(p.grad)  # SUM, then divide: gloo has no AVG
+            p.grad.div_(self.world_size)
+
+
+class OwnGradient:
+    """A reduce-scatter that reduces nothing (the fsdp negative control): each rank's shard
+    receives its own slice of its own gradient, what N copies of it would average to. Passed
+    to ``FSDPModule.set_custom_reduce_scatter``, which calls ``allocate`` and ``__call__``."""
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        n = group.size()
+        mine = input_tensor.view(n, -1)[group.rank()]
+        # FSDP2 averages with AVG, or pre-divides by N and sums (float64: _get_gradient_divide_factors)
+        output_tensor.copy_(mine if op == dist.ReduceOp.AVG else mine * n)
+        return None
+
+
+def shard_fully(module: nn.Module, cfg: StrategyConfig, ctx: DistContext) -> list[nn.Parameter]:
+    """``fully_shard`` each block (:func:`shard_units`), then the root; returns the 0-dim
+    parameters left whole (:class:`Replicas`)."""
+    scalars = [p for p in module.parameters() if p.dim() == 0]
+    policy = BF16_POLICY if cfg.precision == "bf16" else MixedPrecisionPolicy()
+    for unit in [*shard_units(module), module]:
+        # The mesh's device type follows ctx.device: gloo on the CPU, nccl on CUDA.
+        fully_shard(unit, mp_policy=policy, ignored_params=set(scalars) or None)
+    if not cfg.reduce_grads:
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_custom_reduce_scatter(OwnGradient())
+    return scalars
+
+
+def wrap(module: nn.Module, ctx: DistContext, cfg: StrategyConfig, make_optimizer: OptimizerFactory) -> Wrapped:
+    """Wrap ``module`` (already on ``ctx.device``) for ``cfg.name`` and build its optimizer.
+
+    ``make_optimizer(params)`` builds the optimizer one process would use; under ``zero`` it is
+    built once on the whole parameter list (no state yet) as the template of each rank's local
+    optimizer: the same class, parameter groups and settings."""
+    if not ctx.distributed:
+        return Wrapped(cfg.name, module, module, make_optimizer(module.parameters()))
+    if cfg.name == "fsdp":
+        scalars = shard_fully(module, cfg, ctx)
+        replicas = Replicas(scalars, ctx.world_size, cfg.reduce_grads)
+        return Wrapped("fsdp", module, module, make_optimizer(module.parameters()), scalars, replicas,
+                       cfg.reduce_grads)
+    model = ScratchDDP(module) if cfg.ddp_impl == "scratch" else \
+        DDP(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    optimizer = make_optimizer(model.parameters())
+    if cfg.name == "zero":
+        # Each rank keeps the state of its share only; step() updates that share and broadcasts it.
+        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=type(optimizer),
+                                            **optimizer.defaults)
+    wrapped = Wrapped(cfg.name, model, module, optimizer, reduce=cfg.reduce_grads)
+    wrapped.set_grad_sync(True)
+    return wrapped
+
+
+def full_state_dict(wrapped: Wrapped, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """Rank 0: the Module's whole ``state_dict`` on the CPU, keys without prefixes (as DDP's
+    ``final.pt``); other ranks: None. Every rank must call it: under fsdp it all-gathers."""
+    if wrapped.strategy == "fsdp" and ctx.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # ~1 s to import
+
+        # full_state_dict: whole tensors, not DTensor shards; cpu_offload: gathered to rank 0's CPU only.
+        state = get_model_state_dict(wrapped.module, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+        return state if ctx.is_main else None
+    if not ctx.is_main:
+        return None
+    return {k: v.detach().cpu() for k, v in wrapped.module.state_dict().items()}
