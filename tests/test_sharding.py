@@ -1,0 +1,163 @@
+"""ZeRO and FSDP2 (``--strategy zero|fsdp``) on N gloo processes equal one process: each rank's
+slice of the gradients after one step, of the parameters and optimizer state after 5 steps of
+SGD-with-momentum and of Adam, for every model, dtype and N = 1..4, within the DDP proof's
+tolerances. The MLP's 32 hidden rows split unevenly at N = 3 (11, 11, 10) and its classifier's
+rows at N = 4 leave a rank with none: uneven shards are part of every fsdp case.
+
+Each world size starts its processes once and runs every case (``proof/sharded.py``). The
+controls reduce nothing (each rank trains on its own gradient) and must miss by
+``CONTROL_MARGIN`` tolerances. A BatchNorm model under fsdp shows buffers left per rank
+(pytorch/torchtitan#670: FSDP2 never broadcasts them), named by ``buffers_differing``, and
+``convert_sync_batchnorm`` under ``fully_shard`` equal to one process. The byte counts of
+``holdings.held_bytes`` (what ``bench.memory`` reports) are checked exactly on a small MLP.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+
+from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.proof.cases import CONTROL_MARGIN, DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, case_ok
+from ddp_demo.proof.sharded import ACCUM_K, SHARDED, bn_cases, bytes_cases, bytes_model, cases, run_cases
+
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+@functools.cache
+def results(world_size: int) -> tuple[dict, dict]:
+    extra = bn_cases() if world_size > 1 else []
+    return run_cases(world_size, cases() + extra + bytes_cases(), timeout=240)
+
+
+def rows_of(world_size: int, case: tuple) -> list[dict]:
+    rows = results(world_size)[0][case]
+    assert len(rows) == world_size
+    return rows
+
+
+def describe(rows: list[dict]) -> str:
+    return ", ".join(f"rank {r['rank']}: max diff {r['max_abs_diff']:.3g}" for r in rows)
+
+
+def assert_equal_to_one_process(rows: list[dict], dtype: str) -> None:
+    assert not rows[0]["uncovered"], f"no rank held all rows of {rows[0]['uncovered']}"
+    assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[dtype]}: {describe(rows)}"
+
+
+def assert_control_fails(rows: list[dict]) -> None:
+    off = max(r["tolerances_off"] for r in rows)
+    assert not all(r["close"] for r in rows), f"the unreduced run passed the check: {describe(rows)}"
+    assert off >= CONTROL_MARGIN, f"the unreduced run missed by only {off:.3g} tolerances: {describe(rows)}"
+    assert case_ok(rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("strategy", SHARDED)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_gradient_shards_equal_single_process(world_size, strategy, model, dtype):
+    assert_equal_to_one_process(rows_of(world_size, ("grads", strategy, model, dtype, True)), dtype)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("strategy", SHARDED)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_parameters_state_and_full_state_dict_after_five_steps(world_size, strategy, model, dtype, optimizer):
+    """Parameters and optimizer state slice by slice, and rank 0's ``full_state_dict`` whole:
+    the same keys (no prefixes) and values as one process's ``state_dict``."""
+    assert_equal_to_one_process(rows_of(world_size, ("steps", strategy, model, dtype, optimizer, True)), dtype)
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("strategy", SHARDED)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_accumulated_gradients_equal_single_process(world_size, strategy, model):
+    """``Wrapped.grad_sync``: the first micro-batch's backward does not reduce, the last does."""
+    assert_equal_to_one_process(rows_of(world_size, ("accum", strategy, model, "float64", ACCUM_K)), "float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("strategy", SHARDED)
+@pytest.mark.parametrize("world_size", (2, 3, 4))
+def test_negative_control_unreduced_gradients_fail(world_size, strategy, model, dtype):
+    assert_control_fails(rows_of(world_size, ("grads", strategy, model, dtype, False)))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("strategy", SHARDED)
+@pytest.mark.parametrize("world_size", (2, 3, 4))
+def test_negative_control_unreduced_training_fails(world_size, strategy, model, optimizer):
+    assert_control_fails(rows_of(world_size, ("steps", strategy, model, "float64", optimizer, False)))
+
+
+@pytest.mark.parametrize("world_size", (2, 3, 4))
+def test_batchnorm_under_fsdp_drifts_per_rank_and_is_named(world_size):
+    """pytorch/torchtitan#670: plain BatchNorm's running statistics differ between ranks."""
+    rows = rows_of(world_size, ("bn", "fsdp", "plain", "float64"))
+    assert all(r["differing"] == ["1.running_mean", "1.running_var"] for r in rows), rows[0]["differing"]
+    assert_control_fails(rows)
+
+
+@pytest.mark.parametrize("world_size", (2, 3, 4))
+def test_convert_sync_batchnorm_under_fully_shard_equals_one_process(world_size):
+    rows = rows_of(world_size, ("bn", "fsdp", "sync", "float64"))
+    assert all(r["differing"] == [] for r in rows)
+    assert_equal_to_one_process(rows, "float64")
+
+
+def expected_bytes(strategy: str, optimizer: str, world_size: int, rank: int, owned: list[str]) -> dict[str, int]:
+    """From the shapes alone: float32 (4 bytes); SGD keeps a momentum buffer per parameter,
+    Adam two moments and a float32 ``step``; fsdp pads parameters and gradients to
+    ``ceil(rows / N)`` rows on every rank and keeps optimizer state for its own rows only."""
+    shapes = {n: tuple(p.shape) for n, p in bytes_model().named_parameters()}
+    slots, step = (1, 0) if optimizer == "sgd" else (2, 4)
+
+    def size(rows: int, shape: tuple) -> int:
+        return 4 * rows * math.prod(shape[1:])
+
+    def state(rows_of_param) -> int:
+        return sum(slots * size(rows_of_param(s), s) + step for n, s in shapes.items() if n in owned)
+
+    if strategy != "fsdp":
+        whole = sum(size(s[0], s) for s in shapes.values())
+        return {"parameters": whole, "gradients": whole, "optimizer state": state(lambda s: s[0])}
+    chunk = {s: math.ceil(s[0] / world_size) for s in shapes.values()}
+    padded = sum(size(chunk[s], s) for s in shapes.values())
+    mine = state(lambda s: max(0, min(chunk[s], s[0] - rank * chunk[s])))
+    return {"parameters": padded, "gradients": padded, "optimizer state": mine}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("strategy", ("ddp", *SHARDED))
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_held_bytes_exact(world_size, strategy, optimizer):
+    per_rank = results(world_size)[1][("bytes", strategy, optimizer)]
+    names = [n for n, _ in bytes_model().named_parameters()]
+    owned = [r["owned"] for r in per_rank]
+    if strategy == "zero":  # each parameter's optimizer state on exactly one rank
+        assert sorted(n for o in owned for n in o) == sorted(names)
+    else:
+        assert all(sorted(o) == sorted(names) for o in owned)
+    for rank, r in enumerate(per_rank):
+        assert r["held"] == expected_bytes(strategy, optimizer, world_size, rank, owned[rank]), f"rank {rank}"
+
+
+@pytest.mark.parametrize("world_size", (2, 4))
+def test_fsdp_holds_about_one_nth_and_zero_shrinks_optimizer_state_only(world_size):
+    got = {s: results(world_size)[1][("bytes", s, "adam")] for s in ("ddp", *SHARDED)}
+    ddp = got["ddp"][0]["held"]
+    for rank in range(world_size):
+        zero, fsdp = got["zero"][rank]["held"], got["fsdp"][rank]["held"]
+        assert zero["parameters"] == ddp["parameters"] and zero["gradients"] == ddp["gradients"]
+        assert fsdp["parameters"] < ddp["parameters"] and fsdp["gradients"] < ddp["gradients"]
+        # Padding adds under one row per parameter (rows of 10, 1, 7, 1 floats) to each of parameters,
+        # gradients and Adam's two moments; every rank keeps all four float32 ``step`` counters.
+        assert sum(fsdp.values()) <= sum(ddp.values()) / world_size + 4 * 4 * (10 + 1 + 7 + 1) + 4 * 4
+    assert sum(r["held"]["optimizer state"] for r in got["zero"]) == ddp["optimizer state"]
