@@ -18,8 +18,10 @@ import functools
 import math
 
 import pytest
+from torch import nn
 
-from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.models import MODEL_NAMES, build_model
+from ddp_demo.parallel.strategy import StrategyConfig, shard_units
 from ddp_demo.proof.cases import CONTROL_MARGIN, DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, case_ok
 from ddp_demo.proof.sharded import ACCUM_K, SHARDED, bn_cases, bytes_cases, bytes_model, cases, run_cases
 
@@ -161,3 +163,39 @@ def test_fsdp_holds_about_one_nth_and_zero_shrinks_optimizer_state_only(world_si
         # gradients and Adam's two moments; every rank keeps all four float32 ``step`` counters.
         assert sum(fsdp.values()) <= sum(ddp.values()) / world_size + 4 * 4 * (10 + 1 + 7 + 1) + 4 * 4
     assert sum(r["held"]["optimizer state"] for r in got["zero"]) == ddp["optimizer state"]
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("strategy", SHARDED)
+@pytest.mark.parametrize("world_size", (2, 3, 4))
+def test_accumulation_averages_only_after_the_last_micro_batch(world_size, strategy, model):
+    """The control of the accumulation case: syncing every micro-batch gives the same gradient,
+    so what shows that ``grad_sync`` skipped the first one is that its gradients stayed local."""
+    rows = rows_of(world_size, ("accum", strategy, model, "float64", ACCUM_K))
+    assert all(r["reduced"] == [False] * (ACCUM_K - 1) + [True] for r in rows), [r["reduced"] for r in rows]
+
+
+class Tied(nn.Module):
+    """A toy language model: blocks in a ModuleList, the output layer tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.norm = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def test_fsdp_shards_each_block_containers_opened_tied_blocks_left_to_the_root():
+    mlp, cnn = build_model("mlp", (4,), 3), build_model("cnn", (1, 8, 8), 2)
+    assert shard_units(mlp) == [mlp.linear1, mlp.linear2]
+    assert shard_units(cnn) == [cnn.features, cnn.head]
+    assert shard_units(build_model("multiply", (1,), 0)) == []
+    tied = Tied()
+    assert shard_units(tied) == [*tied.layers, tied.norm]
+
+
+def test_unknown_strategy_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown strategy 'zero3'; choose one of ddp, zero, fsdp"):
+        StrategyConfig("zero3")

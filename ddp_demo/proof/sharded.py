@@ -13,7 +13,8 @@ A case is a tuple:
 - ``("steps", strategy, model, dtype, optimizer, reduce)``: 5 steps of SGD with momentum or
   Adam; the parameters, the optimizer state, and rank 0's ``full_state_dict`` (``full/NAME``);
 - ``("accum", strategy, model, dtype, k)``: one backward over k micro-batches
-  (``Wrapped.grad_sync``); the gradients;
+  (``Wrapped.grad_sync``); the gradients, and after each micro-batch whether they were
+  averaged (only after the last: the accumulation's control);
 - ``("bn", "fsdp", layer, dtype)``: a BatchNorm model, 3 SGD steps, ``layer`` ``plain``
   (statistics per rank: the buffers drift apart, which ``holdings.buffers_differing`` names) or
   ``sync`` (``ddp_demo.convert_sync_batchnorm``: one process's statistics);
@@ -30,10 +31,11 @@ import functools
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from ddp_demo.core.accumulate import accumulate_gradients
+from ddp_demo.core.accumulate import GradSync, accumulate_gradients
 from ddp_demo.core.config import DTYPES
-from ddp_demo.core.dist import DistContext
+from ddp_demo.core.dist import DistContext, all_ranks_equal
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.parallel import holdings
 from ddp_demo.parallel.strategy import StrategyConfig, Wrapped, full_state_dict, wrap
@@ -44,6 +46,7 @@ from ddp_demo.proof.spawn import run_on_ranks
 SHARDED = ("zero", "fsdp")
 STEPS = {"grads": 1, "accum": 1, "steps": 5, "bn": 3}
 ACCUM_K = 2  # micro-batches: 24 / (N * 2) is whole for N = 1..4
+NOTES = ("differing", "reduced")  # what a rank reports besides its pieces
 ONE = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
 
 
@@ -91,15 +94,38 @@ def settings(case: tuple) -> tuple[str, int, bool]:
     return "sgd", (rest[3] if kind == "accum" else 1), True
 
 
-def train(w: Wrapped, batches, loss_fn, ctx: DistContext | None, k: int, step: bool) -> None:
+def train(w: Wrapped, batches, loss_fn, ctx: DistContext | None, k: int, step: bool, seen: list | None = None) -> None:
     """This rank's share of each batch (all of it without ``ctx``) through ``w``, as the trainer's
-    loop runs it (``accumulate_gradients``), stepping if asked."""
+    loop runs it (``accumulate_gradients``), stepping if asked. ``seen`` gets, after each
+    micro-batch's backward, whether the gradients were averaged (:func:`reduced`)."""
     for batch in batches:
         x, y = shard(batch, ctx) if ctx is not None else batch
         w.optimizer.zero_grad()
-        accumulate_gradients(w.model, x, y, loss_fn, k, w.grad_sync(k))
+        sync = w.grad_sync(k) if seen is None else watched(w, ctx, k, seen)
+        accumulate_gradients(w.model, x, y, loss_fn, k, sync)
         if step:
             w.optimizer.step()
+
+
+def watched(w: Wrapped, ctx: DistContext, k: int, seen: list) -> GradSync:
+    """``w.grad_sync(k)``, noting after each backward whether it averaged the gradients."""
+    sync = w.grad_sync(k)
+
+    def backward(loss: torch.Tensor) -> None:
+        sync.backward(loss)
+        seen.append(reduced(w, ctx))
+
+    return GradSync(sync.context, backward)
+
+
+def reduced(w: Wrapped, ctx: DistContext) -> bool:
+    """Did the last backward average the gradients? A sharded parameter's shard has received one
+    (FSDP2 keeps an unreduced gradient on the whole parameter until then); whole parameters'
+    gradients are the same on every rank."""
+    params = list(w.module.parameters())
+    whole = [p.grad.reshape(-1) for p in params if not isinstance(p, DTensor)]
+    return all(p.grad is not None for p in params if isinstance(p, DTensor)) and \
+        (not whole or all_ranks_equal(torch.cat(whole), ctx))
 
 
 def compared(case: tuple, w: Wrapped, ctx: DistContext) -> dict:
@@ -120,8 +146,11 @@ def case_on_rank(ctx: DistContext, case: tuple) -> dict:
         module = convert_sync_batchnorm(module)
     optimizer, k, reduce = settings(case)
     w = wrap(module, ctx, StrategyConfig(case[1], reduce_grads=reduce), functools.partial(case_optimizer, optimizer))
-    train(w, batches, loss_fn, ctx, k, step=case[0] in ("steps", "bn"))
+    seen: list[bool] = []
+    train(w, batches, loss_fn, ctx, k, case[0] in ("steps", "bn"), seen if case[0] == "accum" else None)
     out = compared(case, w, ctx)
+    if case[0] == "accum":
+        out["reduced"] = seen
     return out | {"differing": holdings.buffers_differing(module, ctx)} if case[0] == "bn" else out
 
 
@@ -193,10 +222,10 @@ def compare(case: tuple, per_rank: list[dict]) -> list[dict]:
     rows = []
     for rank, held in enumerate(per_rank):
         # A rank may hold no rows of a tensor (N > rows): nothing of it to compare there.
-        got = {k: v for k, v in held.items() if k != "differing" and v.tensor.numel()}
+        got = {k: v for k, v in held.items() if k not in NOTES and v.tensor.numel()}
         theirs, mine = slices(got, want), {k: p.tensor for k, p in got.items()}
         rows.append({"world_size": len(per_rank), "case": case, "rank": rank, "synced": synced,
-                     "uncovered": missing, "differing": held.get("differing", []),
+                     "uncovered": missing, **{note: held.get(note, []) for note in NOTES},
                      **differences(mine, theirs, dtype)})
     return rows
 
