@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -173,9 +174,11 @@ def shard_fully(module: nn.Module, cfg: StrategyConfig, ctx: DistContext) -> lis
     parameters left whole (:class:`Replicas`)."""
     scalars = [p for p in module.parameters() if p.dim() == 0]
     policy = BF16_POLICY if cfg.precision == "bf16" else MixedPrecisionPolicy()
+    # The mesh follows ctx.device (gloo on the CPU, nccl on CUDA). fully_shard's default mesh is
+    # CUDA whenever CUDA exists, which would break --device cpu on a machine with GPUs.
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for unit in [*shard_units(module), module]:
-        # The mesh's device type follows ctx.device: gloo on the CPU, nccl on CUDA.
-        fully_shard(unit, mp_policy=policy, ignored_params=set(scalars) or None)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=set(scalars) or None)
     if not cfg.reduce_grads:
         for unit in module.modules():
             if isinstance(unit, FSDPModule):

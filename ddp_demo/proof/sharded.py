@@ -154,13 +154,19 @@ def case_on_rank(ctx: DistContext, case: tuple) -> dict:
     return out | {"differing": holdings.buffers_differing(module, ctx)} if case[0] == "bn" else out
 
 
-@functools.cache  # the same for every world size (callers only read it)
 def reference(case: tuple) -> dict[str, torch.Tensor]:
-    """One process on the whole batch, the same steps, keyed as a rank's pieces."""
+    """One process on the whole batch, the same steps, keyed as a rank's pieces: the same for
+    every strategy, world size, control and (bn) layer, so computed once for all of them."""
+    kind, _, model, dtype, *_ = case
+    return _one_process(kind, "" if kind == "bn" else model, dtype, settings(case)[0])
+
+
+@functools.cache  # callers only read it
+def _one_process(kind: str, model: str, dtype: str, optimizer: str) -> dict[str, torch.Tensor]:
+    case = (kind, "one process", model, dtype)
     module, batches, loss_fn = setup(case)
-    optimizer, k, _ = settings(case)
     w = Wrapped("one process", module, module, case_optimizer(optimizer, module.parameters()))
-    train(w, batches, loss_fn, None, 1, step=case[0] in ("steps", "bn"))
+    train(w, batches, loss_fn, None, 1, step=kind in ("steps", "bn"))
     return {key: piece.tensor for key, piece in compared(case, w, ONE).items()}
 
 
