@@ -1,8 +1,8 @@
 """ZeRO and FSDP2 (``--strategy zero|fsdp``) on N gloo processes equal one process: each rank's
 slice of the gradients after one step, of the parameters and optimizer state after 5 steps of
 SGD-with-momentum and of Adam, for every model, dtype and N = 1..4, within the DDP proof's
-tolerances. The MLP's 32 hidden rows split unevenly at N = 3 (11, 11, 10) and its classifier's
-rows at N = 4 leave a rank with none: uneven shards are part of every fsdp case.
+tolerances. The MLP's 32 hidden rows split unevenly at N = 3 (11, 11, 10) and its 2 output rows
+leave ranks with none at N = 3 and 4: uneven shards are part of every fsdp case.
 
 Each world size starts its processes once and runs every case (``proof/sharded.py``). The
 controls reduce nothing (each rank trains on its own gradient) and must miss by
