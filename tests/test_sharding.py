@@ -21,9 +21,21 @@ import pytest
 from torch import nn
 
 from ddp_demo.core.models import MODEL_NAMES, build_model
+from ddp_demo.core.tolerances import CONTROL_MARGIN, STEP
 from ddp_demo.parallel.strategy import StrategyConfig, shard_units
-from ddp_demo.proof.cases import CONTROL_MARGIN, DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, case_ok
-from ddp_demo.proof.sharded import ACCUM_K, SHARDED, bn_cases, bytes_cases, bytes_model, cases, run_cases
+from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, case_ok
+from ddp_demo.proof.sharded import (
+    ACCUM_K,
+    SHARDED,
+    ShardCase,
+    bn_cases,
+    bytes_cases,
+    bytes_model,
+    cases,
+    run_cases,
+)
+
+from .helpers import describe_ranks
 
 WORLD_SIZES = (1, 2, 3, 4)
 
@@ -34,25 +46,21 @@ def results(world_size: int) -> tuple[dict, dict]:
     return run_cases(world_size, cases() + extra + bytes_cases(), timeout=240)
 
 
-def rows_of(world_size: int, case: tuple) -> list[dict]:
+def rows_of(world_size: int, case: ShardCase) -> list[dict]:
     rows = results(world_size)[0][case]
     assert len(rows) == world_size
     return rows
 
 
-def describe(rows: list[dict]) -> str:
-    return ", ".join(f"rank {r['rank']}: max diff {r['max_abs_diff']:.3g}" for r in rows)
-
-
 def assert_equal_to_one_process(rows: list[dict], dtype: str) -> None:
     assert not rows[0]["uncovered"], f"no rank held all rows of {rows[0]['uncovered']}"
-    assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[dtype]}: {describe(rows)}"
+    assert all(r["close"] for r in rows), f"tolerance {STEP[dtype]}: {describe_ranks(rows)}"
 
 
 def assert_control_fails(rows: list[dict]) -> None:
     off = max(r["tolerances_off"] for r in rows)
-    assert not all(r["close"] for r in rows), f"the unreduced run passed the check: {describe(rows)}"
-    assert off >= CONTROL_MARGIN, f"the unreduced run missed by only {off:.3g} tolerances: {describe(rows)}"
+    assert not all(r["close"] for r in rows), f"the unreduced run passed the check: {describe_ranks(rows)}"
+    assert off >= CONTROL_MARGIN, f"the unreduced run missed by only {off:.3g} tolerances: {describe_ranks(rows)}"
     assert case_ok(rows)
 
 
@@ -61,7 +69,7 @@ def assert_control_fails(rows: list[dict]) -> None:
 @pytest.mark.parametrize("strategy", SHARDED)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_gradient_shards_equal_single_process(world_size, strategy, model, dtype):
-    assert_equal_to_one_process(rows_of(world_size, ("grads", strategy, model, dtype, True)), dtype)
+    assert_equal_to_one_process(rows_of(world_size, ShardCase("grads", strategy, model, dtype)), dtype)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
@@ -72,7 +80,7 @@ def test_gradient_shards_equal_single_process(world_size, strategy, model, dtype
 def test_parameters_state_and_full_state_dict_after_five_steps(world_size, strategy, model, dtype, optimizer):
     """Parameters and optimizer state slice by slice, and rank 0's ``full_state_dict`` whole:
     the same keys (no prefixes) and values as one process's ``state_dict``."""
-    assert_equal_to_one_process(rows_of(world_size, ("steps", strategy, model, dtype, optimizer, True)), dtype)
+    assert_equal_to_one_process(rows_of(world_size, ShardCase("steps", strategy, model, dtype, optimizer)), dtype)
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)
@@ -80,7 +88,7 @@ def test_parameters_state_and_full_state_dict_after_five_steps(world_size, strat
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_accumulated_gradients_equal_single_process(world_size, strategy, model):
     """``Wrapped.grad_sync``: the first micro-batch's backward does not reduce, the last does."""
-    assert_equal_to_one_process(rows_of(world_size, ("accum", strategy, model, "float64", ACCUM_K)), "float64")
+    assert_equal_to_one_process(rows_of(world_size, ShardCase("accum", strategy, model, k=ACCUM_K)), "float64")
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
@@ -88,7 +96,7 @@ def test_accumulated_gradients_equal_single_process(world_size, strategy, model)
 @pytest.mark.parametrize("strategy", SHARDED)
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_negative_control_unreduced_gradients_fail(world_size, strategy, model, dtype):
-    assert_control_fails(rows_of(world_size, ("grads", strategy, model, dtype, False)))
+    assert_control_fails(rows_of(world_size, ShardCase("grads", strategy, model, dtype, reduce=False)))
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
@@ -96,20 +104,20 @@ def test_negative_control_unreduced_gradients_fail(world_size, strategy, model, 
 @pytest.mark.parametrize("strategy", SHARDED)
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_negative_control_unreduced_training_fails(world_size, strategy, model, optimizer):
-    assert_control_fails(rows_of(world_size, ("steps", strategy, model, "float64", optimizer, False)))
+    assert_control_fails(rows_of(world_size, ShardCase("steps", strategy, model, optimizer=optimizer, reduce=False)))
 
 
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_batchnorm_under_fsdp_drifts_per_rank_and_is_named(world_size):
     """pytorch/torchtitan#670: plain BatchNorm's running statistics differ between ranks."""
-    rows = rows_of(world_size, ("bn", "fsdp", "plain", "float64"))
+    rows = rows_of(world_size, ShardCase("bn", "fsdp", layer="plain"))
     assert all(r["differing"] == ["1.running_mean", "1.running_var"] for r in rows), rows[0]["differing"]
     assert_control_fails(rows)
 
 
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_convert_sync_batchnorm_under_fully_shard_equals_one_process(world_size):
-    rows = rows_of(world_size, ("bn", "fsdp", "sync", "float64"))
+    rows = rows_of(world_size, ShardCase("bn", "fsdp", layer="sync"))
     assert all(r["differing"] == [] for r in rows)
     assert_equal_to_one_process(rows, "float64")
 
@@ -140,7 +148,7 @@ def expected_bytes(strategy: str, optimizer: str, world_size: int, rank: int, ow
 @pytest.mark.parametrize("strategy", ("ddp", *SHARDED))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_held_bytes_exact(world_size, strategy, optimizer):
-    per_rank = results(world_size)[1][("bytes", strategy, optimizer)]
+    per_rank = results(world_size)[1][ShardCase("bytes", strategy, dtype="float32", optimizer=optimizer)]
     names = [n for n, _ in bytes_model().named_parameters()]
     owned = [r["owned"] for r in per_rank]
     if strategy == "zero":  # each parameter's optimizer state on exactly one rank
@@ -153,7 +161,8 @@ def test_held_bytes_exact(world_size, strategy, optimizer):
 
 @pytest.mark.parametrize("world_size", (2, 4))
 def test_fsdp_holds_about_one_nth_and_zero_shrinks_optimizer_state_only(world_size):
-    got = {s: results(world_size)[1][("bytes", s, "adam")] for s in ("ddp", *SHARDED)}
+    held = results(world_size)[1]
+    got = {s: held[ShardCase("bytes", s, dtype="float32", optimizer="adam")] for s in ("ddp", *SHARDED)}
     ddp = got["ddp"][0]["held"]
     for rank in range(world_size):
         zero, fsdp = got["zero"][rank]["held"], got["fsdp"][rank]["held"]
@@ -171,7 +180,7 @@ def test_fsdp_holds_about_one_nth_and_zero_shrinks_optimizer_state_only(world_si
 def test_accumulation_averages_only_after_the_last_micro_batch(world_size, strategy, model):
     """The control of the accumulation case: syncing every micro-batch gives the same gradient,
     so what shows that ``grad_sync`` skipped the first one is that its gradients stayed local."""
-    rows = rows_of(world_size, ("accum", strategy, model, "float64", ACCUM_K))
+    rows = rows_of(world_size, ShardCase("accum", strategy, model, k=ACCUM_K))
     assert all(r["reduced"] == [False] * (ACCUM_K - 1) + [True] for r in rows), [r["reduced"] for r in rows]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ddp_demo.proof.cases import TOLERANCE
+from ddp_demo.core.tolerances import STEP
 from ddp_demo.proof.sharded import bn_cases, cases, run_cases
 
 
@@ -22,9 +22,9 @@ def collect(world_sizes: list[int], strategies: tuple[str, ...]) -> dict[tuple, 
     for n in world_sizes:
         rows, _ = run_cases(n, cases(strategies) + (bn_cases() if n > 1 else []))
         for case, per_rank in rows.items():
-            key = ("fsdp", f"BatchNorm, {case[2]}", case[3]) if case[0] == "bn" else case[1:4]
-            entry = out.setdefault(key, {"diff": None, "margin": None, "close": True})
-            if per_rank[0]["synced"]:
+            model = f"BatchNorm, {case.layer}" if case.kind == "bn" else case.model
+            entry = out.setdefault((case.strategy, model, case.dtype), {"diff": None, "margin": None, "close": True})
+            if case.synced:
                 entry["diff"] = max(entry["diff"] or 0.0, *(r["max_abs_diff"] for r in per_rank))
                 entry["close"] &= all(r["close"] for r in per_rank)
             elif n > 1:
@@ -36,13 +36,14 @@ def collect(world_sizes: list[int], strategies: tuple[str, ...]) -> dict[tuple, 
 def render(table: dict[tuple, dict], world_sizes: list[int]) -> str:
     lines = [f"N = {', '.join(map(str, world_sizes))}; gradients after 1 step, parameters and optimizer state "
              "after 5 SGD-momentum and 5 Adam steps, against one process",
-             "| strategy | model | dtype | largest abs diff | tolerance (atol, rtol) | within | control missed by |",
+             "| strategy | model | dtype | largest abs diff | tolerance (atol, rtol x the tensor's largest value) "
+             "| within | control missed by |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for (strategy, model, dtype), e in table.items():
-        tol = TOLERANCE[dtype]
+        tol = STEP[dtype]
         margin = "-" if e["margin"] is None else f"{e['margin']:.2g} tolerances"
         diff, within = ("-", "-") if e["diff"] is None else (f"{e['diff']:.2g}", "yes" if e["close"] else "NO")
-        tolerance = f"{tol['atol']:g}, {tol['rtol']:g}"
+        tolerance = f"{tol.atol:g}, {tol.rtol:g}"
         lines.append(f"| {strategy} | {model} | {dtype} | {diff} | {tolerance} | {within} | {margin} |")
     return "\n".join(lines)
 
