@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ddp_demo.core import log
 from ddp_demo.core.config import ConfigError
-from ddp_demo.core.outputs import FORMATS, check_out_file, import_plots
+from ddp_demo.plots import FORMATS, check_out_file, load_figures
 
 # The settings that define the job: runs differing in any of these are different experiments.
 # World size, launcher, --grad-accum-steps and --skip-grad-sync may differ: they are what is compared.
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_file(args.out)
         runs = [load_run(path) for path in args.runs]
         check_same_job(runs)
-        plots = import_plots()
+        plots = load_figures()
     except ConfigError as e:
         log.error(0, str(e))
         return 2

@@ -26,9 +26,9 @@ import argparse
 import sys
 
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof import join, scratch
 from ddp_demo.proof.cases import accum_cases, accum_ok, by_case, case_ok, cases, check_accumulation, run_cases
-from ddp_demo.proof.spawn import run_on_ranks
 
 
 def print_accumulation(world_size: int, models) -> bool:

@@ -20,9 +20,9 @@ import torch
 from ddp_demo import train as trainer
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof.agreement import agreement_on_rank
 from ddp_demo.proof.autocast import autocast_cases_on_rank
-from ddp_demo.proof.spawn import run_on_ranks
 from ddp_demo.resilience import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import pytest
 
 from ddp_demo import train as trainer
 from ddp_demo.core.dist import LaunchEnv
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.resilience import checkpoint
 
 from . import elastic_jobs as jobs

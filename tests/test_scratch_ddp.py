@@ -25,9 +25,9 @@ import pytest
 
 from ddp_demo import train_accelerate
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof import join, scratch
 from ddp_demo.proof.cases import DTYPE_NAMES, TOLERANCE, max_abs_diff
-from ddp_demo.proof.spawn import run_on_ranks
 
 from .helpers import load, max_diff, torchrun
 

@@ -34,8 +34,8 @@ import torch
 
 from ddp_demo.bench import gpu_rows
 from ddp_demo.bench.launchers import ROOT
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof.autocast import check_autocast
-from ddp_demo.proof.spawn import run_on_ranks
 
 CUDA_VS_CPU_ATOL = 1e-10  # float64, one step: rounding (~1e-16) in another summation order, with room
 

@@ -40,7 +40,7 @@ from ddp_demo.bench import command, launchers, report
 from ddp_demo.bench.ranks import RAW, STOCK, TUNED, suite_on_rank
 from ddp_demo.bench.timing import Reps, Variant, Workload
 from ddp_demo.core.malloc import MALLOC_CHOICES
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.core.spawn import run_on_ranks
 
 VARIANTS = [
     RAW,  # the floor for a sync not overlapped with backward

@@ -1,6 +1,6 @@
 """The runs compared: the user's model under DDP on N processes, and in one process.
 
-For each world size N, :func:`run_world` starts N gloo processes (``proof.spawn.run_on_ranks``:
+For each world size N, :func:`run_world` starts N gloo processes (``core.spawn.run_on_ranks``:
 a FileStore, no ports, a timeout). Every rank loads the target by its name, takes samples
 r, r+N, ... of the global batch (DistributedSampler's layout), wraps the model in real
 ``DistributedDataParallel`` and trains ``--steps`` steps on that same batch. It returns every
@@ -30,8 +30,8 @@ from ddp_demo.check.target import CheckError, Target, call_target
 from ddp_demo.core.config import TrainConfig
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.loop import make_optimizer
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof.equivalence import LR
-from ddp_demo.proof.spawn import run_on_ranks
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import torch
 
 from ddp_demo.check.engine import Plan, Trained, reference, run_world
 from ddp_demo.check.target import Target, call_target, check_repeatable, check_world_sizes
+from ddp_demo.core.spawn import WorkerError
 from ddp_demo.proof.cases import TOLERANCE
-from ddp_demo.proof.spawn import WorkerError
 
 
 @dataclass

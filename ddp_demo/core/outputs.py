@@ -47,22 +47,3 @@ def write_outputs(out: str, state_dict: dict, metrics: list[dict], summary: dict
     atomic_write(d / "final.pt", lambda p: torch.save(state_dict, p))
     atomic_write(d / "metrics.jsonl", lambda p: p.write_text(lines))
     atomic_write(d / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-
-
-FORMATS = (".png", ".svg", ".pdf")  # the pictures python -m ddp_demo.compare and .check --plot draw
-
-
-def check_out_file(out: str, flag: str = "--out") -> None:
-    """A picture's path (``compare --out``, ``check --plot``), checked before any work."""
-    if Path(out).suffix not in FORMATS:
-        raise ConfigError(f"{flag} {out}: use a {', '.join(FORMATS)} file name, e.g. {flag} picture.png")
-    check_out_dir(str(Path(out).parent), flag=flag)
-
-
-def import_plots():
-    """proof/plots.py, imported only by the commands that draw: the others never import matplotlib."""
-    try:
-        from ddp_demo.proof import plots
-    except ImportError as e:
-        raise ConfigError(f"drawing needs matplotlib ({e}); install it with: pip install -e \".[plot]\"") from None
-    return plots

@@ -1,6 +1,6 @@
 """Checks for core/agree.py: the loss and stop flag ride in DDP's gradient all-reduce.
 
-Run on N ranks by ``spawn.run_on_ranks`` (tests/test_agree.py). Every all-reduce is
+Run on N ranks by ``core.spawn.run_on_ranks`` (tests/test_agree.py). Every all-reduce is
 counted by wrapping ``ProcessGroup.allreduce``, where ``dist.all_reduce`` ends too; DDP's
 buckets are made visible to the count by a hook that is torch's own ``allreduce_hook``. Three loops train
 the same steps:

@@ -38,8 +38,8 @@ from ddp_demo.core.accumulate import accumulate_gradients, ddp_grad_sync
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.precision import Precision
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof.equivalence import case_setup, grads_of, shard
-from ddp_demo.proof.spawn import run_on_ranks
 
 U_BF16 = 2.0**-8  # unit roundoff of bf16: 8 significant bits
 BOUND_FACTOR = 4.0  # 2u from the two roundings above, doubled for forward rounding flips

@@ -1,6 +1,6 @@
 """The equivalence checks as data: which cases run, how close is close, what passes.
 
-``run_cases`` runs a list of cases on N processes (``spawn.run_on_ranks``) and
+``run_cases`` runs a list of cases on N processes (``core.spawn.run_on_ranks``) and
 compares every rank with one process (``equivalence.reference_*``); ``case_ok`` and
 ``accum_ok`` turn those rows into verdicts, including the negative controls, which
 must *fail* the comparison. ``python -m ddp_demo.verify`` prints them as a table;
@@ -16,6 +16,7 @@ import torch
 from ddp_demo.core.config import DTYPES, OPTIMIZERS
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof.equivalence import (
     GLOBAL_BATCH,
     accum_cases_on_rank,
@@ -24,7 +25,6 @@ from ddp_demo.proof.equivalence import (
     reference_params,
     trainer_params_on_rank,
 )
-from ddp_demo.proof.spawn import run_on_ranks
 
 # The tolerances the tests hold DDP to (docs/equivalence.md).
 TOLERANCE = {"float64": {"atol": 1e-12, "rtol": 0.0}, "float32": {"atol": 1e-6, "rtol": 1e-5}}

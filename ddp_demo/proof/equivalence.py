@@ -1,6 +1,6 @@
 """The equivalence checks: DDP on N ranks against one process on the whole batch.
 
-Each ``*_on_rank`` function runs inside one worker (see ``spawn.run_on_ranks``) and
+Each ``*_on_rank`` function runs inside one worker (see ``core.spawn.run_on_ranks``) and
 returns what that rank ended up with; the matching ``reference_*`` function computes
 what a single process gets from the same seed and the same global batch. The tests
 compare the two. ``sync=False`` runs backward under ``DDP.no_sync()``: gradients stay

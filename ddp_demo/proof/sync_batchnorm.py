@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core.config import DTYPES
 from ddp_demo.core.dist import DistContext
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.parallel.sync_batchnorm import convert_sync_batchnorm
 from ddp_demo.proof.cases import TOLERANCE
-from ddp_demo.proof.spawn import run_on_ranks
 
 BATCH, CHANNELS, SEED = 20, 3, 7
 UNEVEN = {1: [20], 2: [7, 13], 3: [2, 7, 11], 4: [0, 3, 8, 9]}  # samples per rank, in order
