@@ -36,7 +36,7 @@ def print_accumulation(world_size: int, models) -> bool:
     for rows in by_case(check_accumulation(world_size, accum_cases(world_size, models))).values():
         good = accum_ok(rows)
         ok &= good
-        _, model, dtype, k = rows[0]["case"]
+        model, dtype, k = rows[0]["case"]
         control = "" if world_size == 1 else f"; after micro-batch {k - 1} ranks differ by " \
             f"{max(r['mid_diff'] for r in rows):.3g}, {max(r['mid_tolerances_off'] for r in rows):.3g} " \
             "tolerances (control)"
@@ -119,12 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             mine = [r for r in rows if r["case"] == case]
             good = case_ok(mine)
             ok &= good
-            kind, model, dtype, *rest = case
-            optim = rest[0] if kind != "grads" else "-"
+            optim, sync = case.optimizer or "-", "on" if case.synced else "off"
             off = max(r["tolerances_off"] for r in mine)
             verdict = ("match" if mine[0]["synced"] or n == 1 else f"differs by {off:.3g} tolerances (control)") \
                 if good else "FAIL"
-            print(f"{n:>2}  {kind:<8} {model:<9} {dtype:<8} {optim:<5} {'on' if case[-1] else 'off':<4}  "
+            print(f"{n:>2}  {case.kind:<8} {case.model:<9} {case.dtype:<8} {optim:<5} {sync:<4}  "
                   f"{max(r['max_abs_diff'] for r in mine):>18.3g}  {verdict}")
     for n in args.world_sizes:
         ok &= print_accumulation(n, args.models)

@@ -27,11 +27,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.check.target import CheckError, Target, call_target
-from ddp_demo.core.config import TrainConfig
+from ddp_demo.core.config import PROOF_LR, TrainConfig
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.loop import make_optimizer
 from ddp_demo.core.spawn import run_on_ranks
-from ddp_demo.proof.equivalence import LR
 
 
 @dataclass(frozen=True)
@@ -41,13 +40,13 @@ class Plan:
     spec: str
     dtype: str = "float64"
     optimizer: str = "sgd"
-    lr: float | None = None  # None: the proofs' rate for the optimizer (proof/equivalence.py, LR)
+    lr: float | None = None  # None: the proofs' rate for the optimizer (core/config.py, PROOF_LR)
     steps: int = 3
     find_unused_parameters: bool = False
 
     @property
     def learning_rate(self) -> float:
-        return LR[self.optimizer] if self.lr is None else self.lr
+        return PROOF_LR[self.optimizer] if self.lr is None else self.lr
 
 
 @dataclass

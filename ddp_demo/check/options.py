@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 from ddp_demo.check.engine import Plan
 from ddp_demo.check.target import DTYPE_CHOICES, CheckError
-from ddp_demo.core.config import OPTIMIZERS
-from ddp_demo.proof.equivalence import LR
+from ddp_demo.core.config import OPTIMIZERS, PROOF_LR
 
 
 def _opt(default, help, choices=None):
@@ -23,7 +22,7 @@ class CheckOptions:
     dtype: str = _opt("float64", "float64: cast the model and floating inputs, so rounding cannot hide a real "
                       "difference; keep: check in the model's own dtype (float32 or float64)", DTYPE_CHOICES)
     optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
-    lr: float | None = _opt(None, f"learning rate [default: {LR['sgd']} for sgd, {LR['adam']} for adam]")
+    lr: float | None = _opt(None, f"learning rate [default: {PROOF_LR['sgd']} for sgd, {PROOF_LR['adam']} for adam]")
     find_unused_parameters: bool = _opt(False, "your DDP uses find_unused_parameters=True: parameters that get no "
                                         "gradient are then not a failure")
     timeout: float = _opt(120.0, "seconds each world size may take before its processes are stopped")

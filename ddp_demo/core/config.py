@@ -17,6 +17,8 @@ from ddp_demo.core.malloc import MALLOC_CHOICES
 from ddp_demo.core.models import MODEL_NAMES
 
 OPTIMIZERS = ("sgd", "adam")
+# The learning rate the proofs and python -m ddp_demo.check train with, per optimizer
+PROOF_LR = {"sgd": 0.05, "adam": 0.01}
 WRAPPERS = ("torch", "scratch")  # --ddp: torch's DistributedDataParallel, or ddp_demo.parallel.ddp.ScratchDDP
 # The one dtype table: the --dtype name and the torch dtype it means.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -63,7 +63,7 @@ def run_checks(accelerator: Accelerator, ctx: DistContext) -> dict:
         "distributed_type": accelerator.distributed_type.value,
         "prepared_is_ddp": isinstance(probe, DDP),
         "grads": {(m, d): grads_case(accelerator, ctx, m, d) for m in MODEL_NAMES for d in DTYPE_NAMES},
-        "accum": {case: accum_case(accelerator, ctx, *case[1:]) for case in accum_cases(ctx.world_size)},
+        "accum": {case: accum_case(accelerator, ctx, *case) for case in accum_cases(ctx.world_size)},
     }
 
 
