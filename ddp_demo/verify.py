@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
+from ddp_demo.core.flags import add_options, option, parse_into
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof import join, scratch
@@ -101,13 +103,16 @@ def main_scratch(world_sizes: list[int], models) -> int:
     return 0 if ok else 1
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    world_sizes: tuple[int, ...] = option((1, 2, 3, 4), "N values to test", type_=int, nargs="+")
+    models: tuple[str, ...] = option(MODEL_NAMES, "models to test", MODEL_NAMES, str, parse_choices=True, nargs="+")
+    scratch: bool = option(False, "check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ddp_demo.verify", description=__doc__.splitlines()[0])
-    p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 3, 4], help="N values to test")
-    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, help="models to test")
-    p.add_argument("--scratch", action="store_true",
-                   help="check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="ddp_demo.verify", description=__doc__.splitlines()[0])
+    args = parse_into(VerifyOptions, add_options(parser, VerifyOptions), argv)
     if args.scratch:
         return main_scratch(args.world_sizes, args.models)
     ok = True

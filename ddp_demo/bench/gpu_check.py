@@ -28,12 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ddp_demo.bench import gpu_rows
 from ddp_demo.bench.launchers import ROOT
+from ddp_demo.core.flags import add_options, option, parse_into
 from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.core.tolerances import BF16_CONTROL_MARGIN, TOLERANCES
 from ddp_demo.proof.autocast import check_autocast
@@ -97,11 +99,15 @@ def checks(device: str, gpus: int, tmp: Path) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class GpuCheckOptions:
+    out: str = option("runs/gpu_check", "directory for results.json")
+    device: str = option("cuda", "cpu: a dry run of the plumbing", ("cuda", "cpu"), parse_choices=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddp_demo.bench.gpu_check", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/gpu_check", help="directory for results.json")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the plumbing")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m ddp_demo.bench.gpu_check", description=__doc__.splitlines()[0])
+    args = parse_into(GpuCheckOptions, add_options(parser, GpuCheckOptions), argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
               "run it on a machine with one", file=sys.stderr)
