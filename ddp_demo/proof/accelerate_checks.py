@@ -12,7 +12,7 @@ Module (``Accelerator.prepare``) and run backward (``accelerator.backward``,
 - ``accum``: ``{("accum", model, dtype, K): [.grad after each micro-batch]}``.
 
 ``tests/test_accelerate.py`` compares them with one process on the whole batch
-(``equivalence.reference_grads``), with the tolerances and controls of ``proof/cases.py``.
+(``equivalence.reference_grads``), judged as ``proof/cases.py`` judges (``core/tolerances.py``).
 """
 
 from __future__ import annotations
