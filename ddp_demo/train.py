@@ -223,7 +223,8 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
     """Everything that can reject the input, done before any process group or file exists."""
     cfg = parse_config(argv)
     if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
-        passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend, env.agent_store)
+        passed = preflight(dist_env.launch_variables(), env.launched, env.world_size, cfg.device, cfg.backend,
+                           env.agent_store)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_batch_split(env.world_size)
     cfg.check_precision(pick_device(env.local_rank, cfg.device).type)
