@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.check.target import CheckError, Target, call_target
-from ddp_demo.core.config import PROOF_LR, TrainConfig
+from ddp_demo.core.config import PROOF_LR
 from ddp_demo.core.dist import DistContext
-from ddp_demo.core.loop import make_optimizer
+from ddp_demo.core.models import make_optimizer
 from ddp_demo.core.spawn import run_on_ranks
 
 
@@ -68,7 +68,7 @@ def train(forward, part: Target, plan: Plan) -> Trained:
     """``plan.steps`` optimizer steps of ``forward`` (the model, or DDP around it) on ``part``."""
     model = part.model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(TrainConfig(optimizer=plan.optimizer, lr=plan.learning_rate), params)
+    opt = make_optimizer(plan.optimizer, plan.learning_rate, params)
     grads, losses = {}, []
     for step in range(plan.steps):
         opt.zero_grad(set_to_none=True)

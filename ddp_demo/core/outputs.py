@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ddp_demo.core.config import ConfigError
+from ddp_demo.core.config import ConfigError, TrainConfig
+from ddp_demo.core.dist import DistContext
 
 
 def check_out_dir(path: str, flag: str = "--out") -> None:
@@ -37,6 +39,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class RunRecord:
+    """Who launched a run and when its phases ended (``time.time()`` on rank 0; bench.command
+    splits a run with them): summary.json's ``launcher``, ``wall_time_s`` and ``timeline``."""
+
+    def __init__(self, launcher: str, main_started: float):
+        self.launcher, self.start = launcher, time.perf_counter()
+        self.timeline = {"main_started": main_started}
+
+    def mark(self, phase: str) -> None:
+        self.timeline[phase] = time.time()
+
+    def summary(self, cfg: TrainConfig, ctx: DistContext, results: dict) -> dict:
+        """summary.json: what ran and where, what it reached (``results``), and when."""
+        where = {"world_size": ctx.world_size, "launcher": self.launcher, "backend": ctx.backend,
+                 "device": ctx.device.type, "torch_version": torch.__version__}
+        return {"config": cfg.to_dict(), **where, **results,
+                "wall_time_s": round(time.perf_counter() - self.start, 3), "timeline": self.timeline}
 
 
 def write_outputs(out: str, state_dict: dict, metrics: list[dict], summary: dict) -> None:

@@ -22,8 +22,8 @@ from ddp_demo.core.accumulate import GradSync, accumulate_gradients, ddp_grad_sy
 from ddp_demo.core.config import DTYPES, PROOF_LR, TrainConfig
 from ddp_demo.core.data import builtin_task, rank_loader
 from ddp_demo.core.dist import DistContext
-from ddp_demo.core.loop import loss_function, make_optimizer, train_loop
-from ddp_demo.core.models import build_model
+from ddp_demo.core.loop import loss_function, train_loop
+from ddp_demo.core.models import build_model, make_optimizer
 
 SEED = 1234
 GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4
@@ -49,7 +49,7 @@ def shard(batch, ctx: DistContext):
 
 def case_optimizer(name: str, params) -> torch.optim.Optimizer:
     """The optimizer every case uses: the trainer's, at the case's learning rate."""
-    return make_optimizer(TrainConfig(optimizer=name, lr=LR[name]), params)
+    return make_optimizer(name, LR[name], params)
 
 
 def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True,
@@ -106,10 +106,10 @@ def trainer_params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimi
                       global_batch_size=GLOBAL_BATCH, seed=SEED, skip_grad_sync=not sync)
     task = builtin_task(model_name, SEED, DTYPES[dtype], n_train=GLOBAL_BATCH * steps, n_heldout=0)
     model = train.make_model(cfg, task, ctx.device)
-    wrapped, opt, grad_sync = train.Torchrun().wrap(model, make_optimizer(cfg, model.parameters()), cfg, ctx)
+    wrapped = train.ProcessGroupLauncher().wrap(model, make_optimizer(optimizer, cfg.lr, model.parameters()), cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     with contextlib.redirect_stderr(io.StringIO()):  # rank 0's progress bar
-        train_loop(wrapped, opt, loader, loss_function(task), cfg, ctx, grad_sync)
+        train_loop(wrapped, loader, loss_function(task), cfg, ctx)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
