@@ -91,24 +91,27 @@ class Outcome:
 
 
 class Job:
-    """One job of launch/multinode.sh on two hosts; node 0 hosts the rendezvous store."""
+    """One job of launch/multinode.sh on two hosts; node 0 hosts the rendezvous store, or
+    ``store``, a host that trains nothing, does (python -m ddp_demo.rendezvous, started by the caller)."""
 
-    def __init__(self, hosts: tuple[Host, Host], workdir: Path, flags: list[str], env: dict[str, str],
-                 budget_s: float):
-        self.hosts, self.dir, self.env = hosts, workdir, env
+    def __init__(self, hosts: tuple[Host, ...], workdir: Path, flags: list[str], env: dict[str, str],
+                 budget_s: float, store: Host | None = None):
+        self.hosts, self.dir, self.env, self.store = hosts, workdir, env, store or hosts[0]
         self.flags = [*flags, "--out", str(workdir / "out"), "--checkpoint-dir", str(workdir / "ckpt")]
         self.deadline, self.started = time.monotonic() + budget_s, time.monotonic()
-        self.port = hosts[0].free_port()
+        self.port = self.store.free_port()
         self.procs: dict[int, subprocess.Popen] = {}
 
-    def start(self, node: int) -> None:
-        """Start node ``node``'s agent; its output goes to files, read while it runs."""
-        host, store = self.hosts[node], self.hosts[0]
-        env = {"RDZV_HOST": store.addr, "RDZV_PORT": str(self.port), "NODE_RANK": str(node),
-               "LOCAL_ADDR": host.addr, "GLOO_SOCKET_IFNAME": host.ifname, **self.env}
+    def start(self, node: int, flags: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        """Start node ``node``'s agent, with ``flags`` and ``env`` added to the job's; its output
+        goes to files (appended to, when the node starts again), read while it runs."""
+        host = self.hosts[node]
+        env = {"RDZV_HOST": self.store.addr, "RDZV_PORT": str(self.port), "NODE_RANK": str(node),
+               "LOCAL_ADDR": host.addr, "GLOO_SOCKET_IFNAME": host.ifname, **self.env, **(env or {})}
         logs = [open(self.dir / f"node{node}.{kind}", "a") for kind in ("out", "err")]  # noqa: SIM115
         with logs[0], logs[1]:  # the child keeps its own copies
-            self.procs[node] = subprocess.Popen(host.cmd(MULTINODE, *self.flags), cwd=self.dir, env=node_env(env),
+            cmd = host.cmd(MULTINODE, *self.flags, *flags)
+            self.procs[node] = subprocess.Popen(cmd, cwd=self.dir, env=node_env(env),
                                                 stdout=logs[0], stderr=logs[1], start_new_session=True)
 
     def output(self, node: int, stream: str = "out") -> str:
@@ -134,9 +137,9 @@ class Job:
     def lost_contact(self, node: int) -> float:
         return self.wait_for(f"lost-contact line from node {node}", lambda: "lost contact" in self.output(node, "err"))
 
-    def resumed(self) -> float:
-        """When a new attempt has restored the checkpoint (global rank 0, on node 0, says so)."""
-        return self.wait_for("resumed attempt", lambda: "resuming from" in self.output(0))
+    def resumed(self, node: int = 0) -> float:
+        """When a new attempt has restored the checkpoint (global rank 0, on ``node``, says so)."""
+        return self.wait_for("resumed attempt", lambda: "resuming from" in self.output(node))
 
     def exited(self, node: int) -> float:
         return self.wait_for(f"exit of node {node}", lambda: self.procs[node].poll() is not None)
