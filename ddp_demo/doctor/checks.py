@@ -165,18 +165,17 @@ def check_store_elsewhere(plan: LaunchPlan) -> Check:
     addr = _resolve(plan.rdzv_host)
     if addr is None:
         return check_endpoint("rendezvous", plan.rdzv_host, port, False, True)  # says: does not resolve
-    if not _is_loopback(addr) and _own_address(addr) is None:
-        return Check("rendezvous", False, f"{target} is this training node's own address, but RDZV_EXTERNAL=1 "
-                     "wants the store on a host that trains nothing", "run python -m ddp_demo.rendezvous on a host "
-                     "of its own and set RDZV_HOST to its address, or unset RDZV_EXTERNAL (node 0 hosts the store)")
     try:
         socket.create_connection((addr, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
         return Check("rendezvous", False, f"{target}: no store answers there ({e.strerror or 'timed out'})",
                      f"start `python -m ddp_demo.rendezvous --port {port}` on that host before the nodes, "
                      f"and check that no firewall blocks port {port}")
-    where = "on loopback, this machine" if _is_loopback(addr) else "on a host that is not this node"
-    return Check("rendezvous", True, f"{target}: the store accepts connections, {where}")
+    if _is_loopback(addr) or _own_address(addr) is None:
+        return Check("rendezvous", False, f"{target}: the store runs on this training node, but RDZV_EXTERNAL=1 "
+                     "wants it on a host that trains nothing", "run python -m ddp_demo.rendezvous on a host of its "
+                     "own and set RDZV_HOST to its address, or unset RDZV_EXTERNAL (node 0 then hosts the store)")
+    return Check("rendezvous", True, f"{target}: the store accepts connections, on a host that is not this node")
 
 
 def check_rendezvous(plan: LaunchPlan) -> Check:
