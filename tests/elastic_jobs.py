@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .helpers import max_diff
+from .helpers import PYTHON, max_diff
 from .nodes import MULTINODE, Host, node_env
 
 STEPS, AT = 12, 6  # 51 training samples at a global batch of 16: 3 steps an epoch, 4 epochs; the change at 6
@@ -58,6 +58,20 @@ def trained_alike(out: Path, reference: Path) -> float:
     the same global batch at every step, and each sample once per epoch."""
     assert sample_ids(out) == sample_ids(reference) and once_per_epoch(sample_ids(out)), out
     return max_diff(out / "final.pt", reference / "final.pt")
+
+
+def start_store(host: Host, port: int, log: Path) -> subprocess.Popen:
+    """``python -m ddp_demo.rendezvous`` on ``host``, its output to ``log``."""
+    with open(log, "w") as out:  # the child keeps its own copy
+        return subprocess.Popen(host.cmd(PYTHON, "-m", "ddp_demo.rendezvous", "--host", host.addr, "--port", str(port)),
+                                env=node_env({}), stdout=out, stderr=subprocess.STDOUT)
+
+
+def at_the_store(store: Host, port: int, addr: str) -> bool:
+    """``addr`` holds a connection to the store: that node's agent is in the rendezvous."""
+    found = subprocess.run(store.cmd("ss", "-Htn", "state", "established", f"( sport = :{port} )"),
+                           capture_output=True, text=True, timeout=30)
+    return f"{addr}:" in found.stdout
 
 
 # torchrun's rendezvous settings (--rdzv-conf); docs/elastic.md gives each one's share of the wait.

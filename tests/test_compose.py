@@ -181,7 +181,7 @@ def resolved(env: dict) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("service", ["node0", "node1"])
-@pytest.mark.parametrize("asked", [{}, {"RDZV_HOST": STORE, "RDZV_EXTERNAL": "1"}], ids=["default", "store alone"])
+@pytest.mark.parametrize("asked", [{}, {"RDZV_HOST": STORE, "RDZV_EXTERNAL": "1"}], ids=["default", "store-alone"])
 def test_each_service_launches_torchrun_as_multinode_sh_says(service, asked, tmp_path):
     """By default node0's agent hosts the store; with the store's own service, no node does."""
     svc = load(COMPOSE)["services"][service]

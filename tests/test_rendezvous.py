@@ -37,19 +37,6 @@ FIRST = {"RDZV_CONF": jobs.elastic_env(last_call_timeout=60)["RDZV_CONF"]}
 EXTERNAL = {**jobs.elastic_env(), "RDZV_EXTERNAL": "1"}
 
 
-def start_store(host: Host, port: int, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:  # the child keeps its own copy
-        return subprocess.Popen(host.cmd(PYTHON, "-m", "ddp_demo.rendezvous", "--host", host.addr, "--port", str(port)),
-                                env=node_env({}), stdout=out, stderr=subprocess.STDOUT)
-
-
-def at_the_store(store: Host, port: int, addr: str) -> bool:
-    """``addr`` holds a connection to the store: that node's agent is in the rendezvous."""
-    found = subprocess.run(store.cmd("ss", "-Htn", "state", "established", f"( sport = :{port} )"),
-                           capture_output=True, text=True, timeout=30)
-    return f"{addr}:" in found.stdout
-
-
 def world_sizes(out: Path) -> list[int]:
     """Each step's world size: ``--record-samples`` logs one share of sample ids per rank."""
     return [len(json.loads(line)["sample_ids"]) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -62,11 +49,11 @@ def lose_node_0_and_rejoin(lan: tuple[Host, Host, Host], workdir: Path, flags: l
     a, b, s = lan
     workdir.mkdir(parents=True)
     job = jobs.Job((a, b), workdir, flags, EXTERNAL, budget_s=240, store=s)
-    store = start_store(s, job.port, workdir / "store.out")
+    store = jobs.start_store(s, job.port, workdir / "store.out")
     try:
         job.wait_for("store", lambda: "listens" in (workdir / "store.out").read_text())
         job.start(0, ("--inject-fault", f"pause:0:{AT}"), FIRST)
-        job.wait_for("node 0 at the store", lambda: at_the_store(s, job.port, a.addr))
+        job.wait_for("node 0 at the store", lambda: jobs.at_the_store(s, job.port, a.addr))
         job.start(1, ("--inject-fault", f"pause:0:{AGAIN}:1"))
         killed = job.checkpoint(AT)
         a.power_off()
