@@ -25,7 +25,8 @@ from datetime import timedelta
 
 from torch.distributed import TCPStore
 
-DEFAULT_PORT = 29400  # torchrun's default for --rdzv-endpoint (the doctor's DEFAULT_RDZV_PORT)
+from ddp_demo.doctor.plan import DEFAULT_RDZV_PORT as DEFAULT_PORT  # torchrun's, and launch/multinode.sh's
+
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 PROG = "ddp_demo.rendezvous"
 
@@ -35,7 +36,8 @@ class StoreProblem(RuntimeError):
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description="The c10d rendezvous store alone, on a host that "
+                                     "trains nothing: then no training node is special (docs/elastic.md).")
     parser.add_argument("--host", default="0.0.0.0",
                         help="the address to listen on [default: 0.0.0.0, every address of this host]")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,

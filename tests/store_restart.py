@@ -57,6 +57,8 @@ def one_case(case: str, data: Path, pause_s: int, workdir: Path) -> dict:
                 stores.append(jobs.start_store(s, job.port, workdir / "store-again.out"))
             seconds = {f"store stop to node {n}'s exit": job.exited(n) - stopped for n in (0, 1)}
             if case == "restart":
+                back = job.wait_for("store again", lambda: "listens" in (workdir / "store-again.out").read_text())
+                seconds["store stop to the store listening again"] = back - stopped
                 relaunched = relaunch(job, a, s)
                 seconds["relaunch to both exits"] = max(job.exited(0), job.exited(1)) - relaunched
             return {"outcome": job.outcome(**seconds), "stores": stores}
