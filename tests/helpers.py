@@ -33,7 +33,8 @@ TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
 # Launch settings a CI machine (or an outer torchrun) might have set: a test must not
 # inherit a launcher's identity, so every command starts without them and states its own.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NPROC_PER_NODE",
-               "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "RDZV_ID", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME", "DOCTOR")
+               "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "RDZV_ID", "RDZV_EXTERNAL", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME",
+               "DOCTOR")
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -68,8 +68,9 @@ class TrainConfig:
     resume: str = option("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH")
     record_samples: bool = option(False, "record each step's sample ids, rank by rank, in metrics.jsonl")
     inject_fault: str | None = option(
-        None, "for tests and demos: KIND:RANK:STEP with KIND kill (SIGKILL), hang (SIGSTOP) or pause (wait for a "
-        "stop signal, at most --timeout s), after STEP, first attempt only",
+        None, "for tests and demos: KIND:RANK:STEP[:ATTEMPT] with KIND kill (SIGKILL), hang (SIGSTOP) or pause (wait "
+        "for a stop signal, at most --timeout s), after STEP, in attempt ATTEMPT only (torchrun's restart count, "
+        "counted by each node's agent; default 0, the first)",
         type_=str,
     )
     skip_grad_sync: bool = option(
@@ -119,16 +120,17 @@ class TrainConfig:
                 f"use a multiple of {parts}, e.g. --global-batch-size {fix}"
             )
 
-    def fault(self) -> tuple[str, int, int] | None:
-        """``--inject-fault kill:1:7`` -> ("kill", 1, 7)."""
+    def fault(self) -> tuple[str, int, int, int] | None:
+        """``--inject-fault kill:1:7`` -> ("kill", 1, 7, 0); ``pause:0:9:1`` -> ("pause", 0, 9, 1)."""
         if self.inject_fault is None:
             return None
         parts = self.inject_fault.split(":")
-        if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
+        if len(parts) not in (3, 4) or parts[0] not in FAULT_KINDS or not all(p.isdigit() for p in parts[1:]):
             raise ConfigError(
-                f"--inject-fault {self.inject_fault!r} is not KIND:RANK:STEP; use e.g. --inject-fault kill:1:7"
+                f"--inject-fault {self.inject_fault!r} is not KIND:RANK:STEP[:ATTEMPT]; "
+                "use e.g. --inject-fault kill:1:7"
             )
-        return parts[0], int(parts[1]), int(parts[2])
+        return parts[0], int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
