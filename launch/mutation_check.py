@@ -156,6 +156,34 @@ MUTATIONS = (
         (("            store.wait([key], timedelta(seconds=wait_s))\n", "            pass\n"),),
         ("tests/test_bad_input.py::test_the_reporting_rank_is_not_stopped_before_it_reports",),
     ),
+    Mutation(
+        "the check takes its learning rate from the proofs again (and loads the trainer)", "ddp_demo/check/options.py",
+        (("from ddp_demo.core.config import OPTIMIZERS, PROOF_LR\n",
+          "from ddp_demo.core.config import OPTIMIZERS\nfrom ddp_demo.proof.equivalence import LR as PROOF_LR\n"),),
+        ("tests/test_layout.py::test_the_check_loads_no_trainer_doctor_resilience_or_proof",),
+    ),
+    Mutation(
+        "node 0's agent hosts the store even when RDZV_EXTERNAL=1 puts it on a host of its own", "launch/multinode.sh",
+        (('is_host=$([ "$NODE_RANK" = 0 ] && [ "$RDZV_EXTERNAL" = 0 ] && echo 1 || echo 0)',
+          'is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)'),),
+        ("tests/test_compose.py::test_each_service_launches_torchrun_as_multinode_sh_says[store-alone-node0]",),
+    ),
+    Mutation(
+        "the doctor accepts a store no node hosts on this training node", "ddp_demo/doctor/checks.py",
+        (("    if _is_loopback(addr) or _own_address(addr) is None:\n", "    if False:\n"),),
+        ("tests/test_doctor.py::test_a_store_no_node_hosts_must_not_run_on_this_training_node",),
+    ),
+    Mutation(
+        "an injected fault strikes the first attempt whatever attempt it names", "ddp_demo/resilience/faults.py",
+        (("        self.fault = fault if fault and fault[3] == restart_count else None\n",
+          "        self.fault = fault if fault and restart_count == 0 else None\n"),),
+        ("tests/test_rendezvous.py::test_a_fault_strikes_in_the_attempt_it_names[1-True]",),
+    ),
+    Mutation(
+        "the rendezvous store dies on SIGTERM instead of saying it stopped", "ddp_demo/rendezvous.py",
+        (("STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}", "STOP_SIGNALS = {signal.SIGINT}"),),
+        ("tests/test_rendezvous.py::test_the_store_serves_until_sigterm_then_says_it_stopped",),
+    ),
 )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .helpers import max_diff
+from .helpers import PYTHON, max_diff
 from .nodes import MULTINODE, Host, node_env
 
 STEPS, AT = 12, 6  # 51 training samples at a global batch of 16: 3 steps an epoch, 4 epochs; the change at 6
@@ -60,6 +60,20 @@ def trained_alike(out: Path, reference: Path) -> float:
     return max_diff(out / "final.pt", reference / "final.pt")
 
 
+def start_store(host: Host, port: int, log: Path) -> subprocess.Popen:
+    """``python -m ddp_demo.rendezvous`` on ``host``, its output to ``log``."""
+    with open(log, "w") as out:  # the child keeps its own copy
+        return subprocess.Popen(host.cmd(PYTHON, "-m", "ddp_demo.rendezvous", "--host", host.addr, "--port", str(port)),
+                                env=node_env({}), stdout=out, stderr=subprocess.STDOUT)
+
+
+def at_the_store(store: Host, port: int, addr: str) -> bool:
+    """``addr`` holds a connection to the store: that node's agent is in the rendezvous."""
+    found = subprocess.run(store.cmd("ss", "-Htn", "state", "established", f"( sport = :{port} )"),
+                           capture_output=True, text=True, timeout=30)
+    return f"{addr}:" in found.stdout
+
+
 # torchrun's rendezvous settings (--rdzv-conf); docs/elastic.md gives each one's share of the wait.
 RDZV = {"join_timeout": 60, "last_call_timeout": 1, "close_timeout": 10, "keep_alive_interval": 1,
         "keep_alive_max_attempt": 3}
@@ -91,24 +105,27 @@ class Outcome:
 
 
 class Job:
-    """One job of launch/multinode.sh on two hosts; node 0 hosts the rendezvous store."""
+    """One job of launch/multinode.sh on two hosts; node 0 hosts the rendezvous store, or
+    ``store``, a host that trains nothing, does (python -m ddp_demo.rendezvous, started by the caller)."""
 
-    def __init__(self, hosts: tuple[Host, Host], workdir: Path, flags: list[str], env: dict[str, str],
-                 budget_s: float):
-        self.hosts, self.dir, self.env = hosts, workdir, env
+    def __init__(self, hosts: tuple[Host, ...], workdir: Path, flags: list[str], env: dict[str, str],
+                 budget_s: float, store: Host | None = None):
+        self.hosts, self.dir, self.env, self.store = hosts, workdir, env, store or hosts[0]
         self.flags = [*flags, "--out", str(workdir / "out"), "--checkpoint-dir", str(workdir / "ckpt")]
         self.deadline, self.started = time.monotonic() + budget_s, time.monotonic()
-        self.port = hosts[0].free_port()
+        self.port = self.store.free_port()
         self.procs: dict[int, subprocess.Popen] = {}
 
-    def start(self, node: int) -> None:
-        """Start node ``node``'s agent; its output goes to files, read while it runs."""
-        host, store = self.hosts[node], self.hosts[0]
-        env = {"RDZV_HOST": store.addr, "RDZV_PORT": str(self.port), "NODE_RANK": str(node),
-               "LOCAL_ADDR": host.addr, "GLOO_SOCKET_IFNAME": host.ifname, **self.env}
+    def start(self, node: int, flags: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        """Start node ``node``'s agent, with ``flags`` and ``env`` added to the job's; its output
+        goes to files (appended to, when the node starts again), read while it runs."""
+        host = self.hosts[node]
+        env = {"RDZV_HOST": self.store.addr, "RDZV_PORT": str(self.port), "NODE_RANK": str(node),
+               "LOCAL_ADDR": host.addr, "GLOO_SOCKET_IFNAME": host.ifname, **self.env, **(env or {})}
         logs = [open(self.dir / f"node{node}.{kind}", "a") for kind in ("out", "err")]  # noqa: SIM115
         with logs[0], logs[1]:  # the child keeps its own copies
-            self.procs[node] = subprocess.Popen(host.cmd(MULTINODE, *self.flags), cwd=self.dir, env=node_env(env),
+            cmd = host.cmd(MULTINODE, *self.flags, *flags)
+            self.procs[node] = subprocess.Popen(cmd, cwd=self.dir, env=node_env(env),
                                                 stdout=logs[0], stderr=logs[1], start_new_session=True)
 
     def output(self, node: int, stream: str = "out") -> str:
@@ -134,9 +151,9 @@ class Job:
     def lost_contact(self, node: int) -> float:
         return self.wait_for(f"lost-contact line from node {node}", lambda: "lost contact" in self.output(node, "err"))
 
-    def resumed(self) -> float:
-        """When a new attempt has restored the checkpoint (global rank 0, on node 0, says so)."""
-        return self.wait_for("resumed attempt", lambda: "resuming from" in self.output(0))
+    def resumed(self, node: int = 0) -> float:
+        """When a new attempt has restored the checkpoint (global rank 0, on ``node``, says so)."""
+        return self.wait_for("resumed attempt", lambda: "resuming from" in self.output(node))
 
     def exited(self, node: int) -> float:
         return self.wait_for(f"exit of node {node}", lambda: self.procs[node].poll() is not None)

@@ -113,34 +113,67 @@ def _ip(*args: str) -> None:
 
 
 @contextmanager
+def _namespaces(hosts: tuple[Host, ...], others: tuple[str, ...] = ()) -> Iterator[None]:
+    """Make a network namespace per host (and per name in ``others``); on the way out kill every
+    process left in them (deleting a namespace does not end its processes) and delete them,
+    which deletes their veth pairs with them."""
+    made: list[str] = []
+    try:
+        for netns in (*others, *(host.netns for host in hosts)):
+            try:
+                _ip("netns", "add", netns)
+            except OSError as e:  # the one reason to skip: this kernel (or sandbox) refuses namespaces
+                pytest.skip(f"network namespaces are refused here, so there is no second host: {e}")
+            made.append(netns)
+        yield
+    finally:
+        for host in hosts:
+            if host.netns in made:
+                host.power_off()
+        for netns in made:
+            subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+
+
+def _plug_in(host: Host) -> None:
+    """Give ``host`` its address on its end of the cable and bring both of its interfaces up."""
+    _ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
+    _ip("-n", host.netns, "link", "set", host.ifname, "up")
+    _ip("-n", host.netns, "link", "set", "lo", "up")  # a new namespace's loopback starts down
+
+
+@contextmanager
 def two_hosts() -> Iterator[tuple[Host, Host]]:
     """Hosts ``a`` (x.x.x.1) and ``b`` (x.x.x.2) on a private /24 that exists only between them.
 
     Names are unique per run (interface names stay under Linux's 15 characters), so several
-    pairs can exist at once. On the way out every process left on either host is killed
-    (deleting a namespace does not end its processes) and both namespaces are deleted,
-    which deletes the veth pair with them.
+    pairs can exist at once. On the way out every process left on either host is killed and
+    both namespaces are deleted (``_namespaces``).
     """
     tag = secrets.token_hex(4)
     net = f"10.213.{secrets.randbelow(254) + 1}"
     a = Host(f"ddp-a-{tag}", f"vda{tag}", f"{net}.1")
     b = Host(f"ddp-b-{tag}", f"vdb{tag}", f"{net}.2")
-    made: list[str] = []
-    try:
-        for host in (a, b):
-            try:
-                _ip("netns", "add", host.netns)
-            except OSError as e:  # the one reason to skip: this kernel (or sandbox) refuses namespaces
-                pytest.skip(f"network namespaces are refused here, so there is no second host: {e}")
-            made.append(host.netns)
+    with _namespaces((a, b)):
         _ip("link", "add", a.ifname, "netns", a.netns, "type", "veth", "peer", "name", b.ifname, "netns", b.netns)
         for host in (a, b):
-            _ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
-            _ip("-n", host.netns, "link", "set", host.ifname, "up")
-            _ip("-n", host.netns, "link", "set", "lo", "up")  # a new namespace's loopback starts down
+            _plug_in(host)
         yield a, b
-    finally:
-        for host in (a, b):
-            if host.netns in made:
-                host.power_off()
-                subprocess.run(["ip", "netns", "delete", host.netns], capture_output=True, timeout=30)
+
+
+@contextmanager
+def hosts_on_a_switch(count: int) -> Iterator[tuple[Host, ...]]:
+    """``count`` hosts (x.x.x.1, x.x.x.2, ...) on one LAN: each host's cable (a veth pair) goes
+    to a switch, a bridge in a namespace of its own. ``Host.link`` unplugs one host only."""
+    tag = secrets.token_hex(4)
+    net = f"10.214.{secrets.randbelow(254) + 1}"
+    switch = f"ddp-sw-{tag}"
+    hosts = tuple(Host(f"ddp-{i}-{tag}", f"vh{i}{tag}", f"{net}.{i + 1}") for i in range(count))
+    with _namespaces(hosts, (switch,)):
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        for i, host in enumerate(hosts):
+            port = f"vs{i}{tag}"
+            _ip("link", "add", host.ifname, "netns", host.netns, "type", "veth", "peer", "name", port, "netns", switch)
+            _ip("-n", switch, "link", "set", port, "master", "br0", "up")
+            _plug_in(host)
+        yield hosts

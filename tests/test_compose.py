@@ -43,11 +43,32 @@ def script_vars(name: str) -> tuple[set[str], set[str], dict[str, str]]:
     return set(re.findall(r"\b([A-Z_]+)=", usage)), required, dict(DEFAULT.findall(text))
 
 
+STORE = "rendezvous"  # the service that runs the store alone (python -m ddp_demo.rendezvous)
+
+
+def nodes(services: dict) -> dict:
+    return {name: svc for name, svc in services.items() if name != STORE}
+
+
 def problems(compose: dict) -> list[str]:
-    """Every way ``compose`` disagrees with launch/compose.sh and launch/multinode.sh."""
+    """Every way ``compose`` disagrees with launch/compose.sh, launch/multinode.sh and ddp_demo.rendezvous."""
     services = compose["services"]
     stores = {n for n, svc in services.items() if str(svc.get("environment", {}).get("NODE_RANK")) == "0"}
-    return [f"{name}: {p}" for name, svc in services.items() for p in service_problems(name, svc, stores)]
+    found = [f"{name}: {p}" for name, svc in nodes(services).items() for p in service_problems(name, svc, stores)]
+    return found + [f"{STORE}: {p}" for p in store_problems(services.get(STORE, {}))]
+
+
+def store_problems(svc: dict) -> list[str]:
+    """The store's own service: started only when asked, on the port the nodes dial, by its service name."""
+    found = [] if svc.get("profiles") == [STORE] else [f"not only in the profile {STORE}: the default would change"]
+    if svc.get("entrypoint", [])[1:] != ["-m", "ddp_demo.rendezvous"]:
+        found.append("entrypoint is not python -m ddp_demo.rendezvous")
+    if svc.get("hostname") != STORE:
+        found.append("hostname is not the service name")
+    port = script_vars("multinode.sh")[2]["RDZV_PORT"]
+    if svc.get("command") != ["--port", f"${{RDZV_PORT:-{port}}}"]:
+        found.append(f"command is not --port ${{RDZV_PORT:-{port}}}, the port launch/multinode.sh dials")
+    return found
 
 
 def service_problems(name: str, svc: dict, stores: set[str]) -> list[str]:
@@ -60,7 +81,7 @@ def service_problems(name: str, svc: dict, stores: set[str]) -> list[str]:
         found.append("entrypoint is not /app/launch/compose.sh")
     if "GLOO_SOCKET_IFNAME" not in env:
         found.append("GLOO_SOCKET_IFNAME not set")
-    if env.get("RDZV_HOST") not in stores:
+    if resolved(env).get("RDZV_HOST") not in stores:  # by default; RDZV_HOST=rendezvous RDZV_EXTERNAL=1 when asked
         found.append(f"RDZV_HOST {env.get('RDZV_HOST')} is not the service with NODE_RANK 0")
     if svc.get("hostname") != name:
         found.append("hostname is not the service name")
@@ -68,7 +89,7 @@ def service_problems(name: str, svc: dict, stores: set[str]) -> list[str]:
         found.append("OUT_DIR is not on a mounted volume")
     for var, value in env.items():  # ${NNODES:-2} in compose == NNODES=${NNODES:-2} in the script
         for ref, default in DEFAULT.findall(value):
-            if ref == var and defaults.get(var) != default:
+            if ref == var and var not in required and defaults.get(var) != default:  # required: none to agree with
                 found.append(f"{var} defaults to {default}, in launch/multinode.sh to {defaults.get(var)}")
     return found
 
@@ -90,7 +111,7 @@ def test_compose_agrees_with_the_launch_scripts():
     compose = load(COMPOSE)
     assert problems(compose) == []
     nnodes_default = DEFAULT.search(compose["services"]["node0"]["environment"]["NNODES"]).group(2)
-    assert int(nnodes_default) == len(compose["services"]) == 2  # one service per node
+    assert int(nnodes_default) == len(nodes(compose["services"])) == 2  # one service per node
     port_default = script_vars("multinode.sh")[2]["RDZV_PORT"]
     assert int(port_default) == DEFAULT_RDZV_PORT  # the doctor checks the port the script uses
 
@@ -104,6 +125,10 @@ BREAKAGES = {  # a broken copy, and what the check must say about it
     "other port default": (lambda s: s["node0"]["environment"].update(RDZV_PORT="${RDZV_PORT:-29500}"),
                            "RDZV_PORT defaults to 29500, in launch/multinode.sh to 29400"),
     "other entrypoint": (lambda s: s["node0"].update(entrypoint=["python", "-m", "ddp_demo.train"]), "entrypoint"),
+    "store always started": (lambda s: s[STORE].pop("profiles"), "not only in the profile rendezvous"),
+    "store on another port": (lambda s: s[STORE].update(command=["--port", "29500"]), "command is not --port"),
+    "store not the store": (lambda s: s[STORE].update(entrypoint=["python", "-m", "ddp_demo.train"]),
+                            "entrypoint is not python -m ddp_demo.rendezvous"),
 }
 
 
@@ -132,7 +157,7 @@ def test_the_image_runs_the_same_scripts():
 
 def test_gpu_variant_reserves_a_gpu_per_node_and_uses_nccl():
     base, gpu = load(COMPOSE)["services"], load(GPU)["services"]
-    assert set(gpu) == set(base)
+    assert set(gpu) == set(nodes(base))
     ids = []
     for svc in gpu.values():
         (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
@@ -156,15 +181,18 @@ def resolved(env: dict) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("service", ["node0", "node1"])
-def test_each_service_launches_torchrun_as_multinode_sh_says(service, tmp_path):
+@pytest.mark.parametrize("asked", [{}, {"RDZV_HOST": STORE, "RDZV_EXTERNAL": "1"}], ids=["default", "store-alone"])
+def test_each_service_launches_torchrun_as_multinode_sh_says(service, asked, tmp_path):
+    """By default node0's agent hosts the store; with the store's own service, no node does."""
     svc = load(COMPOSE)["services"][service]
     (tmp_path / "summary.json").write_text("{}")  # what node0 prints at the end
-    env = {**resolved(svc["environment"]), "OUT_DIR": str(tmp_path), "LOCAL_ADDR": "10.0.0.5"}
+    env = {**resolved(svc["environment"]), **asked, "OUT_DIR": str(tmp_path), "LOCAL_ADDR": "10.0.0.5"}
     proc = dry_run("compose.sh", env, *svc["command"])
     assert proc.returncode == 0, proc.stderr
+    hosts = int(service == "node0" and not asked)
     assert proc.stdout.splitlines()[0].split() == [
         "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=node0:29400", "--rdzv-id=ddp_demo", f"--rdzv-conf=is_host={int(service == 'node0')}",
+        f"--rdzv-endpoint={env['RDZV_HOST']}:29400", "--rdzv-id=ddp_demo", f"--rdzv-conf=is_host={hosts}",
         "--local-addr=10.0.0.5", "-m", "ddp_demo.train", "--out", str(tmp_path), "--preflight"]
     assert ("rank 0's summary" in proc.stdout) == (service == "node0")
 
@@ -180,4 +208,12 @@ def test_multinode_script_names_what_is_missing():
     assert proc.returncode == 2 and proc.stdout == ""
     first, usage = proc.stderr.splitlines()
     assert first == "launch: RDZV_HOST is not set"
-    assert usage.startswith("usage: RDZV_HOST=<node 0's address> NODE_RANK=") and "launch/multinode.sh" in usage
+    assert usage.startswith("usage: RDZV_HOST=<node 0's address, or the store's with RDZV_EXTERNAL=1> NODE_RANK=")
+    assert "launch/multinode.sh" in usage
+
+
+def test_multinode_script_refuses_an_rdzv_external_other_than_0_or_1():
+    proc = dry_run("multinode.sh", {"NODE_RANK": "0", "RDZV_HOST": "10.0.0.9", "RDZV_EXTERNAL": "yes"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("launch: RDZV_EXTERNAL=yes is not 0 or 1; set RDZV_EXTERNAL=1 when python -m "
+                           "ddp_demo.rendezvous runs the store on a host of its own, else leave it unset\n")

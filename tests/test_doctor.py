@@ -81,11 +81,11 @@ def test_port_in_use_on_the_store_host(launch_env, capsys):
     assert code == 1 and "is in use" in only_failure(out)
 
 
-def test_master_addr_unreachable_once_launched(launch_env):
+def test_master_addr_unreachable_once_launched():
     """Inside the workers the store must listen already; nothing does at a fresh free port."""
-    launch_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    variables = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # core/dist.py's launch_variables
     with pytest.raises(doctor.LaunchProblem, match=r"^preflight: MASTER_ADDR: .*connection refused.*; fix: "):
-        doctor.preflight(launched=True, world_size=1, device="cpu", backend="gloo")
+        doctor.preflight(variables, launched=True, world_size=1, device="cpu", backend="gloo")
 
 
 def test_world_size_not_nnodes_times_nproc(launch_env, capsys):
@@ -158,3 +158,37 @@ def test_world_size_inside_an_elastic_range(launch_env, capsys):
         assert ("FAIL  world size" not in out) == ok, out
     assert "world size 3 != NNODES 1:2 x NPROC_PER_NODE 2 = 2 or 4" in out
 
+
+
+def test_the_default_layout_names_node_0_as_the_single_point_of_failure(launch_env, capsys):
+    launch_env(NNODES="1:2", NODE_RANK=1, RDZV_HOST="127.0.0.1", RDZV_PORT=free_port(), MAX_RESTARTS=3)
+    out = diagnose(capsys, "--checkpoint-dir", "ckpt")[1]
+    assert "single point of failure: node 0 (127.0.0.1), which hosts the store" in out, out
+
+
+def test_a_store_no_node_hosts_must_answer_before_the_launch(launch_env, capsys):
+    """RDZV_EXTERNAL=1: nobody starts the store later (python -m ddp_demo.rendezvous runs first)."""
+    port = free_port()
+    launch_env(NNODES=2, NODE_RANK=0, RDZV_HOST="127.0.0.1", RDZV_PORT=port, RDZV_EXTERNAL=1)
+    code, out = diagnose(capsys)
+    assert code == 1 and "127.0.0.1:" in only_failure(out) and "no store answers there" in out, out
+    assert f"fix: start `python -m ddp_demo.rendezvous --port {port}` on that host before the nodes" in out
+
+
+def test_a_store_no_node_hosts_must_not_run_on_this_training_node(launch_env, capsys):
+    """Listening here (loopback is this machine too): this node would be the single point of failure.
+    Its healthy run, on a host of its own, is in test_rendezvous.py (every node's doctor passes there)."""
+    with socket.socket() as store:
+        store.bind(("127.0.0.1", 0))
+        store.listen()
+        launch_env(NNODES=2, NODE_RANK=1, RDZV_HOST="127.0.0.1", RDZV_PORT=store.getsockname()[1], RDZV_EXTERNAL=1)
+        code, out = diagnose(capsys)
+    assert code == 1 and "the store runs on this training node" in only_failure(out), out
+    assert "unset RDZV_EXTERNAL (node 0 then hosts the store)" in out
+
+
+def test_rdzv_external_other_than_0_or_1_is_one_line_and_exit_2(tmp_path):
+    proc = run_cmd([PYTHON, "-m", "ddp_demo.doctor"], tmp_path, timeout=60, env={"RDZV_EXTERNAL": "yes"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "ddp_demo.doctor: error: RDZV_EXTERNAL='yes' is not 0 or 1; set RDZV_EXTERNAL=1 " \
+        "or leave it unset"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
+from dataclasses import replace
 
 from ddp_demo.doctor.membership import check_node_loss
 from ddp_demo.doctor.plan import Check, LaunchPlan, LaunchProblem, plan_from_env
@@ -157,11 +157,42 @@ def check_endpoint(name: str, host: str, port: int, hosting: bool, store_up: boo
     return _reachable(name, target, addr, port, store_up)
 
 
+def check_store_elsewhere(plan: LaunchPlan) -> Check:
+    """RDZV_EXTERNAL=1: the store (python -m ddp_demo.rendezvous) must listen already, on a host
+    that is not this training node; else this node would be the one whose loss ends the job."""
+    target, port = f"{plan.rdzv_host}:{plan.rdzv_port}", plan.rdzv_port
+    addr = _resolve(plan.rdzv_host)
+    if addr is None:
+        return check_endpoint("rendezvous", plan.rdzv_host, port, False, True)  # says: does not resolve
+    try:
+        socket.create_connection((addr, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        return Check("rendezvous", False, f"{target}: no store answers there ({e.strerror or 'timed out'})",
+                     f"start `python -m ddp_demo.rendezvous --port {port}` on that host before the nodes, "
+                     f"and check that no firewall blocks port {port}")
+    if _is_loopback(addr) or _own_address(addr) is None:
+        return Check("rendezvous", False, f"{target}: the store runs on this training node, but RDZV_EXTERNAL=1 "
+                     "wants it on a host that trains nothing", "run python -m ddp_demo.rendezvous on a host of its "
+                     "own and set RDZV_HOST to its address, or unset RDZV_EXTERNAL (node 0 then hosts the store)")
+    return Check("rendezvous", True, f"{target}: the store accepts connections, on a host that is not this node")
+
+
+def check_rendezvous(plan: LaunchPlan) -> Check:
+    """The rendezvous endpoint, by layout; once it passes, whose loss ends the job in that layout."""
+    if plan.external_store:
+        found = check_store_elsewhere(plan)
+    else:
+        found = check_endpoint("rendezvous", plan.rdzv_host, plan.rdzv_port, plan.hosts_store, False)
+    if not found.ok or not plan.multinode:
+        return found
+    return replace(found, verdict=f"{found.verdict}; single point of failure: {plan.single_point_of_failure}")
+
+
 def run_checks(plan: LaunchPlan) -> list[Check]:
     found = [check_cuda(plan), check_world_size(plan), check_hostname(plan), check_local_addr(plan),
              check_ifname(plan)]
     if plan.rdzv_host and not plan.launched:  # once launched, rendezvous is over and its port is taken
-        found.append(check_endpoint("rendezvous", plan.rdzv_host, plan.rdzv_port, plan.hosts_store, False))
+        found.append(check_rendezvous(plan))
     if plan.multinode and not plan.launched:  # membership: what a node's loss would need
         found.append(check_node_loss(plan))
     if plan.master_addr and plan.master_port:
@@ -173,10 +204,12 @@ def run_checks(plan: LaunchPlan) -> list[Check]:
     return found
 
 
-def preflight(launched: bool, world_size: int, device: str, backend: str, agent_store: bool = True) -> int:
-    """The trainer's ``--preflight``: raise LaunchProblem (one line) on the first failure."""
+def preflight(variables: dict[str, str], launched: bool, world_size: int, device: str, backend: str,
+              agent_store: bool = True) -> int:
+    """The trainer's ``--preflight``: raise LaunchProblem (one line) on the first failure.
+    ``variables``: the process's environment, read by core/dist.py (``launch_variables``)."""
     try:
-        plan = plan_from_env(dict(os.environ), device=device, backend=backend, launched=launched,
+        plan = plan_from_env(variables, device=device, backend=backend, launched=launched,
                              world_size=world_size if launched else None, agent_store=agent_store)
     except ValueError as e:
         raise LaunchProblem(f"preflight: {e}") from None

@@ -69,5 +69,6 @@ def check_node_loss(plan: LaunchPlan) -> Check:
         return Check(NAME, False, "; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
     keeps = (f"goes on with {plan.min_nodes} to {plan.nnodes} nodes" if plan.elastic
              else f"waits (rendezvous join_timeout) for a node to replace a lost one, NNODES={plan.nnodes_text}")
+    stays = "the store's host" if plan.external_store else "node 0, which hosts the rendezvous store,"
     return Check(NAME, True, f"{keeps}, MAX_RESTARTS={plan.max_restarts}, checkpoints in {plan.checkpoint_dir} "
-                 "(every node must see them; node 0 hosts the rendezvous store and must stay)")
+                 f"(every node must see them; {stays} must stay)")

@@ -21,6 +21,7 @@ class LaunchPlan:
     node_rank: int | None = None
     rdzv_host: str | None = None
     rdzv_port: int = DEFAULT_RDZV_PORT
+    external_store: bool = False  # RDZV_EXTERNAL=1: the store runs on a host of its own (python -m ddp_demo.rendezvous)
     local_addr: str | None = None
     gloo_ifname: str | None = None
     master_addr: str | None = None
@@ -55,8 +56,17 @@ class LaunchPlan:
 
     @property
     def hosts_store(self) -> bool:
-        """Node 0 runs the store the other nodes connect to (launch/multinode.sh: is_host=1)."""
-        return self.node_rank == 0
+        """Node 0 runs the store the other nodes connect to (launch/multinode.sh: is_host=1),
+        unless it runs on a host of its own."""
+        return self.node_rank == 0 and not self.external_store
+
+    @property
+    def single_point_of_failure(self) -> str:
+        """Whose loss ends the job, whatever NNODES allows: the host of the rendezvous store."""
+        if self.external_store:
+            return f"the store's host {self.rdzv_host}, which trains nothing: any training node may be lost"
+        return (f"node 0 ({self.rdzv_host}), which hosts the store (RDZV_EXTERNAL=1 and python -m "
+                "ddp_demo.rendezvous on a host of its own move it off the training nodes)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,13 @@ def _node_range(environ: dict[str, str]) -> tuple[int | None, int | None]:
     return int(low), int(high)
 
 
+def _flag(environ: dict[str, str], name: str) -> bool:
+    value = environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r} is not 0 or 1; set {name}=1 or leave it unset")
+    return value == "1"
+
+
 def plan_from_env(environ: dict[str, str], **given) -> LaunchPlan:
     """The launch scripts' variables (empty counts as unset); ``given`` adds what flags know."""
     text = {k: environ.get(k, "").strip() or None for k in ("RDZV_HOST", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME")}
@@ -99,6 +116,7 @@ def plan_from_env(environ: dict[str, str], **given) -> LaunchPlan:
         node_rank=_int(environ, "NODE_RANK"),
         rdzv_host=text["RDZV_HOST"],
         rdzv_port=_int(environ, "RDZV_PORT") or DEFAULT_RDZV_PORT,
+        external_store=_flag(environ, "RDZV_EXTERNAL"),
         local_addr=text["LOCAL_ADDR"],
         gloo_ifname=text["GLOO_SOCKET_IFNAME"],
         master_addr=environ.get("MASTER_ADDR") or None,

@@ -1,8 +1,10 @@
-"""``--inject-fault KIND:RANK:STEP``: kill, freeze or hold one rank on purpose, for tests and demos.
+"""``--inject-fault KIND:RANK:STEP[:ATTEMPT]``: kill, freeze or hold one rank on purpose, for tests and demos.
 
 Kept apart from checkpointing so that the code which saves work never also destroys it.
-A fault strikes the first attempt only: the restarted attempt must be able to finish. It
-strikes once step STEP is applied and, if STEP is a checkpoint step, saved.
+A fault strikes one attempt only, the first unless ATTEMPT names another (torchrun's
+``TORCHELASTIC_RESTART_COUNT``, which each node's agent counts for itself): the attempts after
+it must be able to finish. It strikes once step STEP is applied and, if STEP is a checkpoint
+step, saved.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class FaultInjector:
     """
 
     def __init__(self, cfg: TrainConfig, rank: int, restart_count: int, stop: Callable[[], bool] = lambda: False):
-        self.fault = cfg.fault() if restart_count == 0 else None
+        fault = cfg.fault()
+        self.fault = fault if fault and fault[3] == restart_count else None
         self.rank, self.stop, self.pause_s = rank, stop, cfg.timeout
 
     def __call__(self, step: int) -> None:
