@@ -2,6 +2,7 @@
 
     python -m ddp_demo.bench memory                 # 25.2M float32 parameters, Adam, N = 1, 2, 4
     python -m ddp_demo.bench memory --quick         # a tiny model: checks the pipeline, numbers mean nothing
+    ddp-demo-bench memory --world-sizes 2           # the same, as a console script
 
 For each strategy and N, a fresh set of N processes (so each peak is its own) builds the same
 model (``--depth`` Linear layers of ``--width`` x ``--width``, float32), wraps it
@@ -32,9 +33,10 @@ from torch import nn
 
 from ddp_demo.bench.timing import peak_rss_mb, reset_peak_rss
 from ddp_demo.core.dist import DistContext
+from ddp_demo.core.flags import add_options, option, parse_into
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.parallel.holdings import held_bytes
 from ddp_demo.parallel.strategy import STRATEGIES, StrategyConfig, wrap
-from ddp_demo.proof.spawn import run_on_ranks
 
 MB = 1e6
 
@@ -133,22 +135,26 @@ def render(rows: list[dict], job: MemoryJob) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class MemoryOptions:
+    width: int = option(MemoryJob.width, "features in and out of every Linear layer")
+    depth: int = option(MemoryJob.depth, "number of Linear layers")
+    steps: int = option(MemoryJob.steps, "timed Adam steps, after one warm-up step")
+    world_sizes: tuple[int, ...] = option((1, 2, 4), "numbers of processes N", type_=int, nargs="+")
+    quick: bool = option(False, "a tiny model: checks the pipeline in seconds, measures nothing")
+    malloc: str = option("return", "return: freed blocks of 128 KiB and more go back to the OS, so RSS follows "
+                         "what is alive (return_freed_memory); default: glibc's own thresholds",
+                         ("return", "default"), parse_choices=True)
+    timeout: float = option(600.0, "seconds one set of processes may take before failing")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_demo.bench memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=int, default=MemoryJob.width, help="features of every Linear layer")
-    parser.add_argument("--depth", type=int, default=MemoryJob.depth, help="number of Linear layers")
-    parser.add_argument("--steps", type=int, default=MemoryJob.steps, help="timed Adam steps after one warm-up")
-    parser.add_argument("--world-sizes", default="1,2,4", help="comma-separated N (default 1,2,4)")
-    parser.add_argument("--quick", action="store_true", help="a tiny model: checks the pipeline in seconds")
-    parser.add_argument("--malloc", choices=("return", "default"), default="return",
-                        help="return: freed blocks of 128 KiB+ go back to the OS, so RSS follows what is alive "
-                             "(return_freed_memory); default: glibc's own thresholds")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per set of processes")
-    args = parser.parse_args(argv)
+    args = parse_into(MemoryOptions, add_options(parser, MemoryOptions), argv)
     job = MemoryJob(64, 2, 16, 2) if args.quick else MemoryJob(args.width, args.depth, MemoryJob.global_batch,
                                                                args.steps)
     load = os.getloadavg()
-    rows = measure(job, [int(n) for n in args.world_sizes.split(",")], args.timeout, args.malloc)
+    rows = measure(job, list(args.world_sizes), args.timeout, args.malloc)
     print(render(rows, job))
     print(f"load average (1, 5, 15 min) before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
           + " ".join(f"{v:.2f}" for v in os.getloadavg()) + f"; {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -17,6 +17,9 @@ process group per world size does all of that size's work (``bench.ranks``); the
 launcher comparison runs the real commands (``bench.launchers``). The full run takes
 a few minutes on a 2-core machine; ``--quick`` checks the whole pipeline in seconds
 on tiny models, and its numbers mean nothing.
+
+``python -m ddp_demo.bench memory`` measures something else: what one rank holds under ddp,
+zero and fsdp (``bench/memory.py``).
 """
 
 from __future__ import annotations
@@ -235,6 +238,11 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory"]:  # ddp, zero and fsdp side by side: what a rank holds (bench/memory.py)
+        from ddp_demo.bench.memory import main as memory
+
+        return memory(argv[1:])
     args = parse_args(argv)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     plan = make_plan(args.quick, args.launchers, args.malloc)

@@ -11,8 +11,11 @@ the same rows case by case.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from ddp_demo.core.flags import add_options, option, parse_into
 from ddp_demo.core.tolerances import STEP
+from ddp_demo.parallel.strategy import STRATEGIES
 from ddp_demo.proof.sharded import bn_cases, cases, run_cases
 
 
@@ -48,14 +51,18 @@ def render(table: dict[tuple, dict], world_sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class TableOptions:
+    world_sizes: tuple[int, ...] = option((1, 2, 3, 4), "numbers of processes N", type_=int, nargs="+")
+    strategies: tuple[str, ...] = option(STRATEGIES, "strategies to prove", STRATEGIES, str, parse_choices=True,
+                                         nargs="+")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_demo.proof.sharded_table", description=__doc__.split("\n")[0])
-    parser.add_argument("--world-sizes", default="1,2,3,4", help="comma-separated N to run (default 1,2,3,4)")
-    parser.add_argument("--strategies", default="ddp,zero,fsdp", help="comma-separated (default ddp,zero,fsdp)")
-    args = parser.parse_args(argv)
-    world_sizes = [int(n) for n in args.world_sizes.split(",")]
-    table = collect(world_sizes, tuple(args.strategies.split(",")))
-    print(render(table, world_sizes))
+    args = parse_into(TableOptions, add_options(parser, TableOptions), argv)
+    table = collect(list(args.world_sizes), args.strategies)
+    print(render(table, list(args.world_sizes)))
     return 0 if all(e["close"] for e in table.values()) else 1
 
 
