@@ -48,6 +48,7 @@ def _eq(kind: str) -> str:
 CKPT = "tests/test_checkpoint.py::"
 RESILIENCE = "tests/test_resilience.py::"
 AGREE = "tests/test_agree.py::"
+SHARDING = "tests/test_sharding.py::"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
@@ -167,6 +168,45 @@ MUTATIONS = (
         (('is_host=$([ "$NODE_RANK" = 0 ] && [ "$RDZV_EXTERNAL" = 0 ] && echo 1 || echo 0)',
           'is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)'),),
         ("tests/test_compose.py::test_each_service_launches_torchrun_as_multinode_sh_says[store-alone-node0]",),
+    ),
+    Mutation(
+        "fsdp's reduce-scatter reduces nothing (the control's, always)", "ddp_demo/parallel/strategy.py",
+        (("    if not cfg.reduce_grads:\n        for unit in module.modules():",
+          "    if True:\n        for unit in module.modules():"),),
+        (SHARDING + "test_gradient_shards_equal_single_process[2-fsdp-mlp-float64]",),
+    ),
+    Mutation(
+        "fsdp leaves a 0-dim parameter's gradient unaveraged", "ddp_demo/parallel/strategy.py",
+        (("        if self.syncing and self.reduce:", "        if False:"),),
+        (SHARDING + "test_gradient_shards_equal_single_process[2-fsdp-multiply-float64]",),
+    ),
+    Mutation(
+        "zero keeps the plain optimizer (every rank holds all the state)", "ddp_demo/parallel/strategy.py",
+        (('    if cfg.name == "zero":\n', "    if False:\n"),),
+        (SHARDING + "test_held_bytes_exact[2-zero-adam]",
+         SHARDING + "test_fsdp_holds_about_one_nth_and_zero_shrinks_optimizer_state_only[2]"),
+    ),
+    Mutation(
+        "accumulation averages every micro-batch (grad_sync never turns the reduction off)",
+        "ddp_demo/parallel/strategy.py",
+        (("            self.set_grad_sync(False)\n", "            self.set_grad_sync(True)\n"),),
+        (SHARDING + "test_accumulation_averages_only_after_the_last_micro_batch[2-zero-mlp]",
+         SHARDING + "test_accumulation_averages_only_after_the_last_micro_batch[2-fsdp-mlp]"),
+    ),
+    Mutation(
+        "fsdp's block rule finds no blocks (the root alone is sharded)", "ddp_demo/parallel/strategy.py",
+        (("    return [b for b in found if all(owners[id(p)] == 1 for p in b.parameters())]", "    return []"),),
+        (SHARDING + "test_fsdp_shards_each_block_containers_opened_tied_blocks_left_to_the_root",),
+    ),
+    Mutation(
+        "fsdp's full state dict is rank 0's own shards", "ddp_demo/parallel/strategy.py",
+        (('    if wrapped.strategy == "fsdp" and ctx.distributed:\n', "    if False:\n"),),
+        (SHARDING + "test_parameters_state_and_full_state_dict_after_five_steps[2-fsdp-mlp-float64-sgd]",),
+    ),
+    Mutation(
+        "buffers that drift apart under fsdp go unnamed", "ddp_demo/parallel/holdings.py",
+        (("if not all_ranks_equal(b.detach(), ctx)]", "if False]"),),
+        (SHARDING + "test_batchnorm_under_fsdp_drifts_per_rank_and_is_named[2]",),
     ),
     Mutation(
         "the doctor accepts a store no node hosts on this training node", "ddp_demo/doctor/checks.py",
