@@ -3,8 +3,9 @@
 ``launch_env()`` turns torchrun's ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` (Ray Train
 sets the same for its workers; or, for tasks started by SLURM's ``srun``, ``SLURM_PROCID`` /
 ``SLURM_LOCALID`` / ``SLURM_NTASKS``) into a :class:`LaunchEnv`; ``setup()`` adds the device
-and backend and joins the process group; ``teardown()`` leaves it. Everything else receives a :class:`DistContext`
-explicitly: no other module reads ``os.environ`` or calls ``init_process_group``.
+and backend and joins the process group; ``teardown()`` leaves it. Everything else receives a
+:class:`DistContext` explicitly: no other module reads ``os.environ`` or calls
+``init_process_group``.
 """
 
 from __future__ import annotations
