@@ -54,7 +54,7 @@ class RayOptions:
 
 
 def ray_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddp_demo.train_ray", add_help=False,
+    parser = argparse.ArgumentParser(prog="ddp_demo.train_ray", add_help=False, allow_abbrev=False,
                                      description="ddp_demo.train under Ray Train; any other flag is the trainer's "
                                                  "(python -m ddp_demo.train --help)")
     parser.add_argument("--workers", type=int, default=2, help="training processes [default: 2]")
@@ -108,6 +108,9 @@ class Attempts:
 
     def exit(self, rank: int, code: int) -> None:
         self.codes[rank] = code
+
+    def restarts(self) -> int:
+        return max(self.starts.values(), default=0)
 
     def exit_code(self) -> int | None:
         """The first non-zero exit code of the last attempt's ranks (None: none finished)."""
@@ -166,7 +169,10 @@ def fit(cfg: TrainConfig, argv: list[str], opts: RayOptions) -> int:
         return 1
     finally:
         shutil.rmtree(storage, ignore_errors=True)
-    return ray.get(attempts.exit_code.remote())
+    restarts, code = ray.get([attempts.restarts.remote(), attempts.exit_code.remote()])
+    log.info(0, f"ray: {opts.workers} worker(s), restarted {restarts} time(s) (--max-failures {opts.max_failures}), "
+                f"exit code {code}")
+    return code
 
 
 def parse(argv: list[str]) -> tuple[RayOptions, TrainConfig, list[str]]:
