@@ -48,6 +48,7 @@ def _eq(kind: str) -> str:
 CKPT = "tests/test_checkpoint.py::"
 RESILIENCE = "tests/test_resilience.py::"
 AGREE = "tests/test_agree.py::"
+RAY = "tests/test_ray.py::test_killed_and_restarted_ray_run_equals_one_process"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
@@ -155,6 +156,17 @@ MUTATIONS = (
         "silent ranks exit without waiting for the reporting rank", "ddp_demo/core/dist.py",
         (("            store.wait([key], timedelta(seconds=wait_s))\n", "            pass\n"),),
         ("tests/test_bad_input.py::test_the_reporting_rank_is_not_stopped_before_it_reports",),
+    ),
+    Mutation(
+        "Ray's restarted workers count as a first attempt (the fault strikes again)", "ddp_demo/train_ray.py",
+        (("        self.starts[rank] = self.starts.get(rank, -1) + 1\n", "        self.starts[rank] = 0\n"),),
+        (RAY,),
+    ),
+    Mutation(
+        "the Ray launcher skips the DDP wrap", "ddp_demo/train_ray.py",
+        (("        return train.ddp_wrap(model, ctx, cfg.ddp), optimizer, None\n",
+          "        return model, optimizer, None\n"),),
+        (RAY,),
     ),
 )
 
