@@ -108,6 +108,7 @@ def test_each_node_launches_torchrun_as_the_job_says():
         assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (2, 2, 1)
         assert (config.rdzv_backend, config.rdzv_endpoint, config.rdzv_configs["rank"]) == \
             ("static", "ddp-demo-node-0-0.ddp-demo:29400", rank)
+        assert runtime.spec.template.spec.failure_policy.max_restarts == 3  # the JobSet restarts every node
         assert cmd_args == ["-u", "-m", "ddp_demo.train", "--preflight", "--out", "/shared/runs/ddp-demo",
                             "--checkpoint-dir", "/shared/checkpoints/ddp-demo"]
 
