@@ -20,6 +20,7 @@ the newest checkpoint in ``--checkpoint-dir``, which must be on a path every wor
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -41,6 +42,9 @@ from ddp_demo.core.dist import RAY_RESTARTS, DistContext, LaunchEnv, pick_device
 # Quiet, as torchrun is: Ray copies a Train worker's print() into its own log as well, so each
 # line reached the terminal twice (measured on Ray 2.60); Ray's own Python logs: errors only.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# A cluster on one machine has no node to be preempted: no watcher actor (a process, and an error
+# line of Ray's own every run). A cluster joined with --address keeps it.
+LOCAL_ENV = {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 RAY_LOGS = "ERROR"
 
 
@@ -104,6 +108,7 @@ class Attempts:
     def start(self, rank: int) -> int:
         """This rank's restart count: how many times it was started before."""
         self.starts[rank] = self.starts.get(rank, -1) + 1
+        self.codes.pop(rank, None)  # an earlier attempt's code is not this one's
         return self.starts[rank]
 
     def exit(self, rank: int, code: int) -> None:
@@ -112,9 +117,9 @@ class Attempts:
     def restarts(self) -> int:
         return max(self.starts.values(), default=0)
 
-    def exit_code(self) -> int | None:
-        """The first non-zero exit code of the last attempt's ranks (None: none finished)."""
-        return max(self.codes.values(), key=bool) if self.codes else None
+    def exit_code(self) -> int:
+        """The first non-zero exit code of the last attempt's ranks (1 if none finished)."""
+        return max(self.codes.values(), key=bool) if self.codes else 1
 
 
 def worker(config: dict) -> None:
@@ -134,13 +139,13 @@ def absolute_paths(cfg: TrainConfig) -> list[str]:
 
 
 def start_cluster(opts: RayOptions) -> None:
-    """A local cluster with as many CPUs as workers, no dashboard, Ray's own logs at warning level."""
+    """A local cluster with as many CPUs as workers, no dashboard, Ray's own logs at error level."""
     if opts.address is not None:
         ray.init(address=opts.address, logging_level=RAY_LOGS, runtime_env={"env_vars": WORKER_ENV},
                  logging_config=ray.LoggingConfig(log_level=RAY_LOGS))
         return
     ray.init(num_cpus=opts.workers, include_dashboard=False, logging_level=RAY_LOGS,
-             runtime_env={"env_vars": WORKER_ENV}, logging_config=ray.LoggingConfig(log_level=RAY_LOGS))
+             runtime_env={"env_vars": LOCAL_ENV}, logging_config=ray.LoggingConfig(log_level=RAY_LOGS))
 
 
 def fit(cfg: TrainConfig, argv: list[str], opts: RayOptions) -> int:
@@ -156,7 +161,7 @@ def fit(cfg: TrainConfig, argv: list[str], opts: RayOptions) -> int:
     trainer = TorchTrainer(
         worker,
         train_loop_config={"argv": argv + absolute_paths(cfg), "attempts": attempts},
-        torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.timeout)),
+        torch_config=TorchConfig(backend=backend, timeout_s=math.ceil(cfg.timeout)),
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=use_gpu),
         run_config=RunConfig(storage_path=storage, name="ddp_demo", logging_config=LoggingConfig(log_level=RAY_LOGS),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
