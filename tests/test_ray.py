@@ -22,8 +22,8 @@ from .helpers import PYTHON, main_in_process, max_diff, metrics, run_cmd
 FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
 TOLERANCE = 1e-10  # float64 whole runs: only the summation order differs
 FAULT = ["--checkpoint-every", "10", "--inject-fault", "kill:1:15"]  # rank 1 dies after step 15; resume from 10
-# Ray's start-up dominates and swells with load: the run took 46-58 s at load 3-6 and 228 s at load
-# 13-27 on the 2-core VM (other suites running), so it gets more than the suite's default 240 s.
+# Ray's start-up dominates and swells with load: the run took 58 s and 100 s at load 4-6, and 228 s at
+# load 13-27, on the 2-core VM (other suites running), so it gets more than the suite's default 240 s.
 pytestmark = pytest.mark.timeout(600)
 
 
