@@ -26,7 +26,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from ddp_demo.core.flags import add_options, option, parse_into
+from ddp_demo.core.flags import add_options, numbers_option, option, parse_into
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof import join, scratch
@@ -105,14 +105,18 @@ def main_scratch(world_sizes: list[int], models) -> int:
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    world_sizes: tuple[int, ...] = option((1, 2, 3, 4), "N values to test", type_=int, nargs="+")
+    world_sizes: tuple[int, ...] = numbers_option((1, 2, 3, 4), "the numbers of processes N to test, e.g. 2 3 or 2,3")
     models: tuple[str, ...] = option(MODEL_NAMES, "models to test", MODEL_NAMES, str, parse_choices=True, nargs="+")
     scratch: bool = option(False, "check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ddp_demo.verify", description=__doc__.splitlines()[0])
+    return add_options(parser, VerifyOptions)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddp_demo.verify", description=__doc__.splitlines()[0])
-    args = parse_into(VerifyOptions, add_options(parser, VerifyOptions), argv)
+    args = parse_into(VerifyOptions, build_parser(), argv)
     if args.scratch:
         return main_scratch(args.world_sizes, args.models)
     ok = True
