@@ -210,8 +210,10 @@ def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model: torch.nn.Modul
     if ctx.is_main:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # no "module." prefix
         write_outputs(cfg.out, state, [entry.to_dict() for entry in logs], summary)
-    log.info(ctx.rank, f"held-out accuracy {correct}/{total} = {correct / total:.3f}; "
-                       f"final loss {logs[-1].loss:.4f}; wall time {summary['wall_time_s']:.1f} s; wrote {cfg.out}/")
+    t = record.timeline  # training alone, then the run around it (loader, model, checks); imports come before
+    log.info(ctx.rank, f"held-out accuracy {correct}/{total} = {correct / total:.3f}; final loss {logs[-1].loss:.4f}; "
+                       f"trained in {t['training_ended'] - t['training_started']:.2f} s (set-up and checks included: "
+                       f"{summary['wall_time_s']:.1f} s); wrote {cfg.out}/")
     if not identical:
         raise RunFailed(
             "ranks hold different parameters after training: gradients were not synchronised"
