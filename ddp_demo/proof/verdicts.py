@@ -77,7 +77,8 @@ def final_line(rows: list[Row]) -> str:
     bad = [r for r in rows if not r.good]
     sizes = ", ".join(str(n) for n in dict.fromkeys(r.world_size for r in rows))
     if not bad:
-        return f"PASS: DDP equals one process in every comparison at N = {sizes}, every control differs"
+        controls = ", every control differs" if any(r.control for r in rows) else ""
+        return f"PASS: DDP equals one process in every comparison at N = {sizes}{controls}"
     return f"FAIL: {len(bad)} of {len(rows)} comparisons at N = {sizes} did not behave (marked FAIL above)"
 
 
@@ -86,7 +87,7 @@ def summary(rows: list[Row], world_sizes, models) -> list[str]:
     matches, controls = [r for r in rows if not r.control], [r for r in rows if r.control]
     worst = {d: max((r.max_abs_diff for r in matches if r.dtype == d), default=0.0) for d in STEP}
     lines = [
-        f"DDP on N = {', '.join(map(str, world_sizes))} processes against one process, the same global batch "
+        f"DDP on N = {', '.join(map(str, world_sizes))} process(es) against one process, the same global batch "
         f"(models {', '.join(models)}; float32 and float64)",
         "  compared: gradients after one backward; parameters after 5 steps of SGD and of Adam, by hand",
         "            and through the trainer; gradients accumulated over K micro-batches",
