@@ -82,7 +82,7 @@ def difference_panel(ax, labels: list[str], diffs, tolerance: float | None = Non
     if any(v == 0 for diff in diffs[1:] for v in diff.values):
         mark_floor(ax, floor)
     if tolerance is not None:
-        ax.axhline(tolerance, color="tab:red", linestyle="--", linewidth=1.2,
+        ax.axhline(tolerance, color="black", linestyle="--", linewidth=1.2,
                    label=f"tolerance {tolerance:g} ({dtype}, a whole run): a match stays below it")
     ax.set_xlabel("step")
     ax.set_ylabel(f"|loss − loss of {labels[0]}|")
