@@ -270,8 +270,9 @@ def failures(commands: list[str], copy: Path, env: dict[str, str]) -> list[str]:
 @pytest.mark.timeout(900)
 def test_every_readme_command_runs_as_written_after_the_quickstart(newcomer):
     """The README's commands in order, as a newcomer types them; one that exits non-zero fails here.
-    The suite's slowest single test: 8 commands, each starting Python and torch (about 40 s on an idle
-    2-core machine, 3 min under heavy load); ``-m "not newcomer"`` leaves it out of a quick run."""
+    The suite's slowest single test: 8 commands, each starting Python and torch; 89 s measured on the
+    2-core machine at load average 3 to 6 (verify's quick form 39 s of it, explain 16 s, the learner's
+    torchrun 13 s), 3.5 min under heavy load. ``-m "not newcomer"`` leaves it out of a quick run."""
     failed = failures(readme_commands(), *newcomer)
     assert not failed, "README commands that fail as written:\n" + "\n".join(failed)
 
