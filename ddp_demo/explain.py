@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_demo.core.dist import DistContext, launch_env, setup, teardown
+from ddp_demo.core.dist import DistContext, setup, teardown
+from ddp_demo.core.env import launch_env
 from ddp_demo.core.models import MultiplyByTwo
 from ddp_demo.parallel.timeline import bucket_report, checks, render
 

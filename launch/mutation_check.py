@@ -236,6 +236,29 @@ MUTATIONS = (
           "        return Wrapped(model, optimizer)\n"),),
         (RAY,),
     ),
+    Mutation(
+        "plain python trains on a thread per core again (issue 26: 3x slower)", "ddp_demo/core/env.py",
+        (('    return LaunchEnv(threads=None if "OMP_NUM_THREADS" in env else PLAIN_PYTHON_THREADS)\n',
+          "    return LaunchEnv()\n"),),
+        ("tests/test_launch_env.py::test_no_launcher_is_one_process_on_one_thread",),
+    ),
+    Mutation(
+        "bad input is not left in torchrun's error file (its report shows <N/A>)", "ddp_demo/core/env.py",
+        (("    if env.error_file is None:\n        return\n", "    return\n"),),
+        ("tests/test_launch_env.py::test_an_error_is_left_where_torchruns_report_shows_it",),
+    ),
+    Mutation(
+        "compare says PASS whatever the difference", "ddp_demo/compare.py",
+        (("            if largest > tol:\n", "            if False:\n"),
+         ("            if largest < CONTROL_MARGIN * tol:\n", "            if False:\n")),
+        ("tests/test_compare.py::test_negative_control_the_verdict_fails",),
+    ),
+    Mutation(
+        "the pytest helper's message starts with a newline again (an empty short summary)", "ddp_demo/testing.py",
+        (('        raise AssertionError("\\n".join([verdict_lines(verdict)[0], "", text(verdict)]))\n',
+          '        raise AssertionError("\\n" + text(verdict))\n'),),
+        ("tests/test_check.py::test_helper_failure_message_is_the_report",),
+    ),
 )
 
 
