@@ -13,7 +13,8 @@ The package, by concern (entry points on top, each run as ``python -m ddp_demo.<
 - ``resilience``: checkpoints, resume, stop signals, injected faults.
 - ``parallel``: data-parallel machinery by hand: ``ScratchDDP``, DDP from hooks (``--ddp scratch``);
   ``SyncBatchNorm`` for the CPU (``ddp_demo.convert_sync_batchnorm``).
-- ``proof``: N processes against one, case by case, with negative controls.
+- ``proof``: N processes against one, case by case, with negative controls;
+  ``plots``: the pictures (matplotlib, loaded only by the commands that draw).
 - ``check``: the same proof pointed at your own model (``python -m ddp_demo.check``);
   ``testing``: its pytest helper.
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ddp_demo.core import log
 from ddp_demo.core.config import ConfigError
-from ddp_demo.core.outputs import FORMATS, check_out_file, import_plots
+from ddp_demo.core.flags import add_options, option, parse_into
+from ddp_demo.plots import FORMATS, check_out_file, load_figures
 
 # The settings that define the job: runs differing in any of these are different experiments.
 # World size, launcher, --grad-accum-steps and --skip-grad-sync may differ: they are what is compared.
@@ -134,12 +135,16 @@ def labels_of(runs: list[Run]) -> list[str]:
             for label, run in zip(labels, runs, strict=True)]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ddp_demo.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out directories of runs of one job; "
-                   "the first is the reference")
-    p.add_argument("--out", required=True, help=f"the picture to write ({', '.join(FORMATS)})")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class CompareOptions:
+    runs: tuple[str, ...] = option((), "--out directories of runs of one job; the first is the reference",
+                                   type_=str, positional=True, nargs="+", metavar="RUN_DIR")
+    out: str | None = option(None, f"the picture to write ({', '.join(FORMATS)})", type_=str, required=True)
+
+
+def parse_args(argv: list[str] | None) -> CompareOptions:
+    parser = argparse.ArgumentParser(prog="python -m ddp_demo.compare", description=__doc__.split("\n\n")[0])
+    return parse_into(CompareOptions, add_options(parser, CompareOptions), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_file(args.out)
         runs = [load_run(path) for path in args.runs]
         check_same_job(runs)
-        plots = import_plots()
+        plots = load_figures()
     except ConfigError as e:
         log.error(0, str(e))
         return 2

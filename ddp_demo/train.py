@@ -11,18 +11,23 @@ the same update and the run equals a single process training on the full batch.
 Reading order (``main`` at the bottom calls these in turn): the whole of what data
 parallelism adds is ``setup`` (core/dist.py: join the process group, one device per
 rank), ``rank_loader`` (core/data.py: this rank's share of each global batch),
-``ddp_wrap`` (below: ``DDP(model)``) and ``teardown`` (core/dist.py). Everything else,
-``train_loop`` (core/loop.py) included, is what a single-process trainer does too.
-examples/ddp.py is the same idea in 90 lines with nothing else around it.
+``ddp_wrap`` (below: ``DDP(model)``) and ``teardown`` (core/dist.py). ``run`` takes the
+data through core/ once, in the order it flows: ``rank_loader`` (data.py), ``make_model``
+and ``make_optimizer`` (models.py), the launcher's ``wrap``, ``train_loop`` (loop.py),
+``finish`` (the checks, then outputs.py). Everything else, ``train_loop`` included, is
+what a single-process trainer does too. examples/ddp.py is the same idea in 90 lines
+with nothing else around it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -32,9 +37,9 @@ from ddp_demo.core import log, malloc
 from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
 from ddp_demo.core.data import Task, builtin_task, heldout_counts, load_task, rank_loader
 from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, pick_device, setup, teardown
-from ddp_demo.core.loop import NonFiniteLoss, StepLog, StopRequested, loss_function, make_optimizer, train_loop
-from ddp_demo.core.models import build_model
-from ddp_demo.core.outputs import check_out_dir, write_outputs
+from ddp_demo.core.loop import LoopControl, NonFiniteLoss, StepLog, StopRequested, Wrapped, loss_function, train_loop
+from ddp_demo.core.models import build_model, make_optimizer
+from ddp_demo.core.outputs import RunRecord, check_out_dir, write_outputs
 from ddp_demo.doctor import LaunchProblem, preflight
 from ddp_demo.parallel.ddp import ScratchDDP
 from ddp_demo.resilience import checkpoint
@@ -72,14 +77,22 @@ def ddp_wrap(model: torch.nn.Module, ctx: DistContext, wrapper: str = "torch") -
     return DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
 
-class Torchrun:
-    """How this entry point starts and wraps; ddp_demo.train_accelerate passes its own.
+class Launcher(Protocol):
+    """How an entry point starts and wraps; launchers differ only here. ``start`` joins the
+    process group, ``wrap`` returns what the loop trains with, ``release`` drops what the
+    launcher holds before ``teardown``; ``name`` is summary.json's ``launcher``."""
 
-    Launchers differ only here: ``start`` joins the process group, ``wrap`` returns the
-    model, optimizer and :class:`GradSync` (None: DDP ``no_sync``) the loop trains with,
-    ``release`` drops what the launcher holds before ``teardown``; ``name`` is what
-    summary.json records as the run's ``launcher``.
-    """
+    name: str
+    def start(self, env: LaunchEnv, cfg: TrainConfig) -> DistContext: ...
+    def wrap(self, model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: DistContext) -> Wrapped: ...
+    def release(self) -> None: ...
+
+
+class ProcessGroupLauncher:
+    """This entry point's :class:`Launcher`, whoever started the process: torchrun, srun or
+    plain ``python``. It joins the process group itself, from the environment the launcher
+    left (core/dist.py), and wraps with ``DDP(model)`` (``--ddp scratch``: ScratchDDP);
+    gradients sync by DDP's ``no_sync``. ddp_demo.train_accelerate passes its own."""
 
     name = "torchrun"
 
@@ -87,8 +100,8 @@ class Torchrun:
         self.name = env.launcher  # torchrun, srun, or python (plain `python -m ddp_demo.train`)
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
-    def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> tuple:
-        return ddp_wrap(model, ctx, cfg.ddp), optimizer, None
+    def wrap(self, model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: DistContext) -> Wrapped:
+        return Wrapped(ddp_wrap(model, ctx, cfg.ddp), optimizer)
 
     def release(self) -> None:
         pass
@@ -110,42 +123,68 @@ class RunFailed(Exception):
 class Attempt:
     """What this launch brings besides the config: where to resume, which restart, how to stop."""
 
-    found: checkpoint.Found | None = None  # the checkpoint to resume from (None: start fresh)
+    resume_from: checkpoint.Found | None = None  # the checkpoint to resume from (None: start fresh)
     restart_count: int = 0  # torchrun's restart attempt; injected faults strike attempt 0 only
-    stop: Callable[[], bool] = lambda: False  # True once a stop signal arrived (StopSignals)
+    stop: StopSignals = field(default_factory=lambda: StopSignals(listen=False))  # main's listens to SIGTERM/SIGINT
     started: float = 0.0  # time.time() when main() began: the benchmark splits a run's wall time with it
 
 
-def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attempt(), launcher=None) -> dict:
+def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attempt(),
+        launcher: Launcher | None = None) -> dict:
     """Train (resuming if asked), verify the ranks agree, write the outputs; returns the summary."""
-    start = time.perf_counter()
+    launcher = launcher or ProcessGroupLauncher()
+    record = RunRecord(launcher.name, attempt.started)
+    loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     model = make_model(cfg, task, ctx.device)
-    optimizer = make_optimizer(cfg, model.parameters())
-    start_step, saved_logs = restore(attempt.found, model, optimizer, ctx)
+    optimizer = make_optimizer(cfg.optimizer, cfg.lr, model.parameters())
+    start_step, history = resume(attempt.resume_from, model, optimizer, cfg, ctx)
+    wrapped = launcher.wrap(model, optimizer, cfg, ctx)
+    announce(cfg, ctx)
+    ckpt = Checkpointer(cfg, ctx, lambda step, epoch, logs: checkpoint_state(
+        model, optimizer, cfg, ctx, history + logs, step, epoch), last_saved=start_step)
+    record.mark("training_started")
+    with failures_explained(cfg, ckpt, attempt.stop):
+        logs = history + train_loop(wrapped, loader, loss_function(task), cfg, ctx,
+                                    loop_control(cfg, ctx, attempt, ckpt, start_step))
+    record.mark("training_ended")
+    return finish(cfg, task, ctx, model, logs, record)
+
+
+def resume(found: checkpoint.Found | None, model: torch.nn.Module, optimizer, cfg: TrainConfig,
+           ctx: DistContext) -> tuple[int, list[StepLog]]:
+    """Put the checkpoint's state back (if resuming); the step to go on from and the steps logged before it."""
+    start_step, saved_logs = restore(found, model, optimizer, ctx)
     # A node that reads its own local --checkpoint-dir would resume elsewhere and desync the collectives.
     if not all_ranks_equal(torch.tensor([start_step], device=ctx.device), ctx):
         raise RunFailed(f"the ranks would resume from different steps (rank {ctx.rank}: step {start_step}): every node "
                         f"must see the same --checkpoint-dir {cfg.checkpoint_dir}; use a filesystem all nodes mount", 2)
-    history = [StepLog(**entry) for entry in saved_logs]
-    launcher = launcher or Torchrun()
-    ddp, wrapped_optimizer, grad_sync = launcher.wrap(model, optimizer, cfg, ctx)
-    loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
+    return start_step, [StepLog(**entry) for entry in saved_logs]
+
+
+def announce(cfg: TrainConfig, ctx: DistContext) -> None:
     log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), device {ctx.device}, "
                        f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step"
                        + (f" in {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else ""))
     log.each(ctx.rank, f"device {ctx.device}, local rank {ctx.local_rank}", cfg.log_all_ranks)
-    ckpt = Checkpointer(cfg, ctx, lambda step, epoch, logs: checkpoint_state(
-        model, optimizer, cfg, ctx, history + logs, step, epoch), last_saved=start_step)
+
+
+def loop_control(cfg: TrainConfig, ctx: DistContext, attempt: Attempt, ckpt: Checkpointer,
+                 start_step: int) -> LoopControl:
+    """After each applied step: save on schedule, then (tests and demos) strike an injected fault."""
     fault = FaultInjector(cfg, ctx.rank, attempt.restart_count, attempt.stop)
 
     def after_step(step: int, epoch: int, logs: list[StepLog]) -> None:
         ckpt(step, epoch, logs)
         fault(step)
 
-    timeline = {"main_started": attempt.started, "training_started": time.time()}
+    return LoopControl(start_step, after_step, attempt.stop)
+
+
+@contextlib.contextmanager
+def failures_explained(cfg: TrainConfig, ckpt: Checkpointer, stop: StopSignals) -> Iterator[None]:
+    """A non-finite loss or a stop request becomes a :class:`RunFailed` that says what was kept."""
     try:
-        logs = history + train_loop(ddp, wrapped_optimizer, loader, loss_function(task), cfg, ctx, grad_sync,
-                                    start_step=start_step, after_step=after_step, stop_requested=attempt.stop)
+        yield
     except NonFiniteLoss as e:
         kept = (f"checkpoint of step {ckpt.last_saved} kept in {cfg.checkpoint_dir}" if ckpt.last_saved
                 else "no checkpoint had been written yet" if cfg.checkpoint_dir else "no --checkpoint-dir was given")
@@ -154,32 +193,19 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         ckpt.save_latest()
         where = f"checkpoint of step {e.step} in {cfg.checkpoint_dir}; rerun the same command to resume" \
             if cfg.checkpoint_dir else "no --checkpoint-dir, so this progress is lost"
-        raise RunFailed(f"{e}: {where}", attempt.stop.exit_code()) from None
-    timeline["training_ended"] = time.time()
-    return finish(cfg, task, ctx, model, logs, start, launcher.name, timeline)
+        raise RunFailed(f"{e}: {where}", stop.exit_code()) from None
 
 
-def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model, logs: list[StepLog], start: float,
-           launcher: str, timeline: dict) -> dict:
+def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model: torch.nn.Module, logs: list[StepLog],
+           record: RunRecord) -> dict:
+    """Check the ranks agree, score the held-out data, write the outputs; returns the summary."""
     identical = all_ranks_equal(flat_parameters(model), ctx)
     if identical:
         log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
     correct, total = heldout_counts(model, task, ctx)
-    timeline["checks_ended"] = time.time()
-    summary = {
-        "config": cfg.to_dict(),
-        "world_size": ctx.world_size,
-        "launcher": launcher,
-        "backend": ctx.backend,
-        "device": ctx.device.type,
-        "torch_version": torch.__version__,
-        "final_loss": logs[-1].loss,
-        "heldout_accuracy": correct / total,
-        "heldout_samples": total,
-        "params_identical_across_ranks": identical,
-        "wall_time_s": round(time.perf_counter() - start, 3),
-        "timeline": timeline,  # time.time() on rank 0 as each phase ended; bench.command splits a run with it
-    }
+    record.mark("checks_ended")
+    summary = record.summary(cfg, ctx, {"final_loss": logs[-1].loss, "heldout_accuracy": correct / total,
+                                        "heldout_samples": total, "params_identical_across_ranks": identical})
     if ctx.is_main:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # no "module." prefix
         write_outputs(cfg.out, state, [entry.to_dict() for entry in logs], summary)
@@ -197,7 +223,8 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
     """Everything that can reject the input, done before any process group or file exists."""
     cfg = parse_config(argv)
     if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
-        passed = preflight(env.launched, env.world_size, cfg.device, cfg.backend, env.agent_store)
+        passed = preflight(dist_env.launch_variables(), env.launched, env.world_size, cfg.device, cfg.backend,
+                           env.agent_store)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_batch_split(env.world_size)
     cfg.check_precision(pick_device(env.local_rank, cfg.device).type)
@@ -208,9 +235,9 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
     return cfg, task, resolve_resume(cfg, env.rank)
 
 
-def main(argv: list[str] | None = None, launcher=None) -> int:
+def main(argv: list[str] | None = None, launcher: Launcher | None = None) -> int:
     started = time.time()
-    launcher = launcher or Torchrun()
+    launcher = launcher or ProcessGroupLauncher()
     env = launch_env()
     try:
         cfg, task, found = prepare(argv, env)
@@ -232,20 +259,25 @@ def main(argv: list[str] | None = None, launcher=None) -> int:
         log.error(ctx.rank, str(e))
         return e.code
     except Exception as e:
-        if is_peer_failure(e):
-            print(f"ddp_demo: error: [rank {ctx.rank}] lost contact with another rank (it died, hung or is "
-                  f"unreachable; collectives give up after --timeout {cfg.timeout:g} s): "
-                  f"{str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
-        else:  # a bug: the full traceback, from the rank it happened on
-            print(f"[rank {ctx.rank}] " + "".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
-        # Drop the traceback's frames so the DDP model they hold is freed before teardown
-        # (see dist.teardown for why that ordering matters).
-        traceback.clear_frames(e.__traceback__)
-        return 1
+        return crashed(e, ctx, cfg)
     finally:
         stop.restore()
         launcher.release()
         teardown()
+
+
+def crashed(e: Exception, ctx: DistContext, cfg: TrainConfig) -> int:
+    """An exception nobody expected: one line if a peer was lost, else the full traceback. Exit code 1."""
+    if is_peer_failure(e):
+        print(f"ddp_demo: error: [rank {ctx.rank}] lost contact with another rank (it died, hung or is "
+              f"unreachable; collectives give up after --timeout {cfg.timeout:g} s): "
+              f"{str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+    else:  # a bug: the full traceback, from the rank it happened on
+        print(f"[rank {ctx.rank}] " + "".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
+    # Drop the traceback's frames so the DDP model they hold is freed before teardown
+    # (see dist.teardown for why that ordering matters).
+    traceback.clear_frames(e.__traceback__)
+    return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ddp_demo import train
 from ddp_demo.core.accumulate import GradSync
 from ddp_demo.core.config import ConfigError, TrainConfig
 from ddp_demo.core.dist import DistContext, LaunchEnv, pick_backend, pick_device
+from ddp_demo.core.loop import Wrapped
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -84,7 +85,8 @@ def accelerate_grad_sync(accelerator: Accelerator, model: torch.nn.Module, never
 
 
 class AccelerateLauncher:
-    """The two things ddp_demo.train does differently under ``accelerate launch``."""
+    """The two things ddp_demo.train does differently under ``accelerate launch`` (its
+    :class:`~ddp_demo.train.Launcher`, in place of ``ProcessGroupLauncher``)."""
 
     name = "accelerate"  # summary.json's "launcher"
     accelerator: Accelerator | None = None
@@ -99,13 +101,13 @@ class AccelerateLauncher:
         check_processes(env, ctx)
         return ctx
 
-    def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext):
+    def wrap(self, model, optimizer, cfg: TrainConfig, ctx: DistContext) -> Wrapped:
         """DDP via ``Accelerator.prepare``. The DataLoader is *not* prepared: Accelerate would
         re-shard it, dealing whole batches round-robin and (``even_batches``) padding the
         last by repeating samples. The core's loader already gives each rank exactly the
         samples it gets under torchrun, which is what makes the two paths' results equal."""
         ddp, optimizer = self.accelerator.prepare(model, optimizer)
-        return ddp, optimizer, accelerate_grad_sync(self.accelerator, ddp, never_sync=cfg.skip_grad_sync)
+        return Wrapped(ddp, optimizer, accelerate_grad_sync(self.accelerator, ddp, never_sync=cfg.skip_grad_sync))
 
     def release(self) -> None:
         """Accelerate keeps the prepared model in ``accelerator._models``; let it go before

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
+from ddp_demo.core.flags import add_options, option, parse_into
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof import join, scratch
 from ddp_demo.proof.cases import accum_cases, accum_ok, by_case, case_ok, cases, check_accumulation, run_cases
-from ddp_demo.proof.spawn import run_on_ranks
 
 
 def print_accumulation(world_size: int, models) -> bool:
@@ -36,7 +38,7 @@ def print_accumulation(world_size: int, models) -> bool:
     for rows in by_case(check_accumulation(world_size, accum_cases(world_size, models))).values():
         good = accum_ok(rows)
         ok &= good
-        _, model, dtype, k = rows[0]["case"]
+        model, dtype, k = rows[0]["case"]
         control = "" if world_size == 1 else f"; after micro-batch {k - 1} ranks differ by " \
             f"{max(r['mid_diff'] for r in rows):.3g}, {max(r['mid_tolerances_off'] for r in rows):.3g} " \
             "tolerances (control)"
@@ -101,13 +103,16 @@ def main_scratch(world_sizes: list[int], models) -> int:
     return 0 if ok else 1
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    world_sizes: tuple[int, ...] = option((1, 2, 3, 4), "N values to test", type_=int, nargs="+")
+    models: tuple[str, ...] = option(MODEL_NAMES, "models to test", MODEL_NAMES, str, parse_choices=True, nargs="+")
+    scratch: bool = option(False, "check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ddp_demo.verify", description=__doc__.splitlines()[0])
-    p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 3, 4], help="N values to test")
-    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, help="models to test")
-    p.add_argument("--scratch", action="store_true",
-                   help="check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="ddp_demo.verify", description=__doc__.splitlines()[0])
+    args = parse_into(VerifyOptions, add_options(parser, VerifyOptions), argv)
     if args.scratch:
         return main_scratch(args.world_sizes, args.models)
     ok = True
@@ -119,12 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             mine = [r for r in rows if r["case"] == case]
             good = case_ok(mine)
             ok &= good
-            kind, model, dtype, *rest = case
-            optim = rest[0] if kind != "grads" else "-"
+            optim, sync = case.optimizer or "-", "on" if case.synced else "off"
             off = max(r["tolerances_off"] for r in mine)
             verdict = ("match" if mine[0]["synced"] or n == 1 else f"differs by {off:.3g} tolerances (control)") \
                 if good else "FAIL"
-            print(f"{n:>2}  {kind:<8} {model:<9} {dtype:<8} {optim:<5} {'on' if case[-1] else 'off':<4}  "
+            print(f"{n:>2}  {case.kind:<8} {case.model:<9} {case.dtype:<8} {optim:<5} {sync:<4}  "
                   f"{max(r['max_abs_diff'] for r in mine):>18.3g}  {verdict}")
     for n in args.world_sizes:
         ok &= print_accumulation(n, args.models)

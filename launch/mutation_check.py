@@ -156,6 +156,12 @@ MUTATIONS = (
         (("            store.wait([key], timedelta(seconds=wait_s))\n", "            pass\n"),),
         ("tests/test_bad_input.py::test_the_reporting_rank_is_not_stopped_before_it_reports",),
     ),
+    Mutation(
+        "the check takes its learning rate from the proofs again (and loads the trainer)", "ddp_demo/check/options.py",
+        (("from ddp_demo.core.config import OPTIMIZERS, PROOF_LR\n",
+          "from ddp_demo.core.config import OPTIMIZERS\nfrom ddp_demo.proof.equivalence import LR as PROOF_LR\n"),),
+        ("tests/test_layout.py::test_the_check_loads_no_trainer_doctor_resilience_or_proof",),
+    ),
 )
 
 

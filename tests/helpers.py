@@ -20,9 +20,11 @@ import torch
 from ddp_demo import train as trainer
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof.agreement import agreement_on_rank
 from ddp_demo.proof.autocast import autocast_cases_on_rank
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.proof.cases import accum_cases, by_case, cases, check_accumulation, run_cases
+from ddp_demo.proof.equivalence import AccumCase, Case
 from ddp_demo.resilience import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,3 +186,20 @@ def agreement_and_autocast_on_rank(ctx: DistContext) -> dict:
 @functools.cache
 def agreement_and_autocast_ranks() -> list[dict]:
     return run_on_ranks(agreement_and_autocast_on_rank, 2, timeout=180)
+
+
+@functools.cache
+def equivalence_rows(world_size: int) -> dict[Case, list[dict]]:
+    """Start ``world_size`` processes once and run every equivalence case in them (proof/cases.py)."""
+    return by_case(run_cases(world_size, cases(), timeout=240))
+
+
+@functools.cache
+def accumulation_rows(world_size: int) -> dict[AccumCase, list[dict]]:
+    """Start ``world_size`` processes once and run every accumulation case in them."""
+    return by_case(check_accumulation(world_size, accum_cases(world_size), timeout=240))
+
+
+def describe_ranks(rows: list[dict], key: str = "max_abs_diff") -> str:
+    """``rank 0: 1.2e-16, rank 1: ...``: a row's ``key`` per rank, for a failure message."""
+    return ", ".join(f"rank {r['rank']}: {key} {r[key]:.3g}" for r in rows)

@@ -15,15 +15,8 @@ import pytest
 import torch
 
 from ddp_demo.core.models import MODEL_NAMES
-from ddp_demo.proof.cases import (
-    DTYPE_NAMES,
-    TOLERANCE,
-    accum_cases,
-    accum_ok,
-    accum_rows,
-    max_abs_diff,
-    within_tolerance,
-)
+from ddp_demo.core.tolerances import STEP, WHOLE_RUN, max_abs_diff, within
+from ddp_demo.proof.cases import DTYPE_NAMES, accum_cases, accum_ok, accum_rows
 from ddp_demo.proof.equivalence import reference_grads
 
 from .helpers import PYTHON, ROOT, run_cmd, torchrun
@@ -76,17 +69,17 @@ def test_gradients_after_one_step_equal_single_process(checks, model, dtype):
     want = reference_grads(model, dtype)
     for rank, c in enumerate(checks):
         got = c["grads"][(model, dtype)]
-        assert within_tolerance(got, want, dtype), f"rank {rank}: max diff {max_abs_diff(got, want):.3g}"
+        assert within(got, want, STEP[dtype]), f"rank {rank}: max diff {max_abs_diff(got, want):.3g}"
 
 
 def _id(case: tuple) -> str:
-    return "-".join(map(str, case[1:]))
+    return "-".join(map(str, case))
 
 
 @pytest.mark.parametrize("case", accum_cases(2), ids=_id)
 def test_accumulated_gradient_equals_single_process(checks, case):
     rows = accum_rows([c["accum"] for c in checks], [case])
-    assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[case[2]]}: {[r['max_abs_diff'] for r in rows]}"
+    assert all(r["close"] for r in rows), f"tolerance {STEP[case.dtype]}: {[r['max_abs_diff'] for r in rows]}"
 
 
 @pytest.mark.parametrize("case", accum_cases(2), ids=_id)
@@ -101,10 +94,10 @@ def final_diff(a: Path, b: Path) -> float:
 
 
 def test_accelerate_final_pt_equals_torchrun(runs):
-    assert final_diff(runs["accelerate"], runs["torchrun"]) <= 1e-10
+    assert final_diff(runs["accelerate"], runs["torchrun"]) <= WHOLE_RUN
     torchrun_losses, accelerate_losses = ([json.loads(line)["loss"] for line in open(runs[n] / "metrics.jsonl")]
                                           for n in ("torchrun", "accelerate"))
-    assert accelerate_losses == pytest.approx(torchrun_losses, abs=1e-10)
+    assert accelerate_losses == pytest.approx(torchrun_losses, abs=WHOLE_RUN)
     summary = json.loads((runs["accelerate"] / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"]
     assert summary["launcher"] == "accelerate"
@@ -112,7 +105,7 @@ def test_accelerate_final_pt_equals_torchrun(runs):
 
 def test_accelerate_accumulation_whole_run_equals_torchrun(runs):
     """2 ranks x 2 micro-batches of 4 (accelerator.accumulate) against torchrun's 2 x 8."""
-    assert final_diff(runs["accelerate_k2"], runs["torchrun"]) <= 1e-10
+    assert final_diff(runs["accelerate_k2"], runs["torchrun"]) <= WHOLE_RUN
 
 
 def test_refuses_unsynchronised_copies(tmp_path):

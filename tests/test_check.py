@@ -176,14 +176,14 @@ def test_command_exit_code_and_output_follow_the_verdict(name, code, tmp_path, c
 def test_plot_shows_which_tensors_diverge(tmp_path, capsys, monkeypatch):
     """The BatchNorm CNN: every tensor whose difference exceeds its tolerance, and only those, is
     named in red (0.bias and 3.bias, which feed a BatchNorm that cancels them, stay black)."""
-    from ddp_demo.proof import plots
+    from ddp_demo.plots import figures
 
     v = verdicts()["batchnorm_cnn.py:build"]
     monkeypatch.setattr("ddp_demo.check.__main__.check", lambda specs, options: [v])
     out = tmp_path / "check.png"
     assert main([f"{EX}/batchnorm_cnn.py:build", "--plot", str(out)]) == 1
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "FAIL at N=2" in capsys.readouterr().out
-    fig = plots.check_figure(as_json(v))
+    fig = figures.check_figure(as_json(v))
     red = {}
     try:
         for ax, stage in zip(fig.axes, ("gradient", "after_steps"), strict=True):
@@ -191,15 +191,15 @@ def test_plot_shows_which_tensors_diverge(tmp_path, capsys, monkeypatch):
             assert red[stage] == {r.name for w in v.worlds for r in w.rows if r.stage == stage and not r.ok}
             assert {c.get_label() for c in ax.collections} == {"tolerance", "N = 2", "N = 3"}
     finally:
-        plots.plt.close(fig)
+        figures.plt.close(fig)
     assert "0.weight" in red["gradient"] and "0.bias" not in red["gradient"]
     assert "1.running_mean" in red["after_steps"]  # the BatchNorm's own statistics
 
 
 def test_plot_without_matplotlib_is_one_line_before_any_process(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    monkeypatch.delitem(sys.modules, "ddp_demo.proof.plots", raising=False)
-    monkeypatch.delattr("ddp_demo.proof.plots", raising=False)
+    monkeypatch.delitem(sys.modules, "ddp_demo.plots.figures", raising=False)
+    monkeypatch.delattr("ddp_demo.plots.figures", raising=False)
     monkeypatch.setattr("ddp_demo.check.__main__.check", lambda specs, options: pytest.fail("the check ran"))
     assert main([f"{EX}/lstm.py:build", "--plot", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err

@@ -43,13 +43,13 @@ def losses_of(run_dir) -> list[float]:
 
 
 def test_figure_has_both_panels_with_labels_log_scale_and_zeros_on_the_floor(three_runs):
-    from ddp_demo.proof import plots
+    from ddp_demo.plots import figures
 
     runs = [compare.load_run(d) for d in three_runs]
     labels = compare.labels_of(runs)
     assert labels == ["N = 1, python", "N = 2, torchrun", "N = 2, torchrun, --skip-grad-sync"]
     diffs = [compare.Difference.between(runs[0], run) for run in runs]
-    fig = plots.compare_figure(runs, labels, diffs)
+    fig = figures.compare_figure(runs, labels, diffs)
     try:
         top, bottom = fig.axes
         assert [line.get_label() for line in top.get_lines()] == labels
@@ -57,14 +57,14 @@ def test_figure_has_both_panels_with_labels_log_scale_and_zeros_on_the_floor(thr
         assert bottom.get_yscale() == "log"
         *curves, floor_line = bottom.get_lines()
         assert [c.get_label() for c in curves] == labels[1:]  # the reference is not compared with itself
-        floor = plots.zero_floor([1.1e-16])
+        floor = figures.zero_floor([1.1e-16])
         assert floor == pytest.approx(1e-17) and floor_line.get_ydata()[0] == floor
         assert "exactly 0" in floor_line.get_label()
         n2 = curves[0].get_ydata()
         assert [n2[i] == floor for i in range(5)] == [True, False, True, False, True]  # zeros drawn, not dropped
         assert curves[1].get_ydata()[-1] == pytest.approx(0.06)
     finally:
-        plots.plt.close(fig)
+        figures.plt.close(fig)
 
 
 def test_command_writes_a_png_and_prints_the_files_differences(three_runs, tmp_path, capsys):
@@ -136,8 +136,8 @@ def test_refuses_one_run_and_an_unknown_picture_format(tmp_path, capsys):
 
 def test_without_matplotlib_says_which_extra_to_install(three_runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    monkeypatch.delitem(sys.modules, "ddp_demo.proof.plots", raising=False)
-    monkeypatch.delattr("ddp_demo.proof.plots", raising=False)
+    monkeypatch.delitem(sys.modules, "ddp_demo.plots.figures", raising=False)
+    monkeypatch.delattr("ddp_demo.plots.figures", raising=False)
     line = refuse([*three_runs, "--out", str(tmp_path / "p.png")], capsys)
     assert 'pip install -e ".[plot]"' in line
 

@@ -9,7 +9,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from ddp_demo.core.data import builtin_task, heldout_counts, rank_loader
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.loop import epoch_batches
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.core.spawn import run_on_ranks
 
 GLOBAL_BATCH = 24
 

@@ -81,11 +81,11 @@ def test_port_in_use_on_the_store_host(launch_env, capsys):
     assert code == 1 and "is in use" in only_failure(out)
 
 
-def test_master_addr_unreachable_once_launched(launch_env):
+def test_master_addr_unreachable_once_launched():
     """Inside the workers the store must listen already; nothing does at a fresh free port."""
-    launch_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    variables = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # core/dist.py's launch_variables
     with pytest.raises(doctor.LaunchProblem, match=r"^preflight: MASTER_ADDR: .*connection refused.*; fix: "):
-        doctor.preflight(launched=True, world_size=1, device="cpu", backend="gloo")
+        doctor.preflight(variables, launched=True, world_size=1, device="cpu", backend="gloo")
 
 
 def test_world_size_not_nnodes_times_nproc(launch_env, capsys):

@@ -13,41 +13,25 @@ controls: with ``DDP.no_sync`` the same comparison must fail, by at least
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 
 from ddp_demo.core.models import MODEL_NAMES
-from ddp_demo.proof.cases import (
-    CONTROL_MARGIN,
-    DTYPE_NAMES,
-    OPTIMIZER_NAMES,
-    TOLERANCE,
-    by_case,
-    case_ok,
-    cases,
-    run_cases,
-)
+from ddp_demo.core.tolerances import CONTROL_MARGIN, STEP
+from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, case_ok
+from ddp_demo.proof.equivalence import Case
+
+from .helpers import describe_ranks, equivalence_rows
 
 WORLD_SIZES = (1, 2, 3, 4)
-
-
-@functools.cache
-def rows_for(world_size: int) -> dict[tuple, list[dict]]:
-    return by_case(run_cases(world_size, cases(), timeout=240))
-
-
-def _describe(rows):
-    return ", ".join(f"rank {r['rank']}: max diff {r['max_abs_diff']:.3g}" for r in rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_gradients_equal_single_process(world_size, model, dtype):
-    rows = rows_for(world_size)[("grads", model, dtype, True)]
+    rows = equivalence_rows(world_size)[Case("grads", model, dtype, True)]
     assert len(rows) == world_size
-    assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[dtype]}: {_describe(rows)}"
+    assert all(r["close"] for r in rows), f"tolerance {STEP[dtype]}: {describe_ranks(rows)}"
 
 
 @pytest.mark.parametrize("kind", ["params", "trainer"])
@@ -56,15 +40,15 @@ def test_gradients_equal_single_process(world_size, model, dtype):
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_parameters_after_five_steps_equal_single_process(world_size, model, dtype, optimizer, kind):
-    rows = rows_for(world_size)[(kind, model, dtype, optimizer, True)]
+    rows = equivalence_rows(world_size)[Case(kind, model, dtype, True, optimizer)]
     assert len(rows) == world_size
-    assert all(r["close"] for r in rows), f"tolerance {TOLERANCE[dtype]}: {_describe(rows)}"
+    assert all(r["close"] for r in rows), f"tolerance {STEP[dtype]}: {describe_ranks(rows)}"
 
 
 def _assert_control_fails(rows):
     off = max(r["tolerances_off"] for r in rows)
-    assert not all(r["close"] for r in rows), f"the unsynced run passed the check: {_describe(rows)}"
-    assert off >= CONTROL_MARGIN, f"the unsynced run missed by only {off:.3g} tolerances: {_describe(rows)}"
+    assert not all(r["close"] for r in rows), f"the unsynced run passed the check: {describe_ranks(rows)}"
+    assert off >= CONTROL_MARGIN, f"the unsynced run missed by only {off:.3g} tolerances: {describe_ranks(rows)}"
     assert case_ok(rows)
 
 
@@ -72,7 +56,7 @@ def _assert_control_fails(rows):
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_negative_control_unsynced_gradients_fail_the_check(world_size, model, dtype):
-    _assert_control_fails(rows_for(world_size)[("grads", model, dtype, False)])
+    _assert_control_fails(equivalence_rows(world_size)[Case("grads", model, dtype, False)])
 
 
 @pytest.mark.parametrize("kind", ["params", "trainer"])
@@ -80,4 +64,4 @@ def test_negative_control_unsynced_gradients_fail_the_check(world_size, model, d
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("world_size", (2, 3, 4))
 def test_negative_control_unsynced_training_fails_the_check(world_size, model, optimizer, kind):
-    _assert_control_fails(rows_for(world_size)[(kind, model, "float64", optimizer, False)])
+    _assert_control_fails(equivalence_rows(world_size)[Case(kind, model, "float64", False, optimizer)])

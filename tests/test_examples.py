@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddp_demo.core.tolerances import WHOLE_RUN
+
 from .helpers import PYTHON, TORCHRUN, run_cmd
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SINGLE, DDP = EXAMPLES / "single_process.py", EXAMPLES / "ddp.py"
-TOLERANCE = 1e-10  # float64: the only difference is the order in which gradients are summed
 CONTROL_MARGIN = 1e-4  # a run without gradient averaging must miss by at least this much
 
 # Runs examples/ddp.py unchanged except that DistributedDataParallel is replaced by a plain
@@ -82,7 +83,7 @@ def test_ddp_matches_single_process(single_run, tmp_path: Path):
 
     diff = _max_diff(single, ddp)
     print(f"max |single - ddp| = {diff:.3e}")
-    assert diff <= TOLERANCE
+    assert diff <= WHOLE_RUN
     assert [ln for ln in ddp_out.splitlines() if ln.startswith("epoch")] == [
         ln for ln in single_out.splitlines() if ln.startswith("epoch")
     ], "only rank 0 prints, and its global-mean loss matches the single-process loss"

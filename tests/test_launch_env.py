@@ -8,13 +8,15 @@ SLURM's hostlists are expanded by hand and compared with ``scontrol show hostnam
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from ddp_demo.core.dist import SLURM_PORT_BASE, LaunchEnv, launch_env, setup
+from ddp_demo.core.dist import SLURM_PORT_BASE, LaunchEnv, launch_env, launch_variables, setup
 from ddp_demo.core.slurm import expand_counts, expand_hostlist
 
 # What srun gives task 1 of `sbatch -N2 --ntasks-per-node=1` (job 12345678), and what the batch
@@ -134,3 +136,42 @@ def test_expand_counts():
     assert expand_counts("4") == [4]
     with pytest.raises(ValueError):
         expand_counts("2(x)")
+
+
+# ---- core/dist.py is the one reader of the environment ------------------------------------------
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ddp_demo"
+READS_ENV = re.compile(r"\bos\s*\.\s*(environb?|getenvb?)\b|\bfrom\s+os\s+import\b[^\n]*\b(environb?|getenvb?)\b")
+ALLOWED = {  # module -> why it may touch os.environ; anything else is a second reader
+    "core/dist.py": "the one reader of the launcher's environment (STYLE.md, principle 2)",
+    "doctor/cli.py": "the doctor answers without importing torch (docs/multinode.md), and core/dist.py imports "
+                     "torch; it reads launch/multinode.sh's input on a node no launcher has started yet",
+    "bench/command.py": "hands its own environment on to the trainer runs it starts, reading no variable",
+    "bench/launchers.py": "hands its own environment on to the launch scripts it times, reading no variable",
+    "bench/gpu_check.py": "hands its own environment on to the commands it starts, reading no variable",
+}
+
+
+def env_readers() -> set[str]:
+    return {str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py") if READS_ENV.search(f.read_text())}
+
+
+def test_only_core_dist_reads_the_environment():
+    """Every other module receives what dist.py read (a LaunchEnv, launch_variables()) as a value."""
+    assert env_readers() <= set(ALLOWED), "os.environ is read outside core/dist.py"
+    assert set(ALLOWED) <= env_readers(), "an allowed module no longer reads it: drop it from ALLOWED"
+
+
+@pytest.mark.parametrize("line, reads", [
+    ('rank = int(os.environ["RANK"])', True), ("port = os.getenv('MASTER_PORT')", True),
+    ("from os import environ", True), ("env = {**os.environ}", True),
+    ('value = environ.get("NNODES", "")', False),  # a dict handed in, as doctor/plan.py takes it
+])
+def test_negative_control_the_grep_sees_a_read(line, reads):
+    assert bool(READS_ENV.search(line)) == reads
+
+
+def test_launch_variables_are_a_copy_of_the_environment_given():
+    given = {"NNODES": "2", "RDZV_HOST": "10.0.0.1"}
+    variables = launch_variables(given)
+    assert variables == given and variables is not given

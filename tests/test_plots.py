@@ -1,4 +1,4 @@
-"""The check's picture (issue 15, ddp_demo/proof/plots.py ``check_figure``): from the check's JSON
+"""The check's picture (issue 15, ddp_demo/plots/figures.py ``check_figure``): from the check's JSON
 report, each tensor's largest difference at every world size against its tolerance, with a
 failing tensor visible at a glance. Inspects the matplotlib figure, not pixels."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddp_demo.proof import plots
+from ddp_demo.plots import figures
 
 
 def tensor(name, stage, diff, tolerance=1e-12, kind="parameter"):
@@ -42,7 +42,7 @@ def points(ax, label: str) -> list[tuple[float, float]]:
 
 
 def test_each_tensor_against_its_tolerance_with_the_failures_in_red():
-    fig = plots.check_figure(REPORT)
+    fig = figures.check_figure(REPORT)
     try:
         grads, after = fig.axes
         assert "gradients" in grads.get_title() and "after 3" in after.get_title()
@@ -63,17 +63,17 @@ def test_each_tensor_against_its_tolerance_with_the_failures_in_red():
         title = fig._suptitle.get_text()
         assert "FAIL" in title and "N = 4 did not run to the end" in title and "BatchNorm" in title
     finally:
-        plots.plt.close(fig)
+        figures.plt.close(fig)
 
 
 def test_a_pass_draws_no_red():
     passed = {**REPORT, "verdict": "PASS", "causes": [],
               "world_sizes": [world(2, {"a.weight": 1e-17, "a.bias": 0.0}, {"a.weight": 2e-17, "a.bias": 0.0})]}
-    fig = plots.check_figure(passed)
+    fig = figures.check_figure(passed)
     try:
         for ax in fig.axes:
             assert not ax.patches and all(label.get_color() != "tab:red" for label in ax.get_yticklabels())
             assert not any("one side only" in line.get_label() for line in ax.get_lines())
         assert fig._suptitle.get_color() == "tab:green"
     finally:
-        plots.plt.close(fig)
+        figures.plt.close(fig)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ddp_demo.core.tolerances import WHOLE_RUN
 from ddp_demo.resilience import checkpoint
 
 from .helpers import (
@@ -130,7 +131,7 @@ def test_resume_at_another_world_size_matches_within_rounding(data, reference, t
     assert second.returncode == 0, second.stderr[-3000:]
     assert "results match within float rounding" in second.stdout
     assert continued_from(tmp_path / "out", logged)
-    assert max_diff(tmp_path / "out" / "final.pt", reference / "out" / "final.pt") <= 1e-10
+    assert max_diff(tmp_path / "out" / "final.pt", reference / "out" / "final.pt") <= WHOLE_RUN
     # the same global batches, split first over `before` ranks, then over `after`
     got = [[len(row["sample_ids"]), sorted(sum(row["sample_ids"], []))] for row in metrics(tmp_path / "out")]
     assert got == [[before if step < 6 else after, batch]

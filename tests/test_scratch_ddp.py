@@ -25,9 +25,10 @@ import pytest
 
 from ddp_demo import train_accelerate
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
+from ddp_demo.core.tolerances import STEP, WHOLE_RUN, max_abs_diff
 from ddp_demo.proof import join, scratch
-from ddp_demo.proof.cases import DTYPE_NAMES, TOLERANCE, max_abs_diff
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.proof.cases import DTYPE_NAMES
 
 from .helpers import load, max_diff, torchrun
 
@@ -76,7 +77,7 @@ def test_another_bucket_layout_is_equal_within_tolerance(world_size, model, dtyp
     by_case = selected(world_size, "other buckets", model, dtype)
     assert len(by_case) == 3
     assert all(scratch.passes("other buckets", rs) for rs in by_case.values()), \
-        f"tolerance {TOLERANCE[dtype]}: {describe(by_case)}"
+        f"tolerance {STEP[dtype]}: {describe(by_case)}"
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
@@ -124,7 +125,7 @@ def join_reference(model: str, dtype: str, divide: bool) -> dict:
 def test_join_every_step_equals_one_process(model, dtype, wrapper, divide):
     d = join.differences(results(JOIN_N), (model, dtype, wrapper, divide), join_reference(model, dtype, divide))
     assert d["steps"] == join.batch_counts(JOIN_N)
-    assert d["close"], f"tolerance {TOLERANCE[dtype]}: gradients off by {d['grads']:.3g}, parameters {d['params']:.3g}"
+    assert d["close"], f"tolerance {STEP[dtype]}: gradients off by {d['grads']:.3g}, parameters {d['params']:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
@@ -163,17 +164,17 @@ def test_whole_run_at_n2_under_torchrun_equals_torch_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = results(2)[0]["train"]["torch"]
     assert want["failed"] is None
-    assert max_diff(load(tmp_path / "final.pt"), want["final"]) <= 1e-10
+    assert max_diff(load(tmp_path / "final.pt"), want["final"]) <= WHOLE_RUN
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
-    assert losses == pytest.approx(want["losses"], abs=1e-10)
+    assert losses == pytest.approx(want["losses"], abs=WHOLE_RUN)
 
 
 def test_whole_run_at_n4_with_accumulation_equals_torch_ddp_at_n2():
     """One combined check: N = 4, and no_sync on the first of K = 2 micro-batches."""
     got, want = results(4)[0]["train"]["scratch, K=2"], results(2)[0]["train"]["torch"]
     assert got["failed"] is None
-    assert max_diff(got["final"], want["final"]) <= 1e-10
-    assert got["losses"] == pytest.approx(want["losses"], abs=1e-10)
+    assert max_diff(got["final"], want["final"]) <= WHOLE_RUN
+    assert got["losses"] == pytest.approx(want["losses"], abs=WHOLE_RUN)
 
 
 def test_negative_control_skip_grad_sync_with_scratch_is_caught():

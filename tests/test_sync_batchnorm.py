@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import ddp_demo
+from ddp_demo.core.tolerances import STEP
 from ddp_demo.parallel.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
-from ddp_demo.proof.cases import TOLERANCE
 from ddp_demo.proof.sync_batchnorm import cases, run_all
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -56,7 +56,7 @@ def test_negative_control_plain_batchnorm_under_ddp_fails(world_size):
     for case, got in results(world_size).items():
         if case[0] == "plain":
             assert not got["close"]
-            assert got["max_abs_diff"] >= 100 * TOLERANCE[case[1]]["atol"], f"{case}: {got}"
+            assert got["max_abs_diff"] >= 100 * STEP[case[1]].atol, f"{case}: {got}"
 
 
 # --- the layer itself, without a process group --------------------------------------------------

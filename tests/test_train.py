@@ -12,12 +12,11 @@ import json
 import pytest
 
 from ddp_demo import compare
-from ddp_demo.proof.cases import CONTROL_MARGIN
+from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 
 from .helpers import compare_report, global_batches, load, max_diff, metrics, torchrun, train
 
 FLAGS = ["--dtype", "float64", "--steps", "40", "--global-batch-size", "16", "--seed", "3", "--record-samples"]
-TOLERANCE = 1e-10  # float64 whole runs: the summation order differs with N, nothing else
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,9 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("n", [2, 4])
 def test_whole_run_is_world_size_invariant(runs, n):
     d1, d = runs[1][0], runs[n][0]
-    assert max_diff(load(d / "final.pt"), load(d1 / "final.pt")) <= TOLERANCE
+    assert max_diff(load(d / "final.pt"), load(d1 / "final.pt")) <= WHOLE_RUN
     losses = [[row["loss"] for row in metrics(x)] for x in (d1, d)]
-    assert losses[0] == pytest.approx(losses[1], abs=TOLERANCE)
+    assert losses[0] == pytest.approx(losses[1], abs=WHOLE_RUN)
     assert global_batches(d, n, 16) == global_batches(d1, 1, 16)
 
 
@@ -72,7 +71,7 @@ def test_log_all_ranks_prefixes_every_rank(runs):
 def test_plain_python_equals_torchrun(runs, tmp_path):
     proc = train(*FLAGS, "--model", "cnn", "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert max_diff(load(tmp_path / "final.pt"), load(runs[1][0] / "final.pt")) <= TOLERANCE
+    assert max_diff(load(tmp_path / "final.pt"), load(runs[1][0] / "final.pt")) <= WHOLE_RUN
     assert global_batches(tmp_path, 1, 16) == global_batches(runs[1][0], 1, 16)
     assert json.loads((tmp_path / "summary.json").read_text())["launcher"] == "python"
 
@@ -89,7 +88,7 @@ def test_negative_control_skipping_gradient_sync_is_caught(runs, control):
     assert proc.returncode != 0
     assert proc.stderr.count("ranks hold different parameters") == 1
     off = max_diff(load(d / "final.pt"), load(runs[1][0] / "final.pt"))
-    assert off >= CONTROL_MARGIN * TOLERANCE, f"unsynced run missed by only {off:.3g}"
+    assert off >= CONTROL_MARGIN * WHOLE_RUN, f"unsynced run missed by only {off:.3g}"
     assert json.loads((d / "summary.json").read_text())["params_identical_across_ranks"] is False
 
 
@@ -99,8 +98,8 @@ def test_compare_prints_the_runs_agree_and_the_control_does_not(runs, control, t
     dirs = [str(runs[n][0]) for n in (1, 2, 4)] + [str(control[0])]
     assert compare.main([*dirs, "--out", str(tmp_path / "proof.png")]) == 0
     printed = compare_report(capsys.readouterr().out)
-    assert printed["N = 2, torchrun"]["largest"] <= TOLERANCE and printed["N = 4, torchrun"]["largest"] <= TOLERANCE
-    assert printed["N = 2, torchrun, --skip-grad-sync"]["largest"] >= CONTROL_MARGIN * TOLERANCE
+    assert printed["N = 2, torchrun"]["largest"] <= WHOLE_RUN and printed["N = 4, torchrun"]["largest"] <= WHOLE_RUN
+    assert printed["N = 2, torchrun, --skip-grad-sync"]["largest"] >= CONTROL_MARGIN * WHOLE_RUN
 
 
 def test_default_run_learns(tmp_path):

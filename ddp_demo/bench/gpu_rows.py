@@ -1,4 +1,4 @@
-"""The measurements of the GPU check (bench.gpu_check), run inside ``spawn.run_on_ranks`` workers.
+"""The measurements of the GPU check (bench.gpu_check), run inside ``core.spawn.run_on_ranks`` workers.
 
 Not yet run on a GPU. ``gradients_on_rank`` compares one step's gradients; ``bench`` times
 DDP against the bare module with the benchmark's own step code (bench.timing), on an MLP
@@ -17,8 +17,8 @@ from ddp_demo.bench.ranks import BARE, RAW, STOCK, knobs_on_rank
 from ddp_demo.bench.timing import Reps, Step, Workload, build_workload, interleaved, warm_up
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof.equivalence import case_setup, grads_of, reference_grads
-from ddp_demo.proof.spawn import run_on_ranks
 
 GPU_MLP = Workload("mlp 4x8192", "mlp", batch=1024, steps=10, mlp_width=8192, mlp_depth=4)
 CPU_MLP = Workload("mlp (dry run)", "mlp", batch=32, steps=4, mlp_width=256, mlp_depth=3)

@@ -1,4 +1,4 @@
-"""The benchmark's bodies: what every worker process runs (via ``spawn.run_on_ranks``).
+"""The benchmark's bodies: what every worker process runs (via ``core.spawn.run_on_ranks``).
 
 One process group per world size runs :func:`suite_on_rank`, which does that size's
 share of the benchmark and returns plain numbers. Rank 0 reports each finished piece

@@ -39,8 +39,9 @@ from tqdm import tqdm
 from ddp_demo.bench import command, launchers, report
 from ddp_demo.bench.ranks import RAW, STOCK, TUNED, suite_on_rank
 from ddp_demo.bench.timing import Reps, Variant, Workload
+from ddp_demo.core.flags import add_options, option, parse_into
 from ddp_demo.core.malloc import MALLOC_CHOICES
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.core.spawn import run_on_ranks
 
 VARIANTS = [
     RAW,  # the floor for a sync not overlapped with backward
@@ -215,20 +216,22 @@ def merge_memory(per_rank: list[dict]) -> dict:
     return knobs
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ddp_demo.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench", help="directory for results.json, results.md and bench.png")
-    p.add_argument("--quick", action="store_true", help="tiny models, 2 repetitions: checks the pipeline, "
-                   "measures nothing")
-    p.add_argument("--no-launchers", dest="launchers", action="store_false",
-                   help="skip the accelerate vs torchrun comparison (it starts 6 real jobs)")
-    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="keep",
-                   help="as ddp_demo.train's --malloc, in every process: keep freed memory for reuse (the "
-                   "default), or glibc's default, which gives it back and page-faults it in again")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="cuda (nccl) when available, else cpu (gloo)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds one process group may take before failing")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class BenchOptions:
+    out: str = option("runs/bench", "directory for results.json, results.md and bench.png")
+    quick: bool = option(False, "tiny models, 2 repetitions: checks the pipeline, measures nothing")
+    launchers: bool = option(True, "skip the accelerate vs torchrun comparison (it starts 6 real jobs)")
+    malloc: str = option("keep", "as ddp_demo.train's --malloc, in every process: keep freed memory for reuse (the "
+                         "default), or glibc's default, which gives it back and page-faults it in again",
+                         MALLOC_CHOICES, parse_choices=True)
+    device: str = option("auto", "cuda (nccl) when available, else cpu (gloo)", ("auto", "cpu", "cuda"),
+                         parse_choices=True)
+    timeout: float = option(600.0, "seconds one process group may take before failing")
+
+
+def parse_args(argv: list[str] | None) -> BenchOptions:
+    parser = argparse.ArgumentParser(prog="python -m ddp_demo.bench", description=__doc__.split("\n\n")[0])
+    return parse_into(BenchOptions, add_options(parser, BenchOptions), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,8 @@ from ddp_demo.core.agree import Agreement
 from ddp_demo.core.config import TrainConfig
 from ddp_demo.core.data import builtin_task, rank_loader
 from ddp_demo.core.dist import DistContext
-from ddp_demo.core.loop import loss_function, make_optimizer, train_loop
+from ddp_demo.core.loop import LoopControl, Wrapped, loss_function, train_loop
+from ddp_demo.core.models import make_optimizer
 
 TRAINER_VARIANTS = {  # name -> (carry the loss in the gradient all-reduce?, precision)
     "trainer": (True, "fp32"),
@@ -52,7 +53,7 @@ class Job:
     def parts(self):
         """A fresh model (the trainer's seed), wrapped in DDP, its optimizer and a loader."""
         model = train.make_model(self.cfg, self.task, self.ctx.device)
-        optimizer = make_optimizer(self.cfg, model.parameters())
+        optimizer = make_optimizer(self.cfg.optimizer, self.cfg.lr, model.parameters())
         loader = rank_loader(self.task.train, self.ctx, self.cfg.global_batch_size, self.cfg.seed)
         return train.ddp_wrap(model, self.ctx), optimizer, loader
 
@@ -90,8 +91,8 @@ class TrainerEpochs:
     def __call__(self) -> None:
         end = self.step + len(self.loader)
         with contextlib.redirect_stderr(self.quiet):  # rank 0's progress bar: drawn, not shown
-            train_loop(self.ddp, self.optimizer, self.loader, self.job.loss_fn, replace(self.cfg, steps=end),
-                       self.job.ctx, start_step=self.step, agreement=self.agreement)
+            train_loop(Wrapped(self.ddp, self.optimizer, agreement=self.agreement), self.loader, self.job.loss_fn,
+                       replace(self.cfg, steps=end), self.job.ctx, LoopControl(start_step=self.step))
         self.step = end
 
 

@@ -11,7 +11,8 @@ from ddp_demo.check.options import parse
 from ddp_demo.check.report import as_json, dumps, text
 from ddp_demo.check.target import CheckError
 from ddp_demo.core.config import ConfigError
-from ddp_demo.core.outputs import atomic_write, check_out_file, import_plots
+from ddp_demo.core.outputs import atomic_write
+from ddp_demo.plots import check_out_file, load_figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckError(f"--json {options.json}: its directory does not exist; create it or pick another path")
         if options.plot:  # before any process starts: a wrong path or no matplotlib is bad input
             check_out_file(options.plot, flag="--plot")
-            plots = import_plots()
+            plots = load_figures()
         (verdict,) = check([spec], options)
     except (CheckError, ConfigError) as e:
         print(f"ddp_demo.check: error: {e}", file=sys.stderr, flush=True)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ddp_demo.check.target import Target
-from ddp_demo.check.verdict import Verdict, difference
+from ddp_demo.check.verdict import Verdict
+from ddp_demo.core.tolerances import difference
 from ddp_demo.parallel.sync_batchnorm import SyncBatchNorm
 
 

@@ -1,6 +1,6 @@
 """The runs compared: the user's model under DDP on N processes, and in one process.
 
-For each world size N, :func:`run_world` starts N gloo processes (``proof.spawn.run_on_ranks``:
+For each world size N, :func:`run_world` starts N gloo processes (``core.spawn.run_on_ranks``:
 a FileStore, no ports, a timeout). Every rank loads the target by its name, takes samples
 r, r+N, ... of the global batch (DistributedSampler's layout), wraps the model in real
 ``DistributedDataParallel`` and trains ``--steps`` steps on that same batch. It returns every
@@ -27,11 +27,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.check.target import CheckError, Target, call_target
-from ddp_demo.core.config import TrainConfig
+from ddp_demo.core.config import PROOF_LR
 from ddp_demo.core.dist import DistContext
-from ddp_demo.core.loop import make_optimizer
-from ddp_demo.proof.equivalence import LR
-from ddp_demo.proof.spawn import run_on_ranks
+from ddp_demo.core.models import make_optimizer
+from ddp_demo.core.spawn import run_on_ranks
 
 
 @dataclass(frozen=True)
@@ -41,13 +40,13 @@ class Plan:
     spec: str
     dtype: str = "float64"
     optimizer: str = "sgd"
-    lr: float | None = None  # None: the proofs' rate for the optimizer (proof/equivalence.py, LR)
+    lr: float | None = None  # None: the proofs' rate for the optimizer (core/config.py, PROOF_LR)
     steps: int = 3
     find_unused_parameters: bool = False
 
     @property
     def learning_rate(self) -> float:
-        return LR[self.optimizer] if self.lr is None else self.lr
+        return PROOF_LR[self.optimizer] if self.lr is None else self.lr
 
 
 @dataclass
@@ -69,7 +68,7 @@ def train(forward, part: Target, plan: Plan) -> Trained:
     """``plan.steps`` optimizer steps of ``forward`` (the model, or DDP around it) on ``part``."""
     model = part.model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(TrainConfig(optimizer=plan.optimizer, lr=plan.learning_rate), params)
+    opt = make_optimizer(plan.optimizer, plan.learning_rate, params)
     grads, losses = {}, []
     for step in range(plan.steps):
         opt.zero_grad(set_to_none=True)

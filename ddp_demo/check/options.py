@@ -1,35 +1,41 @@
-"""The command's flags as a typed dataclass: each field's ``help`` is its ``--flag`` help."""
+"""The command's flags as a typed dataclass: each field's ``help`` is its ``--flag`` help
+(the parser is built from it by core/flags.py, as the trainer's is)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ddp_demo.check.engine import Plan
 from ddp_demo.check.target import DTYPE_CHOICES, CheckError
-from ddp_demo.core.config import OPTIMIZERS
-from ddp_demo.proof.equivalence import LR
+from ddp_demo.core.config import OPTIMIZERS, PROOF_LR
+from ddp_demo.core.flags import OneLineParser, add_options, field_named, option
 
 
-def _opt(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def world_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise CheckError(f"--world-sizes {text!r} is not a comma-separated list of integers, e.g. 2,3") from None
+    return tuple(dict.fromkeys(sizes))
 
 
 @dataclass(frozen=True)
 class CheckOptions:
-    world_sizes: tuple[int, ...] = _opt((2, 3), "the numbers of processes N to check, comma-separated, e.g. 2,3,4")
-    steps: int = _opt(3, "optimizer steps on the batch; parameters are compared after the last")
-    dtype: str = _opt("float64", "float64: cast the model and floating inputs, so rounding cannot hide a real "
-                      "difference; keep: check in the model's own dtype (float32 or float64)", DTYPE_CHOICES)
-    optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
-    lr: float | None = _opt(None, f"learning rate [default: {LR['sgd']} for sgd, {LR['adam']} for adam]")
-    find_unused_parameters: bool = _opt(False, "your DDP uses find_unused_parameters=True: parameters that get no "
-                                        "gradient are then not a failure")
-    timeout: float = _opt(120.0, "seconds each world size may take before its processes are stopped")
-    json: str | None = _opt(None, "also write the verdict as JSON to this file (format: docs/check.md)")
-    plot: str | None = _opt(None, "also draw each tensor's largest difference against its tolerance, for every N, "
-                            "to this .png, .svg or .pdf (needs matplotlib: the plot extra)")
+    world_sizes: tuple[int, ...] = option((2, 3), "the numbers of processes N to check, comma-separated, e.g. 2,3,4",
+                                          type_=world_sizes)
+    steps: int = option(3, "optimizer steps on the batch; parameters are compared after the last")
+    dtype: str = option("float64", "float64: cast the model and floating inputs, so rounding cannot hide a real "
+                        "difference; keep: check in the model's own dtype (float32 or float64)", DTYPE_CHOICES)
+    optimizer: str = option("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
+    lr: float | None = option(None, f"learning rate [default: {PROOF_LR['sgd']} for sgd, {PROOF_LR['adam']} for adam]",
+                              type_=float)
+    find_unused_parameters: bool = option(False, "your DDP uses find_unused_parameters=True: parameters that get no "
+                                          "gradient are then not a failure")
+    timeout: float = option(120.0, "seconds each world size may take before its processes are stopped")
+    json: str | None = option(None, "also write the verdict as JSON to this file (format: docs/check.md)", type_=str)
+    plot: str | None = option(None, "also draw each tensor's largest difference against its tolerance, for every N, "
+                              "to this .png, .svg or .pdf (needs matplotlib: the plot extra)", type_=str)
 
     def __post_init__(self):
         if not self.world_sizes or min(self.world_sizes) < 1:
@@ -41,7 +47,7 @@ class CheckOptions:
         if not self.timeout > 0:
             raise CheckError(f"--timeout must be a positive number of seconds (got {self.timeout})")
         for name in ("dtype", "optimizer"):
-            choices = _field(name).metadata["choices"]
+            choices = field_named(CheckOptions, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise CheckError(f"--{name} {getattr(self, name)!r} is not known; use one of: {', '.join(choices)}")
 
@@ -49,38 +55,11 @@ class CheckOptions:
         return Plan(spec, self.dtype, self.optimizer, self.lr, self.steps, self.find_unused_parameters)
 
 
-def _field(name: str) -> dataclasses.Field:
-    return {f.name: f for f in dataclasses.fields(CheckOptions)}[name]
-
-
-def world_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise CheckError(f"--world-sizes {text!r} is not a comma-separated list of integers, e.g. 2,3") from None
-    return tuple(dict.fromkeys(sizes))
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise CheckError(f"{message}; see --help")
-
-
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m ddp_demo.check", description=description)
+    parser = OneLineParser(prog="python -m ddp_demo.check", description=description, error_type=CheckError)
     parser.add_argument("target", metavar="TARGET", help="FILE.py:FUNCTION or package.module:FUNCTION; the function "
                         "takes no arguments and returns (model, batch, loss_fn)")
-    for f in dataclasses.fields(CheckOptions):
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=meta["help"])
-            continue
-        kind = {"world_sizes": world_sizes, "lr": float, "json": str, "plot": str}.get(f.name, type(f.default))
-        default = ",".join(map(str, f.default)) if f.name == "world_sizes" else f.default
-        extra = f" ({'|'.join(meta['choices'])})" if meta["choices"] else ""
-        extra += "" if f.default is None else f" [default: {default}]"
-        parser.add_argument(flag, type=kind, default=f.default, help=f"{meta['help']}{extra}")
-    return parser
+    return add_options(parser, CheckOptions)
 
 
 def parse(argv: list[str] | None, description: str) -> tuple[str, CheckOptions]:

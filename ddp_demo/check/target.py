@@ -171,7 +171,7 @@ def _check_dtype(spec: str, built: Target, dtype: str) -> None:
                           "stated for float32 and float64 only; use --dtype float64")
 
 
-def check_world_sizes(spec: str, built: Target, world_sizes: tuple[int, ...]) -> None:
+def check_batch_divides(spec: str, built: Target, world_sizes: tuple[int, ...]) -> None:
     """Every rank gets B / N samples: the average of equal-sized means is the global mean."""
     bad = [n for n in world_sizes if built.batch_size % n]
     if bad:

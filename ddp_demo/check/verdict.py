@@ -1,25 +1,25 @@
-"""From the runs to a verdict: every tensor compared, per world size, then the causes.
+"""The runs judged: every tensor compared, per world size; the verdict holds the results.
 
-A tensor matches when ``max |DDP - one process| <= atol + rtol * max |one process|`` over all
-its elements and every rank, with ``atol`` and ``rtol`` the proofs' tolerances for its dtype
-(``proof/cases.py``, ``TOLERANCE``; why they hold for deep models: docs/check.md). The scale
-is the tensor's largest value, not each element's, because rounding in a sum grows with the
-size of what is summed, not with the result.
+The entry (``check/__init__.py``) walks one way: ``target`` (bad input, before any process)
+-> ``engine`` (the runs) -> here (each tensor judged) -> ``diagnose`` -> ``report``. This module
+starts nothing; it only holds and judges what the engine returned.
 
+A tensor matches by the one rule of ``core/tolerances.py`` (per tensor:
+``max |DDP - one process| <= atol + rtol * max |one process|`` over all its elements and every
+rank), with the step tolerances for its dtype; why they hold for deep models: docs/check.md.
 With Adam the values after the steps get a stated allowance on top (:func:`adam_allowance`).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from ddp_demo.check.engine import Plan, Trained, reference, run_world
-from ddp_demo.check.target import Target, call_target, check_repeatable, check_world_sizes
-from ddp_demo.proof.cases import TOLERANCE
-from ddp_demo.proof.spawn import WorkerError
+from ddp_demo.check.engine import Plan, Trained
+from ddp_demo.check.target import Target
+from ddp_demo.core.tolerances import STEP, Tolerance, difference
 
 
 @dataclass
@@ -78,19 +78,10 @@ class Verdict:
         return None
 
 
-def difference(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
-    if got is None or want is None:
-        return 0.0 if got is None and want is None else math.inf
-    if got.shape != want.shape:
-        return math.inf
-    diff = float((got.to(want.dtype) - want).abs().max()) if want.numel() else 0.0
-    return diff if math.isfinite(diff) else math.inf
-
-
 ADAM_EPS = 1e-8  # torch.optim.Adam's default eps, which the check's Adam uses
 
 
-def adam_allowance(plan: Plan, tol: dict) -> float:
+def adam_allowance(plan: Plan, tol: Tolerance) -> float:
     """Added to the tolerance of every value after ``plan.steps`` Adam steps.
 
     Adam steps by ``lr * m / (sqrt(v) + eps)``. Where a parameter's exact gradient is zero (a
@@ -102,51 +93,32 @@ def adam_allowance(plan: Plan, tol: dict) -> float:
     """
     if plan.optimizer != "adam":
         return 0.0
-    return plan.steps * plan.learning_rate * min(2.0, tol["atol"] / ADAM_EPS)
+    return plan.steps * plan.learning_rate * min(2.0, tol.atol / ADAM_EPS)
 
 
-def compare(want: Trained, ranks: list[dict], params: set[str], tol: dict, allowance: float = 0.0) -> list[Row]:
+def tolerance_for(plan: Plan, target: Target) -> dict:
+    """The step tolerance of the target's least precise dtype, and Adam's allowance (as the report shows them)."""
+    dtype = "float32" if target.dtype == torch.float32 else "float64"
+    return {"dtype": dtype, **dataclasses.asdict(STEP[dtype]), "adam_allowance": adam_allowance(plan, STEP[dtype])}
+
+
+def compare(want: Trained, ranks: list[dict], params: set[str], tol: Tolerance, allowance: float = 0.0) -> list[Row]:
     rows = []
     for stage, ref in (("gradient", want.grads), ("after_steps", want.after)):
         for name, w in ref.items():
-            scale = 0.0 if w is None or not w.numel() else float(w.abs().max())
-            bound = tol["atol"] + tol["rtol"] * scale + (allowance if stage == "after_steps" else 0.0)
+            bound = tol.bound(w) + (allowance if stage == "after_steps" else 0.0)
             rows.append(Row(name, "parameter" if name in params else "buffer", stage,
                             max(difference(r["grads" if stage == "gradient" else "after"].get(name), w) for r in ranks),
                             bound))
     return rows
 
 
-def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
-    """Everything that can go wrong before a process starts (CheckError), then the reference."""
-    target = call_target(plan.spec, plan.dtype)  # never trained: it describes and diagnoses the model
-    check_world_sizes(plan.spec, target, world_sizes)
-    check_repeatable(plan.spec, target, plan.dtype)
-    dtype = "float32" if target.dtype == torch.float32 else "float64"
-    tol = {"dtype": dtype, **TOLERANCE[dtype]}
-    tol["adam_allowance"] = adam_allowance(plan, tol)
-    return Verdict(plan, target, reference(plan), tol)
-
-
-def run_checks(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
-    """For each N, one set of processes runs every target; each verdict gets its World."""
-    plans = [v.plan for v in verdicts]
-    for n in world_sizes:
-        try:
-            results, seconds = run_world(n, plans, timeout)
-        except WorkerError as e:
-            for v in verdicts:
-                v.worlds.append(World(n, math.nan, error=str(e)))
-            continue
-        for v, ranks in zip(verdicts, results, strict=True):
-            v.worlds.append(_world(v, n, seconds, ranks))
-
-
-def _world(v: Verdict, n: int, seconds: float, ranks: list[dict]) -> World:
+def judge(v: Verdict, n: int, seconds: float, ranks: list[dict]) -> World:
+    """The world of ``n`` processes from every rank's result for this verdict's target."""
     errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(ranks) if "error" in res]
     if errors:
         return World(n, seconds, error="\n".join(errors))
     params = {name for name, _ in v.target.model.named_parameters()}
     unused = sorted({name for names in ranks[0]["unused"] for name in names})
-    rows = compare(v.reference, ranks, params, v.tolerance, v.tolerance["adam_allowance"])
+    rows = compare(v.reference, ranks, params, STEP[v.tolerance["dtype"]], v.tolerance["adam_allowance"])
     return World(n, seconds, rows, unused=unused, ranks=ranks)

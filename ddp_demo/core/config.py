@@ -1,4 +1,4 @@
-"""Typed training configuration and the command line built from it.
+"""Typed training configuration and the command line built from it (core/flags.py).
 
 Each field's ``help`` is its one-line documentation and its ``--flag`` help text.
 ``__post_init__`` rejects bad values with a :class:`ConfigError` whose message names
@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ddp_demo.core.flags import OneLineParser, add_options, field_named, flag, option, parse_into
 from ddp_demo.core.malloc import MALLOC_CHOICES
 from ddp_demo.core.models import MODEL_NAMES
 
 OPTIMIZERS = ("sgd", "adam")
+# The learning rate the proofs and python -m ddp_demo.check train with, per optimizer
+PROOF_LR = {"sgd": 0.05, "adam": 0.01}
 WRAPPERS = ("torch", "scratch")  # --ddp: torch's DistributedDataParallel, or ddp_demo.parallel.ddp.ScratchDDP
 # The one dtype table: the --dtype name and the torch dtype it means.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -30,67 +33,64 @@ class ConfigError(ValueError):
     """A bad flag or input file; its message is the one line the user sees."""
 
 
-def _opt(default, help, choices=None, type_=None):
-    return field(default=default, metadata={"help": help, "choices": choices, "type": type_})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = _opt("mlp", "which of the article's modules to train", MODEL_NAMES)
-    steps: int = _opt(300, "optimizer steps to run (across epochs)")
-    global_batch_size: int = _opt(64, "samples per step over all ranks; must divide by the world size")
-    grad_accum_steps: int = _opt(
+    model: str = option("mlp", "which of the article's modules to train", MODEL_NAMES)
+    steps: int = option(300, "optimizer steps to run (across epochs)")
+    global_batch_size: int = option(64, "samples per step over all ranks; must divide by the world size")
+    grad_accum_steps: int = option(
         1, "split each rank's batch into K micro-batches and sync gradients once, after the K-th"
     )
-    lr: float = _opt(0.05, "learning rate")
-    ddp: str = _opt("torch", "gradient averaging: torch's DistributedDataParallel, or scratch, ddp_demo's own "
-                    "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS)
-    optimizer: str = _opt("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
-    seed: int = _opt(0, "seeds the model init, the built-in data and the sampler order")
-    dtype: str = _opt("float32", "parameter and data dtype", tuple(DTYPES))
-    data: str | None = _opt(None, "a .pt file holding a tuple (x, y) to train on instead of built-in data", type_=str)
-    out: str = _opt("runs/latest", "directory for final.pt, metrics.jsonl and summary.json")
-    device: str = _opt("auto", "cuda:LOCAL_RANK when CUDA is available, else cpu", DEVICES)
-    backend: str = _opt("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS)
-    timeout: float = _opt(120.0, "seconds a collective may wait for its peers before failing")
-    log_all_ranks: bool = _opt(False, "also log from non-zero ranks, prefixed [rank N]")
-    log_every: int = _opt(1, "write the agreed loss to metrics.jsonl every K steps (on CUDA also how often the "
-                          "host waits for the GPU to read it)")
-    malloc: str = _opt("keep", "keep: glibc keeps freed memory for reuse, so steps do not page-fault it back in "
-                       "(core/malloc.py); default: glibc's own thresholds", MALLOC_CHOICES)
-    precision: str = _opt("fp32", "autocast the forward pass: fp32 (off), bf16 (CPU and CUDA), fp16 with a "
-                          "GradScaler (CUDA only)", PRECISIONS)
-    preflight: bool = _opt(False, "first run the launch doctor's checks (python -m ddp_demo.doctor); a failure exits 2")
+    lr: float = option(0.05, "learning rate")
+    ddp: str = option("torch", "gradient averaging: torch's DistributedDataParallel, or scratch, ddp_demo's own "
+                      "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS)
+    optimizer: str = option("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
+    seed: int = option(0, "seeds the model init, the built-in data and the sampler order")
+    dtype: str = option("float32", "parameter and data dtype", tuple(DTYPES))
+    data: str | None = option(None, "a .pt file holding a tuple (x, y) to train on instead of built-in data", type_=str)
+    out: str = option("runs/latest", "directory for final.pt, metrics.jsonl and summary.json")
+    device: str = option("auto", "cuda:LOCAL_RANK when CUDA is available, else cpu", DEVICES)
+    backend: str = option("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS)
+    timeout: float = option(120.0, "seconds a collective may wait for its peers before failing")
+    log_all_ranks: bool = option(False, "also log from non-zero ranks, prefixed [rank N]")
+    log_every: int = option(1, "write the agreed loss to metrics.jsonl every K steps (on CUDA also how often the "
+                            "host waits for the GPU to read it)")
+    malloc: str = option("keep", "keep: glibc keeps freed memory for reuse, so steps do not page-fault it back in "
+                         "(core/malloc.py); default: glibc's own thresholds", MALLOC_CHOICES)
+    precision: str = option("fp32", "autocast the forward pass: fp32 (off), bf16 (CPU and CUDA), fp16 with a "
+                            "GradScaler (CUDA only)", PRECISIONS)
+    preflight: bool = option(False, "first run the launch doctor's checks (python -m ddp_demo.doctor); a failure "
+                             "exits 2")
     # resilience: checkpoints, resume, fault injection for tests and demos
-    checkpoint_dir: str | None = _opt(None, "save checkpoints here and resume from the newest valid one", type_=str)
-    checkpoint_every: int = _opt(50, "steps between checkpoints (one is always written at the last step)")
-    keep_last: int = _opt(3, "how many checkpoints to keep in --checkpoint-dir")
-    resume: str = _opt("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH")
-    record_samples: bool = _opt(False, "record each step's sample ids, rank by rank, in metrics.jsonl")
-    inject_fault: str | None = _opt(
+    checkpoint_dir: str | None = option(None, "save checkpoints here and resume from the newest valid one", type_=str)
+    checkpoint_every: int = option(50, "steps between checkpoints (one is always written at the last step)")
+    keep_last: int = option(3, "how many checkpoints to keep in --checkpoint-dir")
+    resume: str = option("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH")
+    record_samples: bool = option(False, "record each step's sample ids, rank by rank, in metrics.jsonl")
+    inject_fault: str | None = option(
         None, "for tests and demos: KIND:RANK:STEP with KIND kill (SIGKILL), hang (SIGSTOP) or pause (wait for a "
         "stop signal, at most --timeout s), after STEP, first attempt only",
         type_=str,
     )
-    skip_grad_sync: bool = _opt(
+    skip_grad_sync: bool = option(
         False, "negative control: never all-reduce gradients (DDP.no_sync every step); the run then fails its check"
     )
 
     def __post_init__(self):
         for name in ("model", "optimizer", "ddp", "dtype", "device", "backend", "precision", "malloc"):
-            choices = _field(name).metadata["choices"]
+            choices = field_named(TrainConfig, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(
                     f"--{name} {getattr(self, name)!r} is not known; use one of: {', '.join(choices)}"
                 )
         for name in ("steps", "global_batch_size", "grad_accum_steps"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{_flag(name)} must be a positive integer (got {getattr(self, name)})")
+                raise ConfigError(f"{flag(name)} must be a positive integer (got {getattr(self, name)})")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be a positive number (got {self.lr})")
         for name in ("checkpoint_every", "keep_last", "log_every"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{_flag(name)} must be a positive integer (got {getattr(self, name)})")
+                raise ConfigError(f"{flag(name)} must be a positive integer (got {getattr(self, name)})")
         if self.inject_fault is not None:
             self.fault()  # validates the format
         if not self.timeout > 0:
@@ -138,36 +138,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _field(name: str) -> dataclasses.Field:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises ConfigError (one line, printed once by the caller)."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message}; see --help")
-
-
 def build_parser(prog: str = "ddp_demo.train", description: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description)
-    for f in dataclasses.fields(TrainConfig):
-        meta, flag = f.metadata, _flag(f.name)
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=meta["help"])
-            continue
-        # choices are validated in __post_init__ so the message names the fix the same way
-        kind = meta["type"] or type(f.default)
-        extra = f" ({'|'.join(meta['choices'])})" if meta["choices"] else ""
-        parser.add_argument(flag, type=kind, default=f.default, help=f"{meta['help']}{extra} [default: {f.default}]")
-    return parser
+    # choices are validated in __post_init__ so the message names the fix the same way
+    return add_options(OneLineParser(prog=prog, description=description, error_type=ConfigError), TrainConfig)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a validated :class:`TrainConfig` (raises ConfigError)."""
-    args = build_parser().parse_args(argv)
-    return TrainConfig(**vars(args))
+    return parse_into(TrainConfig, build_parser(), argv)

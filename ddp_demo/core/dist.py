@@ -4,7 +4,9 @@
 tasks started by SLURM's ``srun``, ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NTASKS``)
 into a :class:`LaunchEnv`; ``setup()`` adds the device and backend and joins the process
 group; ``teardown()`` leaves it. Everything else receives a :class:`DistContext`
-explicitly: no other module reads ``os.environ`` or calls ``init_process_group``.
+explicitly: no other module reads ``os.environ`` or calls ``init_process_group``
+(tests/test_launch_env.py greps the package for readers). ``launch_variables()`` hands
+the trainer's ``--preflight`` the launch scripts' variables for the doctor's checks.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     if "SLURM_STEP_ID" in env and slurm_world_size(env) > 1:
         return srun_env(env)
     return LaunchEnv()
+
+
+def launch_variables(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment as the launch doctor's ``plan_from_env`` takes it (it picks
+    launch/multinode.sh's variables: ``NNODES``, ``RDZV_HOST``, ``MASTER_ADDR``, ...): read
+    here, like the rest of the launcher's environment, and passed down to ``preflight``."""
+    return dict(os.environ if environ is None else environ)
 
 
 def torchrun_env(env: dict[str, str]) -> LaunchEnv:

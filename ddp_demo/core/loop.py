@@ -1,9 +1,12 @@
 """The training step and loop shared by every launcher.
 
-Nothing here knows how processes were started: the caller passes a model that is
-already wrapped (``DistributedDataParallel`` for torchrun) and, if needed, its own
-:class:`~ddp_demo.core.accumulate.GradSync` (how a micro-batch syncs its gradients). The
-loop is the same single-process loop people already know.
+Nothing here knows how processes were started: the caller passes what its launcher
+wrapped (:class:`Wrapped`: the model, already in ``DistributedDataParallel`` under
+torchrun, its optimizer and, if needed, its own :class:`~ddp_demo.core.accumulate.GradSync`,
+how a micro-batch syncs its gradients). Read :func:`train_loop` beside examples/ddp.py:
+for each batch, one :class:`TrainStep` (zero_grad, forward and backward, step), then
+:class:`StepLogger` records it. The rest is what a run needs around that: agreeing on the
+loss and a stop request (core/agree.py), checkpoints and signals (``LoopControl``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,6 @@ from ddp_demo.core.config import TrainConfig
 from ddp_demo.core.data import Task
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.precision import Precision
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-    return torch.optim.Adam(params, lr=cfg.lr)
 
 
 def loss_function(task: Task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -150,53 +147,94 @@ class Rate:
         return rate
 
 
-def train_loop(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    loss_fn: Callable,
-    cfg: TrainConfig,
-    ctx: DistContext,
-    grad_sync: GradSync | None = None,
-    start_step: int = 0,
-    after_step: Callable[[int, int, list[StepLog]], None] | None = None,
-    stop_requested: Callable[[], bool] = lambda: False,
-    agreement: Agreement | None = None,
-) -> list[StepLog]:
-    """Run optimizer steps ``start_step + 1 ... cfg.steps``; rank 0 shows a progress bar.
+@dataclass(frozen=True)
+class Wrapped:
+    """What a launcher wrapped (train.py's ``wrap``): the loop trains with these."""
 
-    ``after_step(step, epoch, logs)`` runs once a step is applied (checkpoints go there).
-    A non-finite loss raises :class:`NonFiniteLoss` before any checkpoint or output holds
-    it (on the CPU: before its update is applied); a stop request raises
-    :class:`StopRequested` after the step it was agreed on. ``agreement`` (made here if
-    not given) carries the loss and stop flag in DDP's gradient all-reduce.
+    model: torch.nn.Module  # DDP(model), Accelerate's prepared model, or the bare model (plain python)
+    optimizer: torch.optim.Optimizer  # the optimizer of the bare model (or Accelerate's prepared one)
+    grad_sync: GradSync | None = None  # how each micro-batch syncs; None: DDP's no_sync (ddp_grad_sync)
+    agreement: Agreement | None = None  # carries loss and stop flag in the gradient all-reduce; None: made here
+
+
+@dataclass(frozen=True)
+class LoopControl:
+    """Where the loop starts and what it consults around each step."""
+
+    start_step: int = 0  # the last step already applied (a resumed run): train start_step + 1 ... cfg.steps
+    after_step: Callable[[int, int, list[StepLog]], None] | None = None  # (step, epoch, logs): checkpoints, faults
+    stop_requested: Callable[[], bool] = lambda: False  # True once this rank was asked to stop (a signal)
+
+
+class TrainStep:
+    """One optimizer step: zero_grad, forward and backward over K micro-batches, agree, apply.
+
+    The agreed loss is read (and checked: a non-finite one raises :class:`NonFiniteLoss`)
+    before the update is applied, where :class:`Watch` says a read is due.
     """
-    grad_sync = grad_sync or ddp_grad_sync(model, cfg.grad_accum_steps, never_sync=cfg.skip_grad_sync)
-    agreement = agreement or Agreement(model, ctx)
-    precision, rate = Precision(cfg.precision, ctx.device), Rate(cfg, start_step)
-    watch = Watch(cfg, deferred=ctx.device.type != "cpu")
-    logs: list[StepLog] = []
-    shown = 0.0  # when the bar's loss and rate were last set
-    with tqdm(total=cfg.steps, initial=start_step, disable=not ctx.is_main, unit="step", dynamic_ncols=True) as bar:
-        for step, epoch, ids, (x, y) in epoch_batches(loader, cfg.steps, start_step):
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            agreement.begin(stop_requested())
-            accumulate_gradients(model, x, y, loss_fn, cfg.grad_accum_steps, grad_sync, precision, agreement.note)
-            agreed, stop = agreement.result(), False
-            if watch.due(step):
-                loss, stop = watch.read(step, agreed)
-            else:
-                watch.remember(step, agreed)
-            precision.step(optimizer)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                logs.append(StepLog(step, loss, rate(step), gather_ids(ids, ctx) if cfg.record_samples else None))
-                if ctx.is_main and (time.perf_counter() - shown >= 0.1 or step == cfg.steps):
-                    shown = time.perf_counter()  # the bar redraws at most every 0.1 s: no need to format more often
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{logs[-1].samples_per_s:,.0f}", refresh=False)
-            if after_step:
-                after_step(step, epoch, logs)
+
+    def __init__(self, wrapped: Wrapped, loss_fn: Callable, cfg: TrainConfig, ctx: DistContext):
+        self.model, self.optimizer, self.loss_fn = wrapped.model, wrapped.optimizer, loss_fn
+        self.k, self.device = cfg.grad_accum_steps, ctx.device
+        self.grad_sync = wrapped.grad_sync or ddp_grad_sync(self.model, self.k, never_sync=cfg.skip_grad_sync)
+        self.agreement = wrapped.agreement or Agreement(self.model, ctx)
+        self.precision = Precision(cfg.precision, ctx.device)
+        self.watch = Watch(cfg, deferred=ctx.device.type != "cpu")
+
+    def __call__(self, step: int, batch: tuple[torch.Tensor, torch.Tensor], stop: bool) -> tuple[float | None, bool]:
+        """Train on ``batch``; ``stop``: this rank was asked to stop. Returns the agreed (loss,
+        stop), or (None, False) where no read was due (the loss stays on the device)."""
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.agreement.begin(stop)
+        accumulate_gradients(self.model, x, y, self.loss_fn, self.k, self.grad_sync, self.precision,
+                             self.agreement.note)
+        agreed, loss, stop = self.agreement.result(), None, False
+        if self.watch.due(step):
+            loss, stop = self.watch.read(step, agreed)
+        else:
+            self.watch.remember(step, agreed)
+        self.precision.step(self.optimizer)
+        return loss, stop
+
+
+class StepLogger:
+    """Keeps a :class:`StepLog` every ``--log-every`` steps and at the last; rank 0's
+    progress bar shows the latest loss and rate."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, start_step: int):
+        self.cfg, self.ctx, self.rate = cfg, ctx, Rate(cfg, start_step)
+        self.logs: list[StepLog] = []
+        self.shown = 0.0  # when the bar's loss and rate were last set
+
+    def __call__(self, step: int, loss: float | None, ids: list[int], bar: tqdm) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if not (step % cfg.log_every == 0 or step == cfg.steps):
+            return
+        self.logs.append(StepLog(step, loss, self.rate(step), gather_ids(ids, ctx) if cfg.record_samples else None))
+        if ctx.is_main and (time.perf_counter() - self.shown >= 0.1 or step == cfg.steps):
+            self.shown = time.perf_counter()  # the bar redraws at most every 0.1 s: no need to format more often
+            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{self.logs[-1].samples_per_s:,.0f}", refresh=False)
+
+
+def train_loop(wrapped: Wrapped, loader: DataLoader, loss_fn: Callable, cfg: TrainConfig, ctx: DistContext,
+               control: LoopControl = LoopControl()) -> list[StepLog]:
+    """Run optimizer steps ``control.start_step + 1 ... cfg.steps``; rank 0 shows a progress bar.
+
+    ``control.after_step(step, epoch, logs)`` runs once a step is applied (checkpoints go
+    there). A non-finite loss raises :class:`NonFiniteLoss` before any checkpoint or output
+    holds it (on the CPU: before its update is applied); a stop request raises
+    :class:`StopRequested` after the step it was agreed on.
+    """
+    train_step, log_step = TrainStep(wrapped, loss_fn, cfg, ctx), StepLogger(cfg, ctx, control.start_step)
+    bar = tqdm(total=cfg.steps, initial=control.start_step, disable=not ctx.is_main, unit="step", dynamic_ncols=True)
+    with bar:
+        for step, epoch, ids, batch in epoch_batches(loader, cfg.steps, control.start_step):
+            loss, stop = train_step(step, batch, control.stop_requested())
+            log_step(step, loss, ids, bar)
+            if control.after_step:
+                control.after_step(step, epoch, log_step.logs)
             bar.update()
             if stop:
                 raise StopRequested(step)
-    return logs
+    return log_step.logs

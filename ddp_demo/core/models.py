@@ -1,4 +1,4 @@
-"""The article's modules, and a classifier built around its CNN.
+"""The article's modules, a classifier built around its CNN, and the optimizer that trains them.
 
 This file imports nothing from PyTorch's distributed package: a Module owns its parameters
 and describes the math; it does not know how many processes train it. Data
@@ -79,3 +79,10 @@ def build_model(name: str, x_shape: tuple[int, ...], num_classes: int, hidden: i
     if name == "multiply":
         return MultiplyByTwo()
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def make_optimizer(name: str, lr: float, params) -> torch.optim.Optimizer:
+    """``--optimizer``: ``sgd`` (momentum 0.9) or ``adam``, at learning rate ``lr``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr)

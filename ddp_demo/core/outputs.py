@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ddp_demo.core.config import ConfigError
+from ddp_demo.core.config import ConfigError, TrainConfig
+from ddp_demo.core.dist import DistContext
 
 
 def check_out_dir(path: str, flag: str = "--out") -> None:
@@ -39,6 +41,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class RunRecord:
+    """Who launched a run and when its phases ended (``time.time()`` on rank 0; bench.command
+    splits a run with them): summary.json's ``launcher``, ``wall_time_s`` and ``timeline``."""
+
+    def __init__(self, launcher: str, main_started: float):
+        self.launcher, self.start = launcher, time.perf_counter()
+        self.timeline = {"main_started": main_started}
+
+    def mark(self, phase: str) -> None:
+        self.timeline[phase] = time.time()
+
+    def summary(self, cfg: TrainConfig, ctx: DistContext, results: dict) -> dict:
+        """summary.json: what ran and where, what it reached (``results``), and when."""
+        where = {"world_size": ctx.world_size, "launcher": self.launcher, "backend": ctx.backend,
+                 "device": ctx.device.type, "torch_version": torch.__version__}
+        return {"config": cfg.to_dict(), **where, **results,
+                "wall_time_s": round(time.perf_counter() - self.start, 3), "timeline": self.timeline}
+
+
 def write_outputs(out: str, state_dict: dict, metrics: list[dict], summary: dict) -> None:
     """final.pt (plain state_dict), metrics.jsonl (a line per step), summary.json."""
     d = Path(out)
@@ -47,22 +68,3 @@ def write_outputs(out: str, state_dict: dict, metrics: list[dict], summary: dict
     atomic_write(d / "final.pt", lambda p: torch.save(state_dict, p))
     atomic_write(d / "metrics.jsonl", lambda p: p.write_text(lines))
     atomic_write(d / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-
-
-FORMATS = (".png", ".svg", ".pdf")  # the pictures python -m ddp_demo.compare and .check --plot draw
-
-
-def check_out_file(out: str, flag: str = "--out") -> None:
-    """A picture's path (``compare --out``, ``check --plot``), checked before any work."""
-    if Path(out).suffix not in FORMATS:
-        raise ConfigError(f"{flag} {out}: use a {', '.join(FORMATS)} file name, e.g. {flag} picture.png")
-    check_out_dir(str(Path(out).parent), flag=flag)
-
-
-def import_plots():
-    """proof/plots.py, imported only by the commands that draw: the others never import matplotlib."""
-    try:
-        from ddp_demo.proof import plots
-    except ImportError as e:
-        raise ConfigError(f"drawing needs matplotlib ({e}); install it with: pip install -e \".[plot]\"") from None
-    return plots

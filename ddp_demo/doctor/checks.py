@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 
 from ddp_demo.doctor.membership import check_node_loss
@@ -173,10 +172,12 @@ def run_checks(plan: LaunchPlan) -> list[Check]:
     return found
 
 
-def preflight(launched: bool, world_size: int, device: str, backend: str, agent_store: bool = True) -> int:
-    """The trainer's ``--preflight``: raise LaunchProblem (one line) on the first failure."""
+def preflight(variables: dict[str, str], launched: bool, world_size: int, device: str, backend: str,
+              agent_store: bool = True) -> int:
+    """The trainer's ``--preflight``: raise LaunchProblem (one line) on the first failure.
+    ``variables``: the process's environment, read by core/dist.py (``launch_variables``)."""
     try:
-        plan = plan_from_env(dict(os.environ), device=device, backend=backend, launched=launched,
+        plan = plan_from_env(variables, device=device, backend=backend, launched=launched,
                              world_size=world_size if launched else None, agent_store=agent_store)
     except ValueError as e:
         raise LaunchProblem(f"preflight: {e}") from None

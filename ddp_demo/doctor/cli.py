@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch-size", type=int, help="the trainer's: every world size must divide it")
     args, _ = parser.parse_known_args(argv)
     try:
+        # The one reader outside core/dist.py (tests/test_launch_env.py allows it): the doctor answers
+        # without importing torch (docs/multinode.md), and core/dist.py imports torch. What it reads
+        # is launch/multinode.sh's input, on a node no launcher has started yet.
         plan = plan_from_env(dict(os.environ), device=args.device, backend=args.backend, world_size=args.world_size,
                              checkpoint_dir=args.checkpoint_dir, global_batch_size=args.global_batch_size)
     except ValueError as e:

@@ -12,7 +12,7 @@ Module (``Accelerator.prepare``) and run backward (``accelerator.backward``,
 - ``accum``: ``{("accum", model, dtype, K): [.grad after each micro-batch]}``.
 
 ``tests/test_accelerate.py`` compares them with one process on the whole batch
-(``equivalence.reference_grads``), with the tolerances and controls of ``proof/cases.py``.
+(``equivalence.reference_grads``), judged as ``proof/cases.py`` judges (``core/tolerances.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run_checks(accelerator: Accelerator, ctx: DistContext) -> dict:
         "distributed_type": accelerator.distributed_type.value,
         "prepared_is_ddp": isinstance(probe, DDP),
         "grads": {(m, d): grads_case(accelerator, ctx, m, d) for m in MODEL_NAMES for d in DTYPE_NAMES},
-        "accum": {case: accum_case(accelerator, ctx, *case[1:]) for case in accum_cases(ctx.world_size)},
+        "accum": {case: accum_case(accelerator, ctx, *case) for case in accum_cases(ctx.world_size)},
     }
 
 

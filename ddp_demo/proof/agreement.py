@@ -1,6 +1,6 @@
 """Checks for core/agree.py: the loss and stop flag ride in DDP's gradient all-reduce.
 
-Run on N ranks by ``spawn.run_on_ranks`` (tests/test_agree.py). Every all-reduce is
+Run on N ranks by ``core.spawn.run_on_ranks`` (tests/test_agree.py). Every all-reduce is
 counted by wrapping ``ProcessGroup.allreduce``, where ``dist.all_reduce`` ends too; DDP's
 buckets are made visible to the count by a hook that is torch's own ``allreduce_hook``. Three loops train
 the same steps:
@@ -28,8 +28,8 @@ from ddp_demo.core.agree import Agreement
 from ddp_demo.core.config import TrainConfig
 from ddp_demo.core.data import builtin_task, rank_loader
 from ddp_demo.core.dist import DistContext
-from ddp_demo.core.loop import StopRequested, loss_function, make_optimizer, train_loop
-from ddp_demo.core.models import build_model
+from ddp_demo.core.loop import LoopControl, StopRequested, Wrapped, loss_function, train_loop
+from ddp_demo.core.models import build_model, make_optimizer
 from ddp_demo.parallel.ddp import ScratchDDP
 
 STEPS = 4
@@ -65,7 +65,7 @@ def parts(ctx: DistContext, cfg: TrainConfig = CFG, scratch: bool = False):
     cap = 0.0005  # MB: a few hundred bytes per bucket
     ddp = ScratchDDP(model, bucket_cap_mb=cap, first_bucket_cap_mb=cap) if scratch else DDP(model, bucket_cap_mb=cap)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
-    return ddp, make_optimizer(cfg, model.parameters()), loader, loss_function(task)
+    return ddp, make_optimizer(cfg.optimizer, cfg.lr, model.parameters()), loader, loss_function(task)
 
 
 def grads(ddp) -> torch.Tensor:
@@ -96,7 +96,7 @@ def trainer(ctx: DistContext, carry: bool, scratch: bool = False) -> dict:
     agreement = Agreement(ddp, ctx, carry=carry)
     calls: list[int] = []
     with counting_all_reduce(calls):
-        logs = train_loop(ddp, optimizer, loader, loss_fn, CFG, ctx, agreement=agreement)
+        logs = train_loop(Wrapped(ddp, optimizer, agreement=agreement), loader, loss_fn, CFG, ctx)
     return {"calls": calls, "grads": grads(ddp), "logged": [entry.loss for entry in logs]}
 
 
@@ -105,8 +105,8 @@ def stop_on_one_rank(ctx: DistContext, rank: int = 1, at: int = 2) -> int | None
     ddp, optimizer, loader, loss_fn = parts(ctx)
     asked = iter(range(1, 10**6))
     try:
-        train_loop(ddp, optimizer, loader, loss_fn, replace(CFG, steps=10**6), ctx,
-                   stop_requested=lambda: ctx.rank == rank and next(asked) >= at)
+        train_loop(Wrapped(ddp, optimizer), loader, loss_fn, replace(CFG, steps=10**6), ctx,
+                   LoopControl(stop_requested=lambda: ctx.rank == rank and next(asked) >= at))
     except StopRequested as e:
         return e.step
     return None

@@ -17,8 +17,9 @@ binary floating point). So, element by element,
     |DDP - one process| <= u |g| + u (|g_0| + |g_1|) / 2 <= 2u max(|g_0|, |g_1|)
 
 plus float32 rounding (``2^-24``, 65,000 times smaller). The check holds each parameter
-tensor to ``BOUND_FACTOR * u * s`` with ``s`` the largest ``|g_r|`` of that tensor on any
-rank: the bound above with ``BOUND_FACTOR = 2``, doubled for a rarer effect it leaves out.
+tensor to ``BF16_BOUND_FACTOR * u * s`` (``bf16_autocast`` in ``core/tolerances.py``) with
+``s`` the largest ``|g_r|`` of that tensor on any rank: the bound above, 2u, doubled for a
+rarer effect it leaves out.
 A matrix multiply's float32 accumulation order can differ between batch sizes, and where a
 result sits next to a bf16 rounding boundary it rounds the other way: one value off by one
 bf16 step, ``u`` of itself, in a forward activation, which then moves that sample's
@@ -26,7 +27,7 @@ gradient by about ``u`` of its size too. ``s`` is measured, not assumed: it is t
 gradient each rank computes without the all-reduce, which is also the negative control.
 
 Negative control: the same comparison for a rank's own gradient (``no_sync``) must fail by
-a wide margin, ``CONTROL_MARGIN`` times the bound, or the bound is too loose to mean anything.
+a wide margin, ``BF16_CONTROL_MARGIN`` times the bound, or the bound is too loose to mean anything.
 """
 
 from __future__ import annotations
@@ -38,12 +39,9 @@ from ddp_demo.core.accumulate import accumulate_gradients, ddp_grad_sync
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.precision import Precision
+from ddp_demo.core.spawn import run_on_ranks
+from ddp_demo.core.tolerances import BF16
 from ddp_demo.proof.equivalence import case_setup, grads_of, shard
-from ddp_demo.proof.spawn import run_on_ranks
-
-U_BF16 = 2.0**-8  # unit roundoff of bf16: 8 significant bits
-BOUND_FACTOR = 4.0  # 2u from the two roundings above, doubled for forward rounding flips
-CONTROL_MARGIN = 8.0  # the unsynced control must miss the bound by at least this factor
 
 
 def autocast_grads(model: torch.nn.Module, batch, loss_fn, device: torch.device, sync: bool = True) -> dict:
@@ -72,11 +70,10 @@ def autocast_cases_on_rank(ctx: DistContext, models: tuple[str, ...]) -> dict:
 def verdict(per_model: list[dict]) -> dict:
     """One model's rows (one per rank): the largest difference over the bound, over every
     parameter tensor and rank, for DDP (must be <= 1) and for the unsynced control (must be
-    >= CONTROL_MARGIN)."""
+    >= BF16_CONTROL_MARGIN)."""
     want = per_model[0]["one_process"]
     # 1e-30: a tensor whose gradient is zero on every rank must then match exactly
-    bound = {k: BOUND_FACTOR * U_BF16 * max(max(float(r["local"][k].abs().max()) for r in per_model), 1e-30)
-             for k in want}
+    bound = {k: BF16.at(max(max(float(r["local"][k].abs().max()) for r in per_model), 1e-30)) for k in want}
 
     def worst(kind: str, scale: dict) -> float:
         return max(float((r[kind][k] - want[k]).abs().max()) / scale[k] for r in per_model for k in want)

@@ -1,6 +1,6 @@
 """The equivalence checks: DDP on N ranks against one process on the whole batch.
 
-Each ``*_on_rank`` function runs inside one worker (see ``spawn.run_on_ranks``) and
+Each ``*_on_rank`` function runs inside one worker (see ``core.spawn.run_on_ranks``) and
 returns what that rank ended up with; the matching ``reference_*`` function computes
 what a single process gets from the same seed and the same global batch. The tests
 compare the two. ``sync=False`` runs backward under ``DDP.no_sync()``: gradients stay
@@ -12,21 +12,22 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo import train
 from ddp_demo.core.accumulate import GradSync, accumulate_gradients, ddp_grad_sync
-from ddp_demo.core.config import DTYPES, TrainConfig
+from ddp_demo.core.config import DTYPES, PROOF_LR, TrainConfig
 from ddp_demo.core.data import builtin_task, rank_loader
 from ddp_demo.core.dist import DistContext
-from ddp_demo.core.loop import loss_function, make_optimizer, train_loop
-from ddp_demo.core.models import build_model
+from ddp_demo.core.loop import loss_function, train_loop
+from ddp_demo.core.models import build_model, make_optimizer
 
 SEED = 1234
 GLOBAL_BATCH = 24  # divisible by every world size tested: 1, 2, 3, 4
-LR = {"sgd": 0.05, "adam": 0.01}
+LR = PROOF_LR
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]  # DDP, or another wrapper to run the same case under
 
 
@@ -48,7 +49,7 @@ def shard(batch, ctx: DistContext):
 
 def case_optimizer(name: str, params) -> torch.optim.Optimizer:
     """The optimizer every case uses: the trainer's, at the case's learning rate."""
-    return make_optimizer(TrainConfig(optimizer=name, lr=LR[name]), params)
+    return make_optimizer(name, LR[name], params)
 
 
 def grads_on_rank(ctx: DistContext, model_name: str, dtype: str, sync: bool = True,
@@ -105,10 +106,10 @@ def trainer_params_on_rank(ctx: DistContext, model_name: str, dtype: str, optimi
                       global_batch_size=GLOBAL_BATCH, seed=SEED, skip_grad_sync=not sync)
     task = builtin_task(model_name, SEED, DTYPES[dtype], n_train=GLOBAL_BATCH * steps, n_heldout=0)
     model = train.make_model(cfg, task, ctx.device)
-    wrapped, opt, grad_sync = train.Torchrun().wrap(model, make_optimizer(cfg, model.parameters()), cfg, ctx)
+    wrapped = train.ProcessGroupLauncher().wrap(model, make_optimizer(optimizer, cfg.lr, model.parameters()), cfg, ctx)
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     with contextlib.redirect_stderr(io.StringIO()):  # rank 0's progress bar
-        train_loop(wrapped, opt, loader, loss_function(task), cfg, ctx, grad_sync)
+        train_loop(wrapped, loader, loss_function(task), cfg, ctx)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -140,21 +141,36 @@ def micro_grads_on_rank(ctx: DistContext, model_name: str, dtype: str, k: int) -
     return snapshots
 
 
-def accum_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, list]:
-    """Many ``("accum", model, dtype, k)`` cases in one set of processes."""
-    return {case: micro_grads_on_rank(ctx, *case[1:]) for case in cases}
+class Case(NamedTuple):
+    """One equivalence case: what runs, on which model and dtype, and whether gradients sync."""
+
+    kind: str  # "grads": one backward; "params": 5 steps by hand; "trainer": 5 steps through the trainer
+    model: str
+    dtype: str
+    synced: bool = True  # False: the negative control (DDP.no_sync, or --skip-grad-sync)
+    optimizer: str | None = None  # "params" and "trainer" only
 
 
-def all_cases_on_rank(ctx: DistContext, cases: list[tuple]) -> dict[tuple, dict[str, torch.Tensor]]:
-    """Run many cases in one set of processes (start-up costs seconds; a case, milliseconds).
+class AccumCase(NamedTuple):
+    """One step accumulated over ``k`` micro-batches (:func:`micro_grads_on_rank`)."""
 
-    A case is ``("grads", model, dtype, sync)``, ``("params", model, dtype, optimizer, sync)``
-    or ``("trainer", model, dtype, optimizer, sync)``.
-    """
-    steps = {"params": params_on_rank, "trainer": trainer_params_on_rank}
-    out = {}
-    for case in cases:
-        kind, model, dtype, *rest = case
-        out[case] = grads_on_rank(ctx, model, dtype, sync=rest[0]) if kind == "grads" else \
-            steps[kind](ctx, model, dtype, rest[0], sync=rest[1])
-    return out
+    model: str
+    dtype: str
+    k: int
+
+
+def accum_cases_on_rank(ctx: DistContext, cases: list[AccumCase]) -> dict[AccumCase, list]:
+    """Many accumulation cases in one set of processes."""
+    return {case: micro_grads_on_rank(ctx, case.model, case.dtype, case.k) for case in cases}
+
+
+def run_case(ctx: DistContext, case: Case) -> dict[str, torch.Tensor]:
+    if case.kind == "grads":
+        return grads_on_rank(ctx, case.model, case.dtype, sync=case.synced)
+    steps = {"params": params_on_rank, "trainer": trainer_params_on_rank}[case.kind]
+    return steps(ctx, case.model, case.dtype, case.optimizer, sync=case.synced)
+
+
+def all_cases_on_rank(ctx: DistContext, cases: list[Case]) -> dict[Case, dict[str, torch.Tensor]]:
+    """Run many cases in one set of processes (start-up costs seconds; a case, milliseconds)."""
+    return {case: run_case(ctx, case) for case in cases}

@@ -30,8 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.tolerances import STEP, max_abs_diff, within
 from ddp_demo.parallel.ddp import ScratchDDP
-from ddp_demo.proof.cases import DTYPE_NAMES, max_abs_diff, within_tolerance
+from ddp_demo.proof.cases import DTYPE_NAMES
 from ddp_demo.proof.equivalence import case_optimizer, case_setup, grads_of, shard
 
 
@@ -119,5 +120,5 @@ def differences(per_rank: list[dict], case: tuple, want: dict) -> dict:
     pairs = [(g, want["grads"][t]) for res in got for t, g in enumerate(res["grads"])]
     pairs_p = [(res["params"], want["params"]) for res in got]
     return {"grads": max(max_abs_diff(a, b) for a, b in pairs), "params": max(max_abs_diff(a, b) for a, b in pairs_p),
-            "close": all(within_tolerance(a, b, case[1]) for a, b in pairs + pairs_p),
+            "close": all(within(a, b, STEP[case[1]]) for a, b in pairs + pairs_p),
             "steps": [len(res["grads"]) for res in got]}

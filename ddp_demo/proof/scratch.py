@@ -29,9 +29,10 @@ from ddp_demo import train
 from ddp_demo.core.config import parse_config
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.models import MODEL_NAMES
+from ddp_demo.core.tolerances import STEP, max_abs_diff, within
 from ddp_demo.parallel.ddp import MIB, ScratchDDP
 from ddp_demo.proof import join
-from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES, TOLERANCE, max_abs_diff, within_tolerance
+from ddp_demo.proof.cases import DTYPE_NAMES, OPTIMIZER_NAMES
 from ddp_demo.proof.equivalence import Wrap, case_setup, grads_on_rank, params_on_rank, shard
 
 SMALL_BUCKET_BYTES = 100  # a cap below every weight matrix: several buckets for these models
@@ -97,7 +98,7 @@ def compare(per_rank: list[dict], case_list: list[tuple]) -> list[dict]:
                 for rank, results in enumerate(per_rank):
                     got, want = results["cases"][case], results["cases"][case[:-1] + (theirs,)]
                     rows.append({"check": check, "case": case, "rank": rank, "max_abs_diff": max_abs_diff(got, want),
-                                 "close": within_tolerance(got, want, case[2]),
+                                 "close": within(got, want, STEP[case[2]]),
                                  "identical": all(torch.equal(got[k], want[k]) for k in want)})
     return rows
 
@@ -109,7 +110,7 @@ def passes(check: str, rows: list[dict]) -> bool:
         return all(r["identical"] for r in rows)
     if check == "other buckets":
         return all(r["close"] for r in rows)
-    atol = TOLERANCE[rows[0]["case"][2]]["atol"]
+    atol = STEP[rows[0]["case"][2]].atol
     return not all(r["close"] for r in rows) and max(r["max_abs_diff"] for r in rows) >= MARGIN * atol
 
 

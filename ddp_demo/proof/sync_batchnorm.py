@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core.config import DTYPES
 from ddp_demo.core.dist import DistContext
+from ddp_demo.core.spawn import run_on_ranks
+from ddp_demo.core.tolerances import STEP, difference
 from ddp_demo.parallel.sync_batchnorm import convert_sync_batchnorm
-from ddp_demo.proof.cases import TOLERANCE
-from ddp_demo.proof.spawn import run_on_ranks
 
 BATCH, CHANNELS, SEED = 20, 3, 7
 UNEVEN = {1: [20], 2: [7, 13], 3: [2, 7, 11], 4: [0, 3, 8, 9]}  # samples per rank, in order
@@ -134,15 +134,15 @@ def gathered(case: tuple, per_rank: list[dict], rank: int) -> dict[str, torch.Te
 
 def compare(case: tuple, per_rank: list[dict], want: dict[str, torch.Tensor] | None = None) -> dict:
     """The largest difference from one process over every rank and quantity, and whether all
-    are within ``TOLERANCE`` of ``proof/cases.py`` (the core's tolerances, elementwise)."""
+    are within the step tolerances of ``core/tolerances.py`` (its one rule: per tensor)."""
     want = reference(case) if want is None else want
     worst, close = (0.0, ""), True
     for rank in range(len(per_rank)):
         got = gathered(case, per_rank, rank)
         for key, w in want.items():
-            diff = float((got[key] - w).abs().max())
+            diff = difference(got[key], w)
             worst = max(worst, (diff, key))
-            close &= torch.allclose(got[key], w, **TOLERANCE[case[1]])
+            close &= diff <= STEP[case[1]].bound(w)
     return {"max_abs_diff": worst[0], "worst": worst[1], "close": close}
 
 

@@ -17,10 +17,12 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, listen: bool = True):
+        """``listen=False``: no handler is installed and nothing ever asks to stop (a run
+        started in-process by a test or a proof, not by ``main``)."""
         self.received: int | None = None
         self._previous = {}
-        if threading.current_thread() is threading.main_thread():
+        if listen and threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 

@@ -3,7 +3,7 @@
 The test suite uses this to run the multi-process bodies in ``equivalence.py``;
 you can too::
 
-    from ddp_demo.proof.spawn import run_on_ranks
+    from ddp_demo.core.spawn import run_on_ranks
     results = run_on_ranks(my_fn, world_size=2, args=(...,))   # my_fn(ctx, *args)
 
 Each worker goes through the same ``setup()``/``teardown()`` as the trainer. A

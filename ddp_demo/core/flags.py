@@ -1,0 +1,75 @@
+"""Command lines built from typed dataclasses: one field, one ``--flag``, its help the field's.
+
+Every command states its flags as a frozen dataclass whose fields come from :func:`option`
+(the one-line help, the choices, how the text is parsed); :func:`add_options` turns the class
+into ``argparse`` arguments, and the class's ``__post_init__`` validates the values, raising the
+command's own error with one line that names the flag and the fix. ``TrainConfig``
+(core/config.py), ``CheckOptions`` (check/options.py) and the options of ``verify``, ``compare``
+and ``bench`` are all parsed this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import field
+
+
+def option(default, help: str, choices=None, type_=None, *, parse_choices: bool = False, **argparse_kwargs):
+    """A dataclass field that is also a flag. ``choices`` are shown in the help and checked by the
+    class's ``__post_init__`` (or by argparse, with ``parse_choices``); ``type_`` parses the text
+    (default: the default's type); the rest (``nargs``, ``metavar``, ``required``, ``positional``)
+    goes to ``add_argument``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": type_,
+                                            "parse_choices": parse_choices, "argparse": argparse_kwargs})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_named(cls, name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(cls)}[name]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises ``error_type`` (one line, printed once by the caller)."""
+
+    def __init__(self, *args, error_type: type[Exception], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_type = error_type
+
+    def error(self, message: str):
+        raise self.error_type(f"{message}; see --help")
+
+
+def _shown(default, nargs) -> str:
+    if isinstance(default, (tuple, list)):
+        return (" " if nargs else ",").join(map(str, default))
+    return str(default)
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    """An argument per field of ``cls``, in field order; a field's help ends with its choices and
+    its default. A bool is a switch: ``--name`` when it defaults to False, ``--no-name`` when True."""
+    for f in dataclasses.fields(cls):
+        meta, extra = f.metadata, dict(f.metadata["argparse"])
+        if f.type in (bool, "bool"):
+            off = f"--no-{f.name.replace('_', '-')}"
+            parser.add_argument(off if f.default else flag(f.name), dest=f.name, help=meta["help"],
+                                action="store_false" if f.default else "store_true")
+            continue
+        name = f.name if extra.pop("positional", False) else flag(f.name)
+        text = meta["help"] + (f" ({'|'.join(meta['choices'])})" if meta["choices"] else "")
+        if f.default is not None and not extra.get("required") and name.startswith("--"):
+            text += f" [default: {_shown(f.default, extra.get('nargs'))}]"
+        if meta["parse_choices"]:
+            extra["choices"] = meta["choices"]
+        parser.add_argument(name, type=meta["type"] or type(f.default), default=f.default, help=text, **extra)
+    return parser
+
+
+def parse_into(cls, parser: argparse.ArgumentParser, argv: list[str] | None):
+    """``cls(**parsed)``: a list that ``nargs`` gave becomes the tuple a frozen field holds."""
+    args = vars(parser.parse_args(argv))
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
