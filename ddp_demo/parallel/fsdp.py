@@ -124,7 +124,7 @@ class ShardedBlock:
         with torch.no_grad():
             for fp, w in zip(self.params, whole, strict=True):
                 self._make_shard(fp, w)
-        self.unsharded, self.ready = False, 0
+        self.unsharded, self.ready, self.in_backward = False, 0, False
         module.register_forward_pre_hook(self._pre_forward)
         module.register_forward_hook(self._post_forward)
 
@@ -163,7 +163,7 @@ class ShardedBlock:
         for fp in self.params:
             fp.owner._parameters[fp.attr] = fp.sharded
             free(fp.gathered)
-        self.unsharded = False
+        self.unsharded, self.in_backward = False, False
         self.fsdp.log(f"free ({why})", self, 0)
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -174,7 +174,10 @@ class ShardedBlock:
             fp.owner._parameters[fp.attr] = fp.full  # [FSDPParam.to_unsharded]
 
     def _post_forward(self, module: nn.Module, args, output):
-        self.reshard("after forward")
+        if self.fsdp.reshard_after_forward:
+            self.reshard("after forward")
+        else:
+            self.fsdp.log("keep whole (after forward)", self, 0)
         if torch.is_grad_enabled():  # [FSDPState._register_pre_backward_hook]
             for t in _tensors(output):
                 if t.requires_grad:
@@ -184,7 +187,12 @@ class ShardedBlock:
     def _pre_backward(self, grad: torch.Tensor) -> None:
         """The gradient of the block's output exists: the block's backward is next."""
         self.fsdp.queue_final_callback()
-        if not self.unsharded and self.fsdp.gather_in_backward:
+        if self.in_backward:
+            return  # another output of the block: already done
+        self.in_backward = True
+        if self.unsharded:
+            self.fsdp.log("backward (still whole)", self, 0)
+        elif self.fsdp.gather_in_backward:
             self.unshard("backward")
 
     def _grad_ready(self, _: nn.Parameter) -> None:
@@ -254,11 +262,14 @@ class ScratchFSDP:
 
     ``reduce=False`` and ``gather_in_backward=False`` are the negative controls: no
     reduce-scatter (each rank keeps its own chunk of its own gradient) and no all-gather before a
-    block's backward (autograd then finds the whole parameters it saved freed)."""
+    block's backward (autograd then finds the whole parameters it saved freed).
+    ``reshard_after_forward=False`` keeps each block whole from its forward to its backward
+    (FSDP2's option of that name: one all-gather fewer, more memory)."""
 
     def __init__(self, module: nn.Module, blocks: list[nn.Module] = (), group=None, reduce: bool = True,
-                 gather_in_backward: bool = True):
+                 gather_in_backward: bool = True, reshard_after_forward: bool = True):
         self.module, self.group = module, group or dist.group.WORLD
+        self.reshard_after_forward = reshard_after_forward  # False: keep whole until backward (FSDP2's option)
         self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.reduce, self.gather_in_backward, self.syncing = reduce, gather_in_backward, True
         self.events: list[Event] = []
