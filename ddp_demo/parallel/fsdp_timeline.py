@@ -54,7 +54,7 @@ def render_shards(reports: list[dict]) -> list[str]:
     for r in reports:
         lines.append(f"[rank {r['rank']}] shards: " + ", ".join(f"{b} {v} B" for b, v in r["shard_bytes"].items())
                      + " (flat, padded)")
-        for block, name, start, held, rows, nbytes in r["shards"]:
+        for _, name, start, held, rows, nbytes in r["shards"]:
             span = f"rows {start}..{start + held - 1} of {rows}" if held else f"no rows of {rows}"
             lines.append(f"    {name}: {span} ({nbytes} B)")
     lines += ["", "one step on rank 0 (bytes moved; whole parameters held afterwards):"]
@@ -64,7 +64,8 @@ def render_shards(reports: list[dict]) -> list[str]:
         lines.append(f"  {what:<24} {block:<8} {moved:>8}   whole: {alive}")
     diff = max(r["grad_diff"] for r in reports)
     ok = diff <= STEP["float32"].atol
-    lines.append(f"\nevery rank's gradient rows equal one process's: {'yes' if ok else 'NO'} (max |difference| {diff:.3g})")
+    lines.append(f"\nevery rank's gradient rows equal one process's: {'yes' if ok else 'NO'} "
+                 f"(max |difference| {diff:.3g})")
     return lines
 
 
