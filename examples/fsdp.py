@@ -52,7 +52,7 @@ def main():
     model = MLP(FEATURES, HIDDEN, CLASSES).to(device, dtype)
     for block in (model.linear1, model.linear2, model):  # each rank keeps 1/N of every parameter, gathered
         fully_shard(block)  # only while its block computes; backward reduce-scatters the grads into the shards
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # steps this rank's shards only
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     data = make_data(dtype)
     sampler = DistributedSampler(data, seed=SEED)  # this rank's share: positions rank, rank+world, ...
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler)
@@ -62,7 +62,7 @@ def main():
         total = 0.0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            # mean, not sum: FSDP averages gradients over ranks, and the mean of
+            # mean, not sum: the ranks' gradients are averaged, and the mean of
             # N equal-sized local means is the mean over the whole global batch
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
@@ -74,8 +74,8 @@ def main():
         if rank == 0:
             print(f"epoch {epoch}: mean loss {total.item() / world / len(loader):.6f}")
 
-    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:  # every rank took part in gathering the whole parameters; rank 0 received them
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # gathered
+    if rank == 0:
         torch.save(whole, args.out)
         print(f"saved {args.out}")
 
@@ -85,5 +85,5 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        gc.collect()  # free main's sharded model (in ref cycles) before teardown
+        gc.collect()  # free main's model (in ref cycles) before teardown, else gloo can abort at exit
         dist.destroy_process_group()

@@ -170,3 +170,15 @@ def test_readme_tree_matches_the_package():
         if folder and not names:
             continue  # a folder shown as one unit
         assert names == modules, f"ddp_demo/{folder}: the tree lists {sorted(names)}, the folder has {sorted(modules)}"
+
+
+def test_readme_shows_the_real_second_diff_ddp_to_fsdp():
+    """The README's second diff: every line examples/fsdp.py adds to or drops from examples/ddp.py, imports
+    and the docstring aside, in order."""
+    after = "**The third script**"
+    shown = readme_block(after, "```diff\n").splitlines()
+    ddp, fsdp = ((ROOT / "examples" / name).read_text().splitlines() for name in ("ddp.py", "fsdp.py"))
+    real = list(difflib.unified_diff(ddp, fsdp, lineterm="", n=0))[2:]
+    real = [line for line in real if not line[1:].startswith(("import ", "from ", "Run:", '"""'))]
+    for sign in "+-":
+        assert changed_lines(shown, sign) == changed_lines(real, sign), f"the README's {sign} lines are not the diff's"
