@@ -58,7 +58,7 @@ def main():
         total = 0.0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            # mean, not sum: DDP averages gradients over ranks, and the mean of
+            # mean, not sum: the ranks' gradients are averaged, and the mean of
             # N equal-sized local means is the mean over the whole global batch
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()

@@ -282,3 +282,15 @@ def test_negative_control_a_command_that_does_not_run_is_reported(newcomer):
     failed = failures(["python -m ddp_demo.verfiy", "launch/no_such_script.sh", "python -m ddp_demo.doctor"],
                       *newcomer)
     assert len(failed) == 2 and "verfiy" in failed[0] and "no_such_script" in failed[1], failed
+
+
+def test_readme_shows_the_real_second_diff_ddp_to_fsdp():
+    """The README's second diff: every line examples/fsdp.py adds to or drops from examples/ddp.py, imports
+    and the docstring aside, in order."""
+    after = "**The third script**"
+    shown = readme_block(after, "```diff\n").splitlines()
+    ddp, fsdp = ((ROOT / "examples" / name).read_text().splitlines() for name in ("ddp.py", "fsdp.py"))
+    real = list(difflib.unified_diff(ddp, fsdp, lineterm="", n=0))[2:]
+    real = [line for line in real if not line[1:].startswith(("import ", "from ", "Run:", '"""'))]
+    for sign in "+-":
+        assert changed_lines(shown, sign) == changed_lines(real, sign), f"the README's {sign} lines are not the diff's"
