@@ -1,11 +1,11 @@
 """Train a small MLP, fully sharded; `diff examples/ddp.py examples/fsdp.py` shows all that sharding adds.
-
-Run:  torchrun --standalone --nproc_per_node=2 examples/fsdp.py [--epochs 5] [--dtype float64] [--out final.pt]
+Run:  torchrun --standalone --nproc_per_node=2 examples/fsdp.py [--epochs 5] [--dtype float64] [--out FILE]
 """
 
 import argparse
 import gc
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,8 +42,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--out", default="final.pt", help="where to save the final state_dict")
+    parser.add_argument("--out", default=f"runs/examples/{Path(__file__).stem}.pt", help="the final state_dict")
     args = parser.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # set by torchrun
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")  # one device per rank

@@ -1,5 +1,4 @@
 """Train a small MLP; `diff examples/single_process.py examples/ddp.py` shows all that data parallelism adds.
-
 Run:  python examples/single_process.py [--epochs 5] [--dtype float64] [--out FILE]
 """
 
@@ -38,8 +37,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--out", default=f"runs/examples/{Path(__file__).stem}.pt",  # runs/ is git-ignored
-                        help="where to save the final state_dict")
+    parser.add_argument("--out", default=f"runs/examples/{Path(__file__).stem}.pt", help="the final state_dict")
     args = parser.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)

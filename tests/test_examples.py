@@ -65,14 +65,18 @@ def launched(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     """The three runs, started at once (run_at_once; none depends on timing): the single process
     (``A.pt``), the DDP script (``B.pt``) and the control, DDP swapped for a plain wrapper
     (``C.pt``). ``{name: (working directory, process)}``."""
-    d = {name: tmp_path_factory.mktemp(name) for name in ("single", "ddp", "control")}
+    d = {name: tmp_path_factory.mktemp(name) for name in ("single", "ddp", "control", "fsdp", "fsdp_control")}
     wrapper = d["control"] / "ddp_without_sync.py"
     wrapper.write_text(WITHOUT_SYNC)
+    unreduced = d["fsdp_control"] / "fsdp_without_reduce.py"
+    unreduced.write_text(WITHOUT_REDUCE)
     procs = run_at_once({
         "single": Command([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], d["single"]),
         "ddp": _torchrun2(DDP, "--dtype", "float64", "--out", "B.pt", cwd=d["ddp"]),
         "control": _torchrun2(wrapper, str(DDP), "--dtype", "float64", "--out", "C.pt", cwd=d["control"]),
-    }, timeout=180)
+        "fsdp": _torchrun2(FSDP, "--dtype", "float64", "--out", "F.pt", cwd=d["fsdp"]),
+        "fsdp_control": _torchrun2(unreduced, str(FSDP), "--dtype", "float64", "--out", "G.pt", cwd=d["fsdp_control"]),
+    }, timeout=240)
     return {name: (d[name], procs[name]) for name in d}
 
 
@@ -213,26 +217,26 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_fsdp_matches_single_process(single_run, tmp_path: Path):
+def test_fsdp_matches_single_process(single_run, launched):
     """N=2 fully sharded ranks reach the one-process weights within 1e-10 (float64): the same
     batches as DDP (DistributedSampler), and the reduce-scatter gives each rank the average of its
     chunk of the gradient, which is its chunk of the one-process gradient. The saved file is the
     whole model (a full state dict gathered from the shards), so it compares key for key."""
     single, single_out = single_run
-    out = _check(_torchrun2(FSDP, "--dtype", "float64", "--out", "F.pt", cwd=tmp_path))
-    diff = _max_diff(single, torch.load(tmp_path / "F.pt"))
+    cwd, proc = launched["fsdp"]
+    out = _check(proc)
+    diff = _max_diff(single, torch.load(cwd / "F.pt"))
     print(f"max |single - fsdp| = {diff:.3e}")
     assert diff <= WHOLE_RUN
     assert [ln for ln in out.splitlines() if ln.startswith("epoch")] == [
         ln for ln in single_out.splitlines() if ln.startswith("epoch")]
 
 
-def test_control_fsdp_without_reduce_scatter_fails_the_comparison(single_run, tmp_path: Path):
+def test_control_fsdp_without_reduce_scatter_fails_the_comparison(single_run, launched):
     single, _ = single_run
-    wrapper = tmp_path / "fsdp_without_reduce.py"
-    wrapper.write_text(WITHOUT_REDUCE)
-    _check(_torchrun2(wrapper, str(FSDP), "--dtype", "float64", "--out", "G.pt", cwd=tmp_path))
-    diff = _max_diff(single, torch.load(tmp_path / "G.pt"))
+    cwd, proc = launched["fsdp_control"]
+    _check(proc)
+    diff = _max_diff(single, torch.load(cwd / "G.pt"))
     print(f"control: max |single - fsdp unreduced| = {diff:.3e}")
     assert diff > CONTROL_MARGIN
 
