@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -79,8 +79,7 @@ class Wrapped:
     model: nn.Module  # call this one: forward and backward go through the strategy's hooks
     module: nn.Module  # the user's Module: named_parameters() and state_dict() keys without prefixes
     optimizer: torch.optim.Optimizer
-    replicated: list[nn.Parameter] = field(default_factory=list)  # fsdp: parameters kept whole (see Replicas)
-    replicas: Replicas | None = None
+    replicas: Replicas | None = None  # fsdp: the 0-dim parameters it keeps whole
     reduce: bool = True  # StrategyConfig.reduce_grads: False never averages (the negative control)
 
     def set_grad_sync(self, on: bool) -> None:
@@ -197,8 +196,7 @@ def wrap(module: nn.Module, ctx: DistContext, cfg: StrategyConfig, make_optimize
     if cfg.name == "fsdp":
         scalars = shard_fully(module, cfg, ctx)
         replicas = Replicas(scalars, ctx.world_size, cfg.reduce_grads)
-        return Wrapped("fsdp", module, module, make_optimizer(module.parameters()), scalars, replicas,
-                       cfg.reduce_grads)
+        return Wrapped("fsdp", module, module, make_optimizer(module.parameters()), replicas, cfg.reduce_grads)
     model = ScratchDDP(module) if cfg.ddp_impl == "scratch" else \
         DDP(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     optimizer = make_optimizer(model.parameters())
