@@ -49,6 +49,7 @@ CKPT = "tests/test_checkpoint.py::"
 RESILIENCE = "tests/test_resilience.py::"
 AGREE = "tests/test_agree.py::"
 SHARDING = "tests/test_sharding.py::"
+RAY = "tests/test_ray.py::test_killed_and_restarted_ray_run_equals_one_process"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
@@ -223,6 +224,17 @@ MUTATIONS = (
         "the rendezvous store dies on SIGTERM instead of saying it stopped", "ddp_demo/rendezvous.py",
         (("STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}", "STOP_SIGNALS = {signal.SIGINT}"),),
         ("tests/test_rendezvous.py::test_the_store_serves_until_sigterm_then_says_it_stopped",),
+    ),
+    Mutation(
+        "Ray's restarted workers count as a first attempt (the fault strikes again)", "ddp_demo/train_ray.py",
+        (("        self.starts[rank] = self.starts.get(rank, -1) + 1\n", "        self.starts[rank] = 0\n"),),
+        (RAY,),
+    ),
+    Mutation(
+        "the Ray launcher skips the DDP wrap", "ddp_demo/train_ray.py",
+        (("        return Wrapped(train.ddp_wrap(model, ctx, cfg.ddp), optimizer)\n",
+          "        return Wrapped(model, optimizer)\n"),),
+        (RAY,),
     ),
 )
 

@@ -12,7 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -75,9 +78,59 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def torchrun(nproc: int, module: str, *flags: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+class Command(NamedTuple):
+    """One command for ``run_at_once``: its arguments, where it runs, extra environment."""
+
+    args: list[str]
+    cwd: Path
+    env: dict[str, str] | None = None
+
+
+def run_at_once(commands: dict[str, Command], timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """Start every command at once and wait for all: each launch spends seconds importing torch on
+    one core and waiting at exit, so launches that do not depend on each other (or on timing) share
+    the two cores instead of taking turns. Output goes to files, so no command blocks on a full pipe
+    while another is read. At ``timeout`` all are killed and the test fails naming those left;
+    whatever is left of each command's session is killed at the end (as ``run_cmd`` does)."""
+    started: dict[str, tuple[subprocess.Popen, object, object]] = {}
+    try:
+        for name, (args, cwd, env) in commands.items():
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            started[name] = (subprocess.Popen(args, cwd=cwd, env=clean_env(env), stdout=out, stderr=err, text=True,
+                                              start_new_session=True), out, err)
+        deadline = time.monotonic() + timeout
+        left = [name for name, (proc, _, _) in started.items() if _wait(proc, deadline) is None]
+        if left:
+            pytest.fail(f"still running after {timeout:g} s: {', '.join(left)}")
+        return {name: subprocess.CompletedProcess(proc.args, proc.returncode, _read(out), _read(err))
+                for name, (proc, out, err) in started.items()}
+    finally:
+        for proc, out, err in started.values():
+            kill_session(proc)
+            out.close()
+            err.close()
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> int | None:
+    try:
+        return proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
+
+
+def torchrun_args(nproc: int, module: str, *flags: str) -> list[str]:
     """``torchrun --standalone`` picks a free port for its rendezvous: no fixed ports."""
-    return run_cmd([*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *flags], cwd, timeout)
+    return [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *flags]
+
+
+def torchrun(nproc: int, module: str, *flags: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``torchrun_args`` run to completion."""
+    return run_cmd(torchrun_args(nproc, module, *flags), cwd, timeout)
 
 
 def train(*flags: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """ddp_demo under ``accelerate launch`` on the CPU: real launcher subprocesses, with timeouts.
 
-Each launch costs seconds, so each runs once per module (fixtures) and several tests read
-its results: the equivalence checks inside ``accelerate launch``
+Each launch costs seconds, so each runs once per module, all at once (one fixture), and
+several tests read its results: the equivalence checks inside ``accelerate launch``
 (``ddp_demo.proof.accelerate_checks``), whole training runs against the torchrun path, and
 the refusal to run unsynchronised copies.
 """
@@ -9,6 +9,7 @@ the refusal to run unsynchronised copies.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,15 @@ from ddp_demo.core.tolerances import STEP, WHOLE_RUN, max_abs_diff, within
 from ddp_demo.proof.cases import DTYPE_NAMES, accum_cases, accum_ok, accum_rows
 from ddp_demo.proof.equivalence import reference_grads
 
-from .helpers import PYTHON, ROOT, run_cmd, torchrun
+from .helpers import PYTHON, ROOT, Command, run_at_once, run_cmd, torchrun_args
 
 FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
 
 
-def accelerate_cpu(*flags: str, cwd: Path, entry: str = "ddp_demo.train_accelerate", timeout: float = 240):
+def accelerate_cpu(*flags: str, cwd: Path, entry: str = "ddp_demo.train_accelerate") -> Command:
     """``NPROC=2 launch/accelerate_cpu.sh flags``, as the README says to run it."""
     env = {"NPROC": "2", "ENTRY": entry, "PYTHON": PYTHON}
-    return run_cmd(["bash", str(ROOT / "launch" / "accelerate_cpu.sh"), *flags], cwd, timeout, env)
+    return Command(["bash", str(ROOT / "launch" / "accelerate_cpu.sh"), *flags], cwd, env)
 
 
 def load_results(path: Path) -> dict:
@@ -35,27 +36,48 @@ def load_results(path: Path) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def unsynchronised(cwd: Path) -> Command:
+    """The CPU pitfall: the multi-process launcher without ACCELERATE_USE_CPU=1 (see
+    test_refuses_unsynchronised_copies)."""
+    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate_cpu.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", "-m", "ddp_demo.train_accelerate", "--out",
+           str(cwd / "out")]
+    return Command(cmd, cwd, {"ACCELERATE_USE_CPU": "false"})
+
+
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory) -> list[dict]:
+def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every launch of this file, started at once (run_at_once; none depends on timing): the
+    checks, the same job through torchrun and through accelerate with and without accumulation,
+    and the unsynchronised launch. ``{name: (directory, process)}``."""
+    d = {name: tmp_path_factory.mktemp(name) for name in ("checks", "torchrun", "accelerate", "accelerate_k2",
+                                                          "unsynchronised")}
+    procs = run_at_once({
+        "checks": accelerate_cpu("--out", str(d["checks"]), cwd=d["checks"], entry="ddp_demo.proof.accelerate_checks"),
+        "torchrun": Command(torchrun_args(2, "ddp_demo.train", *FLAGS, "--out", str(d["torchrun"])), d["torchrun"]),
+        "accelerate": accelerate_cpu(*FLAGS, "--out", str(d["accelerate"]), cwd=d["accelerate"]),
+        "accelerate_k2": accelerate_cpu(*FLAGS, "--grad-accum-steps", "2", "--out", str(d["accelerate_k2"]),
+                                        cwd=d["accelerate_k2"]),
+        "unsynchronised": unsynchronised(d["unsynchronised"]),
+    })
+    return {name: (d[name], procs[name]) for name in d}
+
+
+@pytest.fixture(scope="module")
+def checks(launches) -> list[dict]:
     """Every rank's results of ``ddp_demo.proof.accelerate_checks``."""
-    d = tmp_path_factory.mktemp("checks")
-    proc = accelerate_cpu("--out", str(d), cwd=d, entry="ddp_demo.proof.accelerate_checks")
+    d, proc = launches["checks"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [load_results(d / f"rank{r}.pt") for r in range(2)]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(launches) -> dict[str, Path]:
     """The same job through torchrun and through accelerate, with and without accumulation."""
-    out = {name: tmp_path_factory.mktemp(name) for name in ("torchrun", "accelerate", "accelerate_k2")}
-    procs = [
-        torchrun(2, "ddp_demo.train", *FLAGS, "--out", str(out["torchrun"]), cwd=out["torchrun"], timeout=240),
-        accelerate_cpu(*FLAGS, "--out", str(out["accelerate"]), cwd=out["accelerate"]),
-        accelerate_cpu(*FLAGS, "--grad-accum-steps", "2", "--out", str(out["accelerate_k2"]), cwd=out["accelerate_k2"]),
-    ]
-    for proc in procs:
+    out = {name: launches[name] for name in ("torchrun", "accelerate", "accelerate_k2")}
+    for _, proc in out.values():
         assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return {name: d for name, (d, _) in out.items()}
 
 
 def test_two_processes_and_the_prepared_model_is_ddp(checks):
@@ -108,13 +130,11 @@ def test_accelerate_accumulation_whole_run_equals_torchrun(runs):
     assert final_diff(runs["accelerate_k2"], runs["torchrun"]) <= WHOLE_RUN
 
 
-def test_refuses_unsynchronised_copies(tmp_path):
+def test_refuses_unsynchronised_copies(launches):
     """The CPU pitfall: the multi-process launcher without ACCELERATE_USE_CPU=1 starts 2
     processes whose Accelerator each see one, so nothing would ever sync."""
-    out = tmp_path / "out"
-    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate_cpu.yaml"),
-           "--num_processes", "2", "--main_process_port", "0", "-m", "ddp_demo.train_accelerate", "--out", str(out)]
-    proc = run_cmd(cmd, tmp_path, timeout=240, env={"ACCELERATE_USE_CPU": "false"})
+    d, proc = launches["unsynchronised"]
+    out = d / "out"
     ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
     assert len(ours) == 1 and "Accelerate sees only one" in ours[0] and "ACCELERATE_USE_CPU=1" in ours[0], proc.stderr
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # the launcher's report: a worker exited 2

@@ -2,15 +2,19 @@
 
 Most cases call ``ddp_demo.train.main`` in this process (validation happens before any
 process group exists, so nothing else differs); one case and the torchrun cases go
-through real subprocesses, where import-time warnings would show up too.
+through real subprocesses, where import-time warnings would show up too (started at once:
+each costs seconds of imports and stops at validation).
 """
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
-from .helpers import ROOT, assert_one_clear_line, torchrun, train
+from .helpers import PYTHON, ROOT, Command, assert_one_clear_line, run_at_once, torchrun, torchrun_args
 
 
 def _bad_files(d):
@@ -48,10 +52,30 @@ def test_each_bad_input(name, tmp_path, in_process):
     assert_one_clear_line(proc, flag, out)
 
 
-def test_single_process_command_line(tmp_path):
+TORCHRUN_CASES = {  # name: (processes, flags, the flag the line must name)
+    "batch": (2, ["--global-batch-size", "63"], "--global-batch-size"),
+    "model": (2, ["--model", "resnet"], "--model"),
+    "batch at 4": (4, ["--global-batch-size", "30"], "--global-batch-size"),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The real command lines of this file, started at once (run_at_once): each stops at
+    validation, and none depends on timing. ``{name: (out dir it must not write, process)}``."""
+    d = {name: tmp_path_factory.mktemp("bad") for name in (*TORCHRUN_CASES, "python")}
+    commands = {name: Command(torchrun_args(n, "ddp_demo.train", *flags, "--out", str(d[name] / "out")), d[name])
+                for name, (n, flags, _) in TORCHRUN_CASES.items()}
+    commands["python"] = Command([PYTHON, "-m", "ddp_demo.train", "--model", "resnet", "--out",
+                                  str(d["python"] / "out")], d["python"])
+    procs = run_at_once(commands)
+    return {name: (d[name] / "out", procs[name]) for name in commands}
+
+
+def test_single_process_command_line(launched):
     """The real command: exactly one line on stderr (no import-time warnings either)."""
-    out = tmp_path / "out"
-    assert_one_clear_line(train("--model", "resnet", "--out", str(out), cwd=tmp_path), "--model", out)
+    out, proc = launched["python"]
+    assert_one_clear_line(proc, "--model", out)
 
 
 def test_negative_control_good_input_writes_outputs(tmp_path, in_process):
@@ -62,13 +86,10 @@ def test_negative_control_good_input_writes_outputs(tmp_path, in_process):
     assert (out / "final.pt").exists()
 
 
-@pytest.mark.parametrize("flags, flag", [
-    (["--global-batch-size", "63"], "--global-batch-size"),
-    (["--model", "resnet"], "--model"),
-])
-def test_under_torchrun_printed_once_by_rank_zero(flags, flag, tmp_path):
-    out = tmp_path / "out"
-    proc = torchrun(2, "ddp_demo.train", *flags, "--out", str(out), cwd=tmp_path)
+@pytest.mark.parametrize("case", ["batch", "model"])
+def test_under_torchrun_printed_once_by_rank_zero(case, launched):
+    out, proc = launched[case]
+    flag = TORCHRUN_CASES[case][2]
     ours = [line for line in proc.stderr.splitlines() if line.startswith("ddp_demo: error: ")]
     assert len(ours) == 1 and flag in ours[0], proc.stderr
     # torchrun's report names the first worker to exit (code 2); it may stop the other before it exits itself
@@ -77,9 +98,8 @@ def test_under_torchrun_printed_once_by_rank_zero(flags, flag, tmp_path):
     assert not out.exists()
 
 
-def test_batch_fix_is_named(tmp_path):
-    proc = torchrun(4, "ddp_demo.train", "--global-batch-size", "30", "--out", str(tmp_path / "o"), cwd=tmp_path)
-    assert "use a multiple of 4, e.g. --global-batch-size 28" in proc.stderr
+def test_batch_fix_is_named(launched):
+    assert "use a multiple of 4, e.g. --global-batch-size 28" in launched["batch at 4"][1].stderr
 
 
 @pytest.mark.parametrize("how", ["wait", "exit"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from ddp_demo.core.tolerances import WHOLE_RUN
 
-from .helpers import PYTHON, TORCHRUN, run_cmd
+from .helpers import PYTHON, TORCHRUN, Command, run_at_once
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SINGLE, DDP = EXAMPLES / "single_process.py", EXAMPLES / "ddp.py"
@@ -54,18 +55,34 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _torchrun2(script: Path, *flags: str, cwd: Path):
-    return run_cmd([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), *flags], cwd, timeout=90)
+def _torchrun2(script: Path, *flags: str, cwd: Path) -> Command:
+    return Command([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), *flags], cwd)
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory) -> tuple[dict, str]:
-    cwd = tmp_path_factory.mktemp("single")
-    out = _check(run_cmd([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], cwd, timeout=60))
+def launched(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The three runs, started at once (run_at_once; none depends on timing): the single process
+    (``A.pt``), the DDP script (``B.pt``) and the control, DDP swapped for a plain wrapper
+    (``C.pt``). ``{name: (working directory, process)}``."""
+    d = {name: tmp_path_factory.mktemp(name) for name in ("single", "ddp", "control")}
+    wrapper = d["control"] / "ddp_without_sync.py"
+    wrapper.write_text(WITHOUT_SYNC)
+    procs = run_at_once({
+        "single": Command([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], d["single"]),
+        "ddp": _torchrun2(DDP, "--dtype", "float64", "--out", "B.pt", cwd=d["ddp"]),
+        "control": _torchrun2(wrapper, str(DDP), "--dtype", "float64", "--out", "C.pt", cwd=d["control"]),
+    }, timeout=180)
+    return {name: (d[name], procs[name]) for name in d}
+
+
+@pytest.fixture(scope="module")
+def single_run(launched) -> tuple[dict, str]:
+    cwd, proc = launched["single"]
+    out = _check(proc)
     return torch.load(cwd / "A.pt"), out
 
 
-def test_ddp_matches_single_process(single_run, tmp_path: Path):
+def test_ddp_matches_single_process(single_run, launched):
     """N=2 ranks with global batch 64 (32 each) reach the one-process weights within 1e-10 (float64).
 
     DistributedSampler gives rank r the positions r, r+2, ... of the epoch's seeded permutation, so the
@@ -74,8 +91,9 @@ def test_ddp_matches_single_process(single_run, tmp_path: Path):
     The printed per-epoch loss is all-reduced, so it must match the single-process line too.
     """
     single, single_out = single_run
-    ddp_out = _check(_torchrun2(DDP, "--dtype", "float64", "--out", "B.pt", cwd=tmp_path))
-    ddp = torch.load(tmp_path / "B.pt")
+    cwd, proc = launched["ddp"]
+    ddp_out = _check(proc)
+    ddp = torch.load(cwd / "B.pt")
 
     torch.manual_seed(0)  # the examples' initial weights, to prove training moved them
     initial = {k: v.double() for k, v in _load_mlp_class()(10, 32, 2).state_dict().items()}
@@ -89,17 +107,16 @@ def test_ddp_matches_single_process(single_run, tmp_path: Path):
     ], "only rank 0 prints, and its global-mean loss matches the single-process loss"
 
 
-def test_control_without_gradient_averaging_fails_the_comparison(single_run, tmp_path: Path):
+def test_control_without_gradient_averaging_fails_the_comparison(single_run, launched):
     """Negative control: the same launch with DDP swapped for a plain wrapper (tests' WITHOUT_SYNC).
 
     Each rank then steps on its own 32 samples only, which is the bug the comparison above must catch.
     Its rank 0 weights must miss the single-process ones by far more than the tolerance.
     """
     single, _ = single_run
-    wrapper = tmp_path / "ddp_without_sync.py"
-    wrapper.write_text(WITHOUT_SYNC)
-    _check(_torchrun2(wrapper, str(DDP), "--dtype", "float64", "--out", "C.pt", cwd=tmp_path))
-    diff = _max_diff(single, torch.load(tmp_path / "C.pt"))
+    cwd, proc = launched["control"]
+    _check(proc)
+    diff = _max_diff(single, torch.load(cwd / "C.pt"))
     print(f"control: max |single - unsynced| = {diff:.3e}")
     assert diff > CONTROL_MARGIN
 

@@ -1,12 +1,27 @@
-"""The explain walkthrough under real torchrun, and its negative control."""
+"""The explain walkthrough under real torchrun, and its negative control.
+
+The three launches start at once (run_at_once): each prints what it computed, whatever the timing.
+"""
 
 from __future__ import annotations
 
-from .helpers import torchrun
+import subprocess
+
+import pytest
+
+from .helpers import Command, run_at_once, torchrun_args
+
+FLAGS = {"plain": [], "control": ["--skip-allreduce"], "buckets": ["--buckets"]}
 
 
-def test_explain_two_ranks(tmp_path):
-    proc = torchrun(2, "ddp_demo.explain", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    return run_at_once({name: Command(torchrun_args(2, "ddp_demo.explain", *flags), tmp_path_factory.mktemp(name))
+                        for name, flags in FLAGS.items()})
+
+
+def test_explain_two_ranks(explained):
+    proc = explained["plain"]
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     rank_lines = [line for line in lines if line.startswith("[rank ")]
@@ -18,15 +33,15 @@ def test_explain_two_ranks(tmp_path):
     assert any(line.startswith("every rank's gradient equals the single-process gradient: yes") for line in lines)
 
 
-def test_negative_control_without_allreduce_explain_says_no(tmp_path):
-    proc = torchrun(2, "ddp_demo.explain", "--skip-allreduce", cwd=tmp_path)
+def test_negative_control_without_allreduce_explain_says_no(explained):
+    proc = explained["control"]
     assert proc.returncode != 0
     assert "gradient before all-reduce 1.5, after (no all-reduce) 1.5" in proc.stdout
     assert "every rank's gradient equals the single-process gradient: NO" in proc.stdout
 
 
-def test_explain_buckets_shows_the_layout_and_the_order_from_real_hooks(tmp_path):
-    proc = torchrun(2, "ddp_demo.explain", "--buckets", cwd=tmp_path)
+def test_explain_buckets_shows_the_layout_and_the_order_from_real_hooks(explained):
+    proc = explained["buckets"]
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     first = ("  bucket 0: linear1.weight (1280 B), linear1.bias (128 B), linear2.weight (256 B), linear2.bias (8 B)"

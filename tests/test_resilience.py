@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from ddp_demo.resilience import checkpoint
 from .helpers import (
     PYTHON,
     TORCHRUN,
+    Command,
     clean_env,
     continued_from,
     global_batches,
@@ -35,13 +37,14 @@ from .helpers import (
     metrics,
     nudge_weights,
     rewrite_checkpoint,
-    run_cmd,
+    run_at_once,
     tensors,
 )
 
 STEPS = 12
+# --timeout only ends a hang: room for ranks of one job started among several (run_at_once) on a loaded machine
 BASE = ["--model", "mlp", "--dtype", "float64", "--global-batch-size", "16", "--checkpoint-every", "2",
-        "--keep-last", "20", "--record-samples", "--timeout", "30"]
+        "--keep-last", "20", "--record-samples", "--timeout", "60"]
 
 
 def job(data: Path, out: Path, ckpt: Path | None, *extra: str, steps: int = STEPS) -> list[str]:
@@ -49,9 +52,9 @@ def job(data: Path, out: Path, ckpt: Path | None, *extra: str, steps: int = STEP
     return flags + (["--checkpoint-dir", str(ckpt)] if ckpt else [])
 
 
-def launch(nproc: int, flags: list[str], cwd: Path, restarts: int = 0, timeout: float = 120):
-    return run_cmd([*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={restarts}",
-                    "-m", "ddp_demo.train", *flags], cwd, timeout)
+def launch(nproc: int, flags: list[str], cwd: Path, restarts: int = 0) -> Command:
+    return Command([*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={restarts}",
+                    "-m", "ddp_demo.train", *flags], cwd)
 
 
 def same_bits(a: Path, b: Path) -> bool:
@@ -75,13 +78,62 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
+# The first attempt of each job: processes, extra flags, steps, torchrun's --max-restarts.
+FIRST = {
+    "reference": (2, [], STEPS, 0),  # the uninterrupted run everything else must reproduce
+    "killed": (2, ["--inject-fault", "kill:1:7"], STEPS, 0),
+    "elastic": (2, ["--inject-fault", "kill:0:5"], STEPS, 2),  # both attempts inside this one command
+    "2-1": (2, [], 6, 0),  # resumed below at another world size
+    "1-2": (1, [], 6, 0),
+    "damaged": (2, [], 8, 0),  # its newest checkpoint is damaged before the rerun
+}
+SECOND = {"killed": 2, "2-1": 1, "1-2": 2, "damaged": 2}  # the rerun of the whole job: processes
+
+
+@dataclass
+class Job:
+    dir: Path  # the job's out/ and ckpt/ are in here
+    first: subprocess.CompletedProcess
+    out_after_first: bool  # whether the first attempt wrote out/
+    logged: list[dict] | None = None  # the logs in step 6's checkpoint, read before the rerun (continued_from)
+    damaged: Path | None = None  # the checkpoint damaged before the rerun
+    second: subprocess.CompletedProcess | None = None
+
+
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
+def jobs(data, tmp_path_factory) -> dict[str, Job]:
+    """Every job of the resume tests, in two rounds of launches started at once (run_at_once):
+    the first attempts (FIRST), then, after reading and damaging their checkpoints, the reruns
+    (SECOND). Each result is a function of the job and its checkpoints, not of timing."""
+    d = {name: tmp_path_factory.mktemp(name) for name in FIRST}
+    first = run_at_once({name: launch(n, job(data, d[name] / "out", d[name] / "ckpt", *extra, steps=steps), d[name],
+                                      restarts) for name, (n, extra, steps, restarts) in FIRST.items()})
+    found = {name: Job(d[name], first[name], (d[name] / "out").exists()) for name in FIRST}
+    for name in SECOND:
+        between_attempts(found[name], damage=name == "damaged")
+    second = run_at_once({name: launch(n, job(data, d[name] / "out", d[name] / "ckpt"), d[name])
+                          for name, n in SECOND.items()})
+    for name, proc in second.items():
+        found[name].second = proc
+    return found
+
+
+def between_attempts(j: Job, damage: bool) -> None:
+    """What a test reads or breaks between a job's two attempts (nothing, if the first wrote no checkpoint)."""
+    saved = checkpoint.checkpoints(j.dir / "ckpt")
+    if (j.dir / "ckpt" / "step-000006.pt").exists():
+        j.logged = checkpoint.load(j.dir / "ckpt" / "step-000006.pt")["logs"]
+    if damage and saved:
+        j.damaged = saved[-1]
+        rewrite_checkpoint(j.damaged, nudge_weights, checksum=False)  # loads fine; only the checksum tells
+
+
+@pytest.fixture(scope="module")
+def reference(jobs) -> Path:
     """The uninterrupted 2-process run everything else must reproduce."""
-    d = tmp_path_factory.mktemp("ref")
-    proc = launch(2, job(data, d / "out", d / "ckpt"), d)
+    proc = jobs["reference"].first
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return d
+    return jobs["reference"].dir
 
 
 def test_every_sample_once_per_epoch(reference):
@@ -92,12 +144,12 @@ def test_every_sample_once_per_epoch(reference):
         assert len(seen) == len(set(seen)) == 48 and set(seen) <= set(range(51))
 
 
-def test_killed_run_resumes_bit_identical(data, reference, tmp_path):
-    flags = job(data, tmp_path / "out", tmp_path / "ckpt")
-    killed = launch(2, flags + ["--inject-fault", "kill:1:7"], tmp_path)
-    assert killed.returncode != 0 and not (tmp_path / "out").exists()
-    logged = checkpoint.load(tmp_path / "ckpt" / "step-000006.pt")["logs"]
-    resumed = launch(2, flags, tmp_path)
+def test_killed_run_resumes_bit_identical(jobs, reference):
+    j = jobs["killed"]
+    tmp_path, resumed = j.dir, j.second
+    assert j.first.returncode != 0 and not j.out_after_first
+    assert j.logged is not None, j.first.stderr[-3000:]
+    logged = j.logged
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed_from(resumed.stdout) == tmp_path / "ckpt" / "step-000006.pt"
     assert continued_from(tmp_path / "out", logged)
@@ -112,9 +164,8 @@ def _without_rate(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "samples_per_s"} for row in rows]  # wall-clock differs
 
 
-def test_elastic_restart_after_sigkill_is_bit_identical(data, reference, tmp_path):
-    proc = launch(2, job(data, tmp_path / "out", tmp_path / "ckpt", "--inject-fault", "kill:0:5"), tmp_path,
-                  restarts=2)
+def test_elastic_restart_after_sigkill_is_bit_identical(jobs, reference):
+    tmp_path, proc = jobs["elastic"].dir, jobs["elastic"].first
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout  # both attempts run inside this one command: the
     # proof that a resume continues rather than redoes is test_killed_run_resumes_bit_identical
@@ -122,12 +173,10 @@ def test_elastic_restart_after_sigkill_is_bit_identical(data, reference, tmp_pat
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_at_another_world_size_matches_within_rounding(data, reference, tmp_path, before, after):
-    flags = job(data, tmp_path / "out", tmp_path / "ckpt")
-    first = launch(before, job(data, tmp_path / "out", tmp_path / "ckpt", steps=6), tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    logged = checkpoint.load(tmp_path / "ckpt" / "step-000006.pt")["logs"]
-    second = launch(after, flags, tmp_path)
+def test_resume_at_another_world_size_matches_within_rounding(jobs, reference, before, after):
+    j = jobs[f"{before}-{after}"]
+    tmp_path, first, second, logged = j.dir, j.first, j.second, j.logged
+    assert first.returncode == 0 and logged is not None, first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
     assert "results match within float rounding" in second.stdout
     assert continued_from(tmp_path / "out", logged)
@@ -138,12 +187,10 @@ def test_resume_at_another_world_size_matches_within_rounding(data, reference, t
                    for step, batch in enumerate(global_batches(reference / "out", 2, 16))]
 
 
-def test_damaged_newest_checkpoint_is_reported_once_and_skipped(data, reference, tmp_path):
-    flags = job(data, tmp_path / "out", tmp_path / "ckpt")
-    assert launch(2, job(data, tmp_path / "out", tmp_path / "ckpt", steps=8), tmp_path).returncode == 0
-    newest = checkpoint.checkpoints(tmp_path / "ckpt")[-1]
-    rewrite_checkpoint(newest, nudge_weights, checksum=False)  # loads fine; only the checksum tells
-    proc = launch(2, flags, tmp_path)
+def test_damaged_newest_checkpoint_is_reported_once_and_skipped(jobs, reference):
+    j = jobs["damaged"]
+    tmp_path, newest, proc = j.dir, j.damaged, j.second
+    assert j.first.returncode == 0 and newest is not None, j.first.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count(f"skipping checkpoint {newest}: {newest.name} does not match its checksum") == 1
     assert resumed_from(proc.stdout) == tmp_path / "ckpt" / "step-000006.pt"

@@ -8,28 +8,56 @@ into disjoint shares of B / N that make up the single process's batch.
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from ddp_demo import compare
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 
-from .helpers import compare_report, global_batches, load, max_diff, metrics, torchrun, train
+from .helpers import (
+    PYTHON,
+    Command,
+    compare_report,
+    global_batches,
+    load,
+    max_diff,
+    metrics,
+    run_at_once,
+)
 
 FLAGS = ["--dtype", "float64", "--steps", "40", "--global-batch-size", "16", "--seed", "3", "--record-samples"]
 
 
+JOB = [*FLAGS, "--model", "cnn"]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone"]
+LAUNCHES = {  # name: how python starts it, the job's flags
+    "n1": ([*TORCHRUN, "--nproc_per_node=1"], JOB),
+    "n2": ([*TORCHRUN, "--nproc_per_node=2"], [*JOB, "--log-all-ranks"]),
+    "n4": ([*TORCHRUN, "--nproc_per_node=4"], JOB),  # 4 oversubscribes 2 cores: fine
+    "nosync": ([*TORCHRUN, "--nproc_per_node=2"], [*JOB, "--skip-grad-sync"]),  # the negative control
+    "default": ([*TORCHRUN, "--nproc_per_node=2"], []),  # the README's main job: no flags
+    "python": ([], JOB),  # plain python, no launcher
+}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same job at N = 1, 2 and 4 under torchrun (4 oversubscribes 2 cores: fine);
-    N = 2 also logs from every rank (``--log-all-ranks``)."""
-    out = {}
-    for n in (1, 2, 4):
-        d = tmp_path_factory.mktemp(f"n{n}")
-        extra = ["--log-all-ranks"] if n == 2 else []
-        proc = torchrun(n, "ddp_demo.train", *FLAGS, *extra, "--model", "cnn", "--out", str(d), cwd=d)
+def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every run of this file (LAUNCHES), started at once (run_at_once): none depends on timing,
+    so sharing the cores changes no result. ``{name: (out dir, process)}``."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in LAUNCHES}
+    procs = run_at_once({name: Command([PYTHON, *launcher, "-m", "ddp_demo.train", *flags, "--out", str(dirs[name])],
+                                       dirs[name]) for name, (launcher, flags) in LAUNCHES.items()})
+    return {name: (dirs[name], procs[name]) for name in LAUNCHES}
+
+
+@pytest.fixture(scope="module")
+def runs(launches):
+    """The job at N = 1, 2 and 4: ``{n: (out dir, process)}``, each run to success."""
+    out = {n: launches[f"n{n}"] for n in (1, 2, 4)}
+    for _, proc in out.values():
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[n] = (d, proc)
     return out
 
 
@@ -68,8 +96,8 @@ def test_log_all_ranks_prefixes_every_rank(runs):
     assert proc.stdout.count("bit-identical parameters") == 1  # the rest stays on rank 0
 
 
-def test_plain_python_equals_torchrun(runs, tmp_path):
-    proc = train(*FLAGS, "--model", "cnn", "--out", str(tmp_path), cwd=tmp_path)
+def test_plain_python_equals_torchrun(runs, launches):
+    tmp_path, proc = launches["python"]
     assert proc.returncode == 0, proc.stderr
     assert max_diff(load(tmp_path / "final.pt"), load(runs[1][0] / "final.pt")) <= WHOLE_RUN
     assert global_batches(tmp_path, 1, 16) == global_batches(runs[1][0], 1, 16)
@@ -77,10 +105,9 @@ def test_plain_python_equals_torchrun(runs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def control(tmp_path_factory):
+def control(launches):
     """The same job at N = 2 with --skip-grad-sync: it writes its outputs, then fails its check."""
-    d = tmp_path_factory.mktemp("nosync")
-    return d, torchrun(2, "ddp_demo.train", *FLAGS, "--model", "cnn", "--skip-grad-sync", "--out", str(d), cwd=d)
+    return launches["nosync"]
 
 
 def test_negative_control_skipping_gradient_sync_is_caught(runs, control):
@@ -102,10 +129,10 @@ def test_compare_prints_the_runs_agree_and_the_control_does_not(runs, control, t
     assert printed["N = 2, torchrun, --skip-grad-sync"]["largest"] >= CONTROL_MARGIN * WHOLE_RUN
 
 
-def test_default_run_learns(tmp_path):
+def test_default_run_learns(launches):
     """The README's main job: no flags, 2 CPU processes, >= 90% held-out accuracy."""
-    proc = torchrun(2, "ddp_demo.train", "--out", str(tmp_path), cwd=tmp_path)
+    d, proc = launches["default"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((d / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["heldout_accuracy"] >= 0.90

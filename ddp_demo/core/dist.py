@@ -1,16 +1,18 @@
 """The one place that reads the launcher's environment and owns the process group.
 
-``launch_env()`` turns torchrun's ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` (or, for
-tasks started by SLURM's ``srun``, ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NTASKS``)
-into a :class:`LaunchEnv`; ``setup()`` adds the device and backend and joins the process
-group; ``teardown()`` leaves it. Everything else receives a :class:`DistContext`
-explicitly: no other module reads ``os.environ`` or calls ``init_process_group``
-(tests/test_launch_env.py greps the package for readers). ``launch_variables()`` hands
-the trainer's ``--preflight`` the launch scripts' variables for the doctor's checks.
+``launch_env()`` turns torchrun's ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` (Ray Train
+sets the same for its workers; or, for tasks started by SLURM's ``srun``, ``SLURM_PROCID`` /
+``SLURM_LOCALID`` / ``SLURM_NTASKS``) into a :class:`LaunchEnv`; ``setup()`` adds the device
+and backend and joins the process group; ``teardown()`` leaves it. Everything else receives a
+:class:`DistContext` explicitly: no other module reads ``os.environ`` or calls
+``init_process_group`` (tests/test_launch_env.py greps the package for readers).
+``launch_variables()`` hands the trainer's ``--preflight`` the launch scripts' variables for
+the doctor's checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ class LaunchEnv:
     agent_store: bool = False  # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE)
     attempt_prefix: bool = True  # DDP_DEMO_SHARED_STORE=1 turns the restart fix off (to show the bug)
     threads: int | None = None  # intra-op threads to set, where torchrun would have set OMP_NUM_THREADS
-    launcher: str = "python"  # who started it: python (nobody), torchrun or srun; summary.json records it
+    launcher: str = "python"  # who started it: python (nobody), torchrun, ray or srun; summary.json records it
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     A pure function of ``environ`` (``os.environ`` when None), read once at start-up.
     """
     env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env and RAY_RESTARTS in env:
+        return ray_env(env)
     if "RANK" in env and "WORLD_SIZE" in env:
         return torchrun_env(env)
     # Only srun's tasks carry SLURM_STEP_ID: the batch script itself (and python started in
@@ -97,6 +101,17 @@ def torchrun_env(env: dict[str, str]) -> LaunchEnv:
         attempt_prefix=env.get("DDP_DEMO_SHARED_STORE") != "1",
         launcher="torchrun",
     )
+
+
+# Set by ddp_demo.train_ray's worker function: how many times Ray has started this rank before
+# (Ray tells a worker nothing of earlier attempts; its StartCounter counts them).
+RAY_RESTARTS = "DDP_DEMO_RAY_RESTARTS"
+
+
+def ray_env(env: dict[str, str]) -> LaunchEnv:
+    """A Ray Train worker: Ray's TorchTrainer sets torchrun's variables (and has joined the
+    process group already, see ddp_demo/train_ray.py); the restart count is ddp_demo's."""
+    return dataclasses.replace(torchrun_env(env), restart_count=int(env[RAY_RESTARTS]), launcher="ray")
 
 
 # Every task of a job must agree on the store's port without talking to each other, so it is
