@@ -48,6 +48,7 @@ def _eq(kind: str) -> str:
 CKPT = "tests/test_checkpoint.py::"
 RESILIENCE = "tests/test_resilience.py::"
 AGREE = "tests/test_agree.py::"
+STRATEGY_TRAIN = "tests/test_strategy_train.py::"
 SHARDING = "tests/test_sharding.py::"
 RAY = "tests/test_ray.py::test_killed_and_restarted_ray_run_equals_one_process"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
@@ -203,6 +204,29 @@ MUTATIONS = (
         "fsdp's full state dict is rank 0's own shards", "ddp_demo/parallel/strategy.py",
         (('    if wrapped.strategy == "fsdp" and ctx.distributed:\n', "    if False:\n"),),
         (SHARDING + "test_parameters_state_and_full_state_dict_after_five_steps[2-fsdp-mlp-float64-sgd]",),
+    ),
+    Mutation(
+        "the trainer ignores --strategy (every run is ddp)", "ddp_demo/train.py",
+        (("    scfg = StrategyConfig(cfg.strategy,", '    scfg = StrategyConfig("ddp",'),),
+        (STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[zero_nosync]",
+         STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[fsdp_nosync]"),
+    ),
+    Mutation(
+        "the trainer's fsdp final.pt is rank 0's state_dict of shards, not the gathered one", "ddp_demo/train.py",
+        (("        state = full if wrapped.full_state else ", "        state = "),),
+        (STRATEGY_TRAIN + "test_whole_run_equals_one_process[fsdp2]",),
+    ),
+    Mutation(
+        "the trainer's --skip-grad-sync does not reach the strategy", "ddp_demo/train.py",
+        (("reduce_grads=not cfg.skip_grad_sync", "reduce_grads=True"),),
+        (STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[fsdp_nosync]",),
+    ),
+    Mutation(
+        "--strategy zero/fsdp accept flags they do not support (checkpoints, fp16, --ddp scratch)",
+        "ddp_demo/core/config.py",
+        (("        self.check_strategy()\n", "        pass\n"),),
+        (STRATEGY_TRAIN + "test_refused_in_one_line[zero checkpoints]",
+         STRATEGY_TRAIN + "test_refused_in_one_line[fsdp scratch]"),
     ),
     Mutation(
         "buffers that drift apart under fsdp go unnamed", "ddp_demo/parallel/holdings.py",
