@@ -229,6 +229,12 @@ MUTATIONS = (
          STRATEGY_TRAIN + "test_refused_in_one_line[fsdp scratch]"),
     ),
     Mutation(
+        "the check does not name buffers left per rank under fsdp", "ddp_demo/check/diagnose.py",
+        (("    names = sorted({n for w in v.worlds for r in (w.ranks or []) for n in r.get(\"buffers_per_rank\", [])})",
+          "    names = []"),),
+        ("tests/test_check_strategy.py::test_batchnorm_under_fsdp_is_buffers_per_rank_and_conversion_fixes_it",),
+    ),
+    Mutation(
         "buffers that drift apart under fsdp go unnamed", "ddp_demo/parallel/holdings.py",
         (("if not all_ranks_equal(b.detach(), ctx)]", "if False]"),),
         (SHARDING + "test_batchnorm_under_fsdp_drifts_per_rank_and_is_named[2]",),
