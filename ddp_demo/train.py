@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core import dist as dist_env
@@ -42,7 +43,9 @@ from ddp_demo.core.loop import LoopControl, NonFiniteLoss, StepLog, StopRequeste
 from ddp_demo.core.models import build_model, make_optimizer
 from ddp_demo.core.outputs import RunRecord, check_out_dir, write_outputs
 from ddp_demo.doctor import LaunchProblem, preflight
+from ddp_demo.parallel import strategy
 from ddp_demo.parallel.ddp import ScratchDDP
+from ddp_demo.parallel.strategy import StrategyConfig
 from ddp_demo.resilience import checkpoint
 from ddp_demo.resilience.faults import FaultInjector
 from ddp_demo.resilience.resume import Checkpointer, checkpoint_state, resolve_resume, restore
@@ -102,14 +105,37 @@ class ProcessGroupLauncher:
         return setup(env, cfg.device, cfg.backend, cfg.timeout)
 
     def wrap(self, model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: DistContext) -> Wrapped:
-        return Wrapped(ddp_wrap(model, ctx, cfg.ddp), optimizer)
+        return strategy_wrap(model, optimizer, cfg, ctx)
 
     def release(self) -> None:
         pass
 
 
+def strategy_wrap(model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: DistContext) -> Wrapped:
+    """``--strategy``: ddp and zero wrap in DDP (``--ddp``: torch's or ScratchDDP), zero shards the
+    optimizer state, fsdp shards everything (ddp_demo/parallel/strategy.py)."""
+    scfg = StrategyConfig(cfg.strategy, cfg.ddp, cfg.precision, reduce_grads=not cfg.skip_grad_sync)
+    # ``optimizer`` was built on the Module's parameters (and holds a resumed state): ddp keeps it and
+    # zero takes it as its template. fully_shard replaces the parameters by shards, so fsdp builds anew.
+    fresh = lambda params: make_optimizer(cfg.optimizer, cfg.lr, params)  # noqa: E731
+    w = strategy.wrap(model, ctx, scfg, fresh if cfg.strategy == "fsdp" else lambda params: optimizer)
+    if w.strategy != "fsdp" or not ctx.distributed:  # DDP's no_sync (and --skip-grad-sync) as before
+        return Wrapped(w.model, w.optimizer)
+    return Wrapped(w.model, w.optimizer, w.grad_sync(cfg.grad_accum_steps),
+                   full_state=lambda: strategy.full_state_dict(w, ctx), agreed_tensor=lambda: gathered(w.module))
+
+
 def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def gathered(module: torch.nn.Module) -> torch.Tensor:
+    """fsdp: what each rank gathers of the whole model, parameters and buffers. The shards are one
+    copy, so they agree by construction; what can drift apart is what each rank keeps whole: the
+    0-dim parameters (strategy.Replicas) and the buffers, which FSDP2 never syncs (BatchNorm's
+    running statistics, pytorch/torchtitan#670)."""
+    whole = [p.full_tensor() if isinstance(p, DTensor) else p for p in module.parameters()]
+    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in [*whole, *module.buffers()]])
 
 
 class RunFailed(Exception):
@@ -148,7 +174,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
         logs = history + train_loop(wrapped, loader, loss_function(task), cfg, ctx,
                                     loop_control(cfg, ctx, attempt, ckpt, start_step))
     record.mark("training_ended")
-    return finish(cfg, task, ctx, model, logs, record)
+    return finish(cfg, task, ctx, wrapped, logs, record)
 
 
 def resume(found: checkpoint.Found | None, model: torch.nn.Module, optimizer, cfg: TrainConfig,
@@ -163,7 +189,11 @@ def resume(found: checkpoint.Found | None, model: torch.nn.Module, optimizer, cf
 
 
 def announce(cfg: TrainConfig, ctx: DistContext) -> None:
-    log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), device {ctx.device}, "
+    log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), strategy {cfg.strategy}, "
+                       + ("fsdp mixed precision: bf16 parameters in forward and backward, gradients "
+                          "reduce-scattered in float32 (strategy.BF16_POLICY), "
+                          if cfg.strategy == "fsdp" and cfg.precision == "bf16" else "")
+                       + f"device {ctx.device}, "
                        f"backend {ctx.backend}, {cfg.global_batch_size // ctx.world_size} samples per rank per step"
                        + (f" in {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else ""))
     log.each(ctx.rank, f"device {ctx.device}, local rank {ctx.local_rank}", cfg.log_all_ranks)
@@ -197,18 +227,22 @@ def failures_explained(cfg: TrainConfig, ckpt: Checkpointer, stop: StopSignals) 
         raise RunFailed(f"{e}: {where}", stop.exit_code()) from None
 
 
-def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model: torch.nn.Module, logs: list[StepLog],
+def finish(cfg: TrainConfig, task: Task, ctx: DistContext, wrapped: Wrapped, logs: list[StepLog],
            record: RunRecord) -> dict:
     """Check the ranks agree, score the held-out data, write the outputs; returns the summary."""
-    identical = all_ranks_equal(flat_parameters(model), ctx)
+    model = getattr(wrapped.model, "module", wrapped.model)  # DDP and ScratchDDP keep the user's Module there
+    agreed = wrapped.agreed_tensor() if wrapped.agreed_tensor else flat_parameters(model)
+    identical = all_ranks_equal(agreed, ctx)
     if identical:
-        log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters")
+        log.info(ctx.rank, f"all {ctx.world_size} rank(s) hold bit-identical parameters"
+                 + (" (fsdp: the gathered parameters and the buffers)" if wrapped.agreed_tensor else ""))
     correct, total = heldout_counts(model, task, ctx)
+    full = wrapped.full_state() if wrapped.full_state else None  # every rank: fsdp all-gathers
     record.mark("checks_ended")
     summary = record.summary(cfg, ctx, {"final_loss": logs[-1].loss, "heldout_accuracy": correct / total,
                                         "heldout_samples": total, "params_identical_across_ranks": identical})
     if ctx.is_main:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # no "module." prefix
+        state = full if wrapped.full_state else {k: v.detach().cpu() for k, v in model.state_dict().items()}
         write_outputs(cfg.out, state, [entry.to_dict() for entry in logs], summary)
     t = record.timeline  # training alone, then the run around it (loader, model, checks); imports come before
     log.info(ctx.rank, f"held-out accuracy {correct}/{total} = {correct / total:.3f}; final loss {logs[-1].loss:.4f}; "
@@ -216,7 +250,9 @@ def finish(cfg: TrainConfig, task: Task, ctx: DistContext, model: torch.nn.Modul
                        f"{summary['wall_time_s']:.1f} s); wrote {cfg.out}/")
     if not identical:
         raise RunFailed(
-            "ranks hold different parameters after training: gradients were not synchronised"
+            ("ranks hold different buffers or unsharded parameters after training: FSDP2 never syncs them "
+             "(BatchNorm: ddp_demo.convert_sync_batchnorm)" if wrapped.agreed_tensor and not cfg.skip_grad_sync else
+             "ranks hold different parameters after training: gradients were not synchronised")
             + (" (--skip-grad-sync was given)" if cfg.skip_grad_sync else "")
         )
     return summary

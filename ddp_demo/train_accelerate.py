@@ -99,6 +99,9 @@ class AccelerateLauncher:
         if cfg.ddp != "torch":
             raise ConfigError(f"--ddp {cfg.ddp} is for ddp_demo.train: under accelerate launch, Accelerate wraps the "
                               "model in torch's DDP; drop --ddp or launch ddp_demo.train with torchrun")
+        if cfg.strategy != "ddp":
+            raise ConfigError(f"--strategy {cfg.strategy} is for ddp_demo.train: Accelerate's own FSDP/ZeRO plugins "
+                              "are not wired here; launch ddp_demo.train with torchrun, or drop --strategy")
         pick_device(env.local_rank, cfg.device)  # --device cuda without CUDA: the same one line as torchrun's
         self.accelerator = make_accelerator(cfg)
         ctx = context_of(self.accelerator)

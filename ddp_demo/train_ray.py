@@ -192,6 +192,9 @@ def parse(argv: list[str]) -> tuple[RayOptions, TrainConfig, list[str]]:
     if args.workers < 1 or args.max_failures < 0:
         raise ConfigError("--workers must be at least 1 and --max-failures at least 0")
     cfg = parse_config(rest)
+    if cfg.strategy != "ddp":
+        raise ConfigError(f"--strategy {cfg.strategy} is not wired into the Ray launcher (it wraps with DDP); "
+                          "launch ddp_demo.train with torchrun, or drop --strategy")
     if cfg.preflight:
         raise ConfigError("--preflight checks a torchrun launch; Ray starts and connects its workers itself: drop it")
     train.prepare(rest, LaunchEnv(world_size=args.workers, launched=True))  # the trainer's own checks, for N

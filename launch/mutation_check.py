@@ -51,6 +51,7 @@ AGREE = "tests/test_agree.py::"
 RAY = "tests/test_ray.py::test_killed_and_restarted_ray_run_equals_one_process"
 SHARDING = "tests/test_sharding.py::"
 FSDP = "tests/test_fsdp_scratch.py::"
+STRATEGY_TRAIN = "tests/test_strategy_train.py::"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
@@ -238,6 +239,35 @@ MUTATIONS = (
         "fsdp's full state dict is rank 0's own shards", "ddp_demo/parallel/strategy.py",
         (('    if wrapped.strategy == "fsdp" and ctx.distributed:\n', "    if False:\n"),),
         (SHARDING + "test_parameters_state_and_full_state_dict_after_five_steps[2-fsdp-mlp-float64-sgd]",),
+    ),
+    Mutation(
+        "the trainer ignores --strategy (every run is ddp)", "ddp_demo/train.py",
+        (("    scfg = StrategyConfig(cfg.strategy,", '    scfg = StrategyConfig("ddp",'),),
+        (STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[zero_nosync]",
+         STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[fsdp_nosync]"),
+    ),
+    Mutation(
+        "the trainer's fsdp final.pt is rank 0's state_dict of shards, not the gathered one", "ddp_demo/train.py",
+        (("        state = full if wrapped.full_state else ", "        state = "),),
+        (STRATEGY_TRAIN + "test_whole_run_equals_one_process[fsdp2]",),
+    ),
+    Mutation(
+        "the trainer's --skip-grad-sync does not reach the strategy", "ddp_demo/train.py",
+        (("reduce_grads=not cfg.skip_grad_sync", "reduce_grads=True"),),
+        (STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[fsdp_nosync]",),
+    ),
+    Mutation(
+        "--strategy zero/fsdp accept flags they do not support (checkpoints, fp16, --ddp scratch)",
+        "ddp_demo/core/config.py",
+        (("        self.check_strategy()\n", "        pass\n"),),
+        (STRATEGY_TRAIN + "test_refused_in_one_line[zero checkpoints]",
+         STRATEGY_TRAIN + "test_refused_in_one_line[fsdp scratch]"),
+    ),
+    Mutation(
+        "the check does not name buffers left per rank under fsdp", "ddp_demo/check/diagnose.py",
+        (("    names = sorted({n for w in v.worlds for r in (w.ranks or []) for n in r.get(\"buffers_per_rank\", [])})",
+          "    names = []"),),
+        ("tests/test_check_strategy.py::test_batchnorm_under_fsdp_is_buffers_per_rank_and_conversion_fixes_it",),
     ),
     Mutation(
         "buffers that drift apart under fsdp go unnamed", "ddp_demo/parallel/holdings.py",

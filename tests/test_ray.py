@@ -89,6 +89,7 @@ def test_a_ray_worker_is_read_as_launched_by_ray():
     (["--workers", "3", "--global-batch-size", "16"], ["--global-batch-size 16", "world size 3"]),
     (["--workers", "0"], ["--workers"]),
     (["--preflight"], ["--preflight", "drop it"]),
+    (["--strategy", "fsdp"], ["--strategy fsdp", "torchrun"]),
     (["--stpes", "3"], ["--stpes"]),
 ])
 def test_bad_input_is_one_line_before_any_cluster_starts(argv, words, tmp_path, capsys):

@@ -56,4 +56,5 @@ def check_plans(plans: list[Plan], world_sizes: tuple[int, ...], timeout: float 
 
 def check(specs: list[str], options: CheckOptions) -> list[Verdict]:
     """The command's check: every target trained the same way (``options``)."""
-    return check_plans([options.plan(spec) for spec in specs], options.world_sizes, options.timeout)
+    return check_plans([plan for spec in specs for plan in options.plans(spec)], options.world_sizes,
+                       options.timeout)

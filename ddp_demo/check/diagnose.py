@@ -63,6 +63,20 @@ def _shown(model: nn.Module, names: list[str]) -> str:
                      for n in names)
 
 
+def buffers_per_rank(v: Verdict) -> Cause | None:
+    """fsdp: FSDP2 never broadcasts buffers (pytorch/torchtitan#670), so each rank's running
+    statistics follow its own samples and the full state dict silently keeps rank 0's."""
+    names = sorted({n for w in v.worlds for r in (w.ranks or []) for n in r.get("buffers_per_rank", [])})
+    if not names:
+        return None
+    return Cause(
+        "buffers_per_rank", f"buffers left per rank under fsdp: {', '.join(names)}",
+        "FSDP2 shards parameters but never syncs buffers: each rank's copy follows its own samples, and the "
+        "full state dict keeps rank 0's",
+        "model = ddp_demo.convert_sync_batchnorm(model) before fully_shard: the statistics are then computed "
+        "over every rank's samples, so every rank's buffers agree", names)
+
+
 def batchnorm(v: Verdict) -> Cause | None:
     names = batchnorm_layers(v.target.model)
     if not names:
@@ -145,7 +159,7 @@ def diagnose(v: Verdict) -> list:
         return []
     causes = [c for c in (error(v), unused_parameters(v)) if c]
     if not all(w.numbers_match for w in v.worlds if not w.error):
-        causes += [c for c in (batchnorm(v), randomness(v), summed_loss(v)) if c]
+        causes += [c for c in (buffers_per_rank(v), batchnorm(v), randomness(v), summed_loss(v)) if c]
     if not causes:
         causes.append(Cause("not_recognised", "cause not recognised",
                             "no known cause fits; the table below shows every tensor's difference", ""))

@@ -43,6 +43,7 @@ class Plan:
     lr: float | None = None  # None: the proofs' rate for the optimizer (core/config.py, PROOF_LR)
     steps: int = 3
     find_unused_parameters: bool = False
+    strategy: str = "ddp"  # ddp, zero or fsdp (ddp_demo/parallel/strategy.py)
 
     @property
     def learning_rate(self) -> float:
@@ -60,15 +61,20 @@ class Trained:
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and floating buffers (running statistics); integer counters are not compared."""
-    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: whole(p.detach()).clone() for n, p in model.named_parameters()}
     return state | {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()}
 
 
-def train(forward, part: Target, plan: Plan) -> Trained:
-    """``plan.steps`` optimizer steps of ``forward`` (the model, or DDP around it) on ``part``."""
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """fsdp's parameters and gradients are DTensor shards: every rank gathers the full tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train(forward, part: Target, plan: Plan, opt: torch.optim.Optimizer | None = None) -> Trained:
+    """``plan.steps`` optimizer steps of ``forward`` (the model, or a strategy around it) on ``part``."""
     model = part.model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(plan.optimizer, plan.learning_rate, params)
+    opt = opt or make_optimizer(plan.optimizer, plan.learning_rate, params)
     grads, losses = {}, []
     for step in range(plan.steps):
         opt.zero_grad(set_to_none=True)
@@ -76,7 +82,7 @@ def train(forward, part: Target, plan: Plan) -> Trained:
         loss.backward()
         losses.append(float(loss.detach()))
         if step == 0:
-            grads = {n: None if p.grad is None else p.grad.detach().clone()
+            grads = {n: None if p.grad is None else whole(p.grad.detach()).clone()
                      for n, p in model.named_parameters() if p.requires_grad}
         opt.step()
     return Trained(grads, snapshot(model), losses)
@@ -117,8 +123,16 @@ def train_on_rank(ctx: DistContext, plan: Plan) -> dict:
     unused: list = [None] * ctx.world_size
     dist.all_gather_object(unused, unused_parameters(part))
     find_unused = plan.find_unused_parameters or any(unused)
-    trained = train(DDP(part.model, find_unused_parameters=find_unused), part, plan)
-    return {"grads": trained.grads, "after": trained.after, "unused": unused, "find_unused": find_unused}
+    if plan.strategy == "ddp":
+        trained = train(DDP(part.model, find_unused_parameters=find_unused), part, plan)
+        return {"grads": trained.grads, "after": trained.after, "unused": unused, "find_unused": find_unused}
+    from ddp_demo.parallel import holdings, strategy  # FSDP's imports cost a second: only when asked
+
+    w = strategy.wrap(part.model, ctx, strategy.StrategyConfig(plan.strategy),
+                      lambda params: make_optimizer(plan.optimizer, plan.learning_rate, params))
+    trained = train(w.model, part, plan, w.optimizer)
+    return {"grads": trained.grads, "after": trained.after, "unused": unused, "find_unused": find_unused,
+            "buffers_per_rank": holdings.buffers_differing(part.model, ctx)}
 
 
 def check_on_rank(ctx: DistContext, plans: list[Plan]) -> list[dict]:

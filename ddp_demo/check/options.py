@@ -23,6 +23,8 @@ class CheckOptions:
                               type_=float)
     find_unused_parameters: bool = option(False, "your DDP uses find_unused_parameters=True: parameters that get no "
                                           "gradient are then not a failure")
+    strategy: str = option("ddp", "ddp, zero (optimizer state sharded), fsdp (fully_shard) or all three: the "
+                           "strategy the model is trained under on N processes", ("ddp", "zero", "fsdp", "all"))
     timeout: float = option(120.0, "seconds each world size may take before its processes are stopped")
     json: str | None = option(None, "also write the verdict as JSON to this file (format: docs/check.md)", type_=str)
     plot: str | None = option(None, "also draw each tensor's largest difference against its tolerance, for every N, "
@@ -37,13 +39,15 @@ class CheckOptions:
             raise CheckError(f"--lr must be a positive number (got {self.lr})")
         if not self.timeout > 0:
             raise CheckError(f"--timeout must be a positive number of seconds (got {self.timeout})")
-        for name in ("dtype", "optimizer"):
+        for name in ("dtype", "optimizer", "strategy"):
             choices = field_named(CheckOptions, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise CheckError(f"--{name} {getattr(self, name)!r} is not known; use one of: {', '.join(choices)}")
 
-    def plan(self, spec: str) -> Plan:
-        return Plan(spec, self.dtype, self.optimizer, self.lr, self.steps, self.find_unused_parameters)
+    def plans(self, spec: str) -> list[Plan]:
+        names = ("ddp", "zero", "fsdp") if self.strategy == "all" else (self.strategy,)
+        return [Plan(spec, self.dtype, self.optimizer, self.lr, self.steps, self.find_unused_parameters, name)
+                for name in names]
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ def header(v: Verdict) -> list[str]:
     model, plan = v.target.model, v.plan
     params = [p for p in model.parameters() if p.requires_grad]
     return [
-        f"ddp_demo.check {plan.spec}",
+        f"ddp_demo.check {plan.spec}" + (f" --strategy {plan.strategy}" if plan.strategy != "ddp" else ""),
         f"model {type(model).__name__}: {len(params)} parameter tensors ({sum(p.numel() for p in params):,} values); "
         f"batch of {v.target.batch_size}; {v.tolerance['dtype']}; {plan.steps} step{'s' * (plan.steps > 1)} of "
         f"{plan.optimizer}, lr {plan.learning_rate:g}",

@@ -20,6 +20,7 @@ from ddp_demo.core.models import MODEL_NAMES
 OPTIMIZERS = ("sgd", "adam")
 # The learning rate the proofs and python -m ddp_demo.check train with, per optimizer
 PROOF_LR = {"sgd": 0.05, "adam": 0.01}
+STRATEGIES = ("ddp", "zero", "fsdp")  # --strategy: ddp_demo/parallel/strategy.py
 WRAPPERS = ("torch", "scratch")  # --ddp: torch's DistributedDataParallel, or ddp_demo.parallel.ddp.ScratchDDP
 # The one dtype table: the --dtype name and the torch dtype it means.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -52,6 +53,9 @@ class TrainConfig:
     lr: float = option(0.05, "learning rate", group=JOB)
     ddp: str = option("torch", "gradient averaging: torch's DistributedDataParallel, or scratch, ddp_demo's own "
                       "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS, group=PROCESSES)
+    strategy: str = option("ddp", "ddp: every rank holds the whole model; zero: DDP plus optimizer state sharded "
+                           "(ZeroRedundancyOptimizer); fsdp: parameters, gradients and optimizer state sharded "
+                           "(fully_shard, docs/sharding.md)", STRATEGIES, group=PROCESSES)
     optimizer: str = option("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS, group=JOB)
     seed: int = option(0, "seeds the model init, the built-in data and the sampler order", group=JOB)
     dtype: str = option("float32", "parameter and data dtype", tuple(DTYPES), group=JOB)
@@ -91,7 +95,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        for name in ("model", "optimizer", "ddp", "dtype", "device", "backend", "precision", "malloc"):
+        for name in ("model", "strategy", "optimizer", "ddp", "dtype", "device", "backend", "precision", "malloc"):
             choices = field_named(TrainConfig, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(
@@ -111,6 +115,22 @@ class TrainConfig:
             raise ConfigError(f"--timeout must be a positive number of seconds (got {self.timeout})")
         if self.precision != "fp32" and self.dtype != "float32":
             raise ConfigError(f"--precision {self.precision} autocasts float32 math; use it with --dtype float32")
+        self.check_strategy()
+
+    def check_strategy(self) -> None:
+        """What --strategy zero and fsdp do not (yet) combine with: refused before any process starts."""
+        if self.strategy == "ddp":
+            return
+        if self.checkpoint_dir is not None or self.resume not in ("auto", "never"):
+            what = "--checkpoint-dir" if self.checkpoint_dir is not None else "--resume PATH"
+            raise ConfigError(f"{what} with --strategy {self.strategy}: sharded checkpoints are not wired yet "
+                              "(issue 22); use --strategy ddp to checkpoint, or drop the flag")
+        if self.strategy == "fsdp" and self.ddp != "torch":
+            raise ConfigError(f"--ddp {self.ddp} picks the DDP wrapper of --strategy ddp or zero; fsdp has no DDP "
+                              "wrapper: drop --ddp")
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ConfigError("--precision fp16 with --strategy fsdp is not wired (its GradScaler over sharded "
+                              "gradients is untested here); use --precision bf16")
 
     def check_precision(self, device_type: str) -> None:
         """fp16 needs a GradScaler, which this project runs on CUDA only (core/precision.py)."""

@@ -163,7 +163,9 @@ def heldout_counts(model: torch.nn.Module, task: Task, ctx: DistContext, batch: 
     x, y = task.heldout.tensors
     mine = torch.arange(ctx.rank, len(x), ctx.world_size)
     correct = 0
-    for i in range(0, len(mine), batch):
+    # Every rank runs the same number of forwards (some last ones empty): under fsdp each forward
+    # all-gathers the parameters, a collective all ranks must join.
+    for i in range(0, -(-len(x) // ctx.world_size), batch):
         idx = mine[i : i + batch]
         out = model(x[idx].to(ctx.device))
         target = y[idx].to(ctx.device)

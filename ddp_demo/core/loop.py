@@ -155,6 +155,10 @@ class Wrapped:
     optimizer: torch.optim.Optimizer  # the optimizer of the bare model (or Accelerate's prepared one)
     grad_sync: GradSync | None = None  # how each micro-batch syncs; None: DDP's no_sync (ddp_grad_sync)
     agreement: Agreement | None = None  # carries loss and stop flag in the gradient all-reduce; None: made here
+    # Rank 0's whole state_dict, keys without prefixes (final.pt), and the flat tensor every rank must
+    # agree on after training; None: read from the model itself (bare or DDP, every rank holds it whole)
+    full_state: Callable[[], dict | None] | None = None
+    agreed_tensor: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
