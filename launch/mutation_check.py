@@ -260,8 +260,8 @@ MUTATIONS = (
         "--strategy zero/fsdp accept flags they do not support (checkpoints, fp16, --ddp scratch)",
         "ddp_demo/core/config.py",
         (("        self.check_strategy()\n", "        pass\n"),),
-        (STRATEGY_TRAIN + "test_refused_in_one_line[zero checkpoints]",
-         STRATEGY_TRAIN + "test_refused_in_one_line[fsdp scratch]"),
+        (STRATEGY_TRAIN + "test_refused_in_one_line[zero-checkpoints]",
+         STRATEGY_TRAIN + "test_refused_in_one_line[fsdp-fp16]"),
     ),
     Mutation(
         "the check does not name buffers left per rank under fsdp", "ddp_demo/check/diagnose.py",
