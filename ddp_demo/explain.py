@@ -3,6 +3,7 @@
     torchrun --standalone --nproc_per_node=2 -m ddp_demo.explain
     python -m ddp_demo.explain                    # one process: nothing to reconcile
     torchrun --standalone --nproc_per_node=2 -m ddp_demo.explain --buckets   # inside DDP: buckets, overlap
+    torchrun --standalone --nproc_per_node=2 -m ddp_demo.explain --shards    # inside FSDP: shards, gathers
 
 Each rank runs ``multiplier * x_shard`` on its own device and calls backward on the
 mean of its shard. A DDP communication hook sees the gradient bucket exactly as
@@ -17,8 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_demo.core.dist import DistContext, launch_env, setup, teardown
+from ddp_demo.core.dist import DistContext, setup, teardown
+from ddp_demo.core.env import launch_env
 from ddp_demo.core.models import MultiplyByTwo
+from ddp_demo.parallel import fsdp_timeline
 from ddp_demo.parallel.timeline import bucket_report, checks, render
 
 PER_RANK = 2
@@ -74,13 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", action="store_true",
                         help="instead: the MLP under ddp_demo's own DDP, its gradient buckets and the order "
                         "gradients became ready and buckets were reduced during one backward")
+    parser.add_argument("--shards", action="store_true",
+                        help="instead: the MLP under ddp_demo's own FSDP, each rank's shards and the all-gathers, "
+                        "frees and reduce-scatters of one step")
     args = parser.parse_args(argv)
     env = launch_env()
     # One process still gets a (single-member) group, so DDP and the hook run the same code.
     ctx = setup(env, device="auto", store=dist.HashStore() if env.world_size == 1 else None)
     try:
         reports: list = [None] * ctx.world_size
-        dist.all_gather_object(reports, bucket_report(ctx) if args.buckets else rank_report(ctx, args.skip_allreduce))
+        view = bucket_report if args.buckets else fsdp_timeline.shards_report if args.shards else None
+        dist.all_gather_object(reports, view(ctx) if view else rank_report(ctx, args.skip_allreduce))
     finally:
         teardown()
     if not ctx.is_main:
@@ -88,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.buckets:
         print("\n".join(render(reports)))
         return 0 if all(checks(reports).values()) else 1
+    if args.shards:
+        print("\n".join(fsdp_timeline.render_shards(reports)))
+        return 0 if all(fsdp_timeline.checks(reports).values()) else 1
     x, full = single_process_gradient(ctx.world_size)
     print(f"MultiplyByTwo: y = multiplier * x with multiplier = 2.0; x = {x} split over {ctx.world_size} rank(s);")
     print("each rank computes loss = mean(y over its shard), so d loss / d multiplier = mean(its shard)\n")

@@ -37,7 +37,8 @@ from ddp_demo.core import dist as dist_env
 from ddp_demo.core import log, malloc
 from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
 from ddp_demo.core.data import Task, builtin_task, heldout_counts, load_task, rank_loader
-from ddp_demo.core.dist import DistContext, LaunchEnv, all_ranks_equal, launch_env, pick_device, setup, teardown
+from ddp_demo.core.dist import DistContext, all_ranks_equal, pick_device, setup, teardown
+from ddp_demo.core.env import LaunchEnv, launch_env, launch_variables, report_to_launcher
 from ddp_demo.core.loop import LoopControl, NonFiniteLoss, StepLog, StopRequested, Wrapped, loss_function, train_loop
 from ddp_demo.core.models import build_model, make_optimizer
 from ddp_demo.core.outputs import RunRecord, check_out_dir, write_outputs
@@ -243,8 +244,10 @@ def finish(cfg: TrainConfig, task: Task, ctx: DistContext, wrapped: Wrapped, log
     if ctx.is_main:
         state = full if wrapped.full_state else {k: v.detach().cpu() for k, v in model.state_dict().items()}
         write_outputs(cfg.out, state, [entry.to_dict() for entry in logs], summary)
-    log.info(ctx.rank, f"held-out accuracy {correct}/{total} = {correct / total:.3f}; "
-                       f"final loss {logs[-1].loss:.4f}; wall time {summary['wall_time_s']:.1f} s; wrote {cfg.out}/")
+    t = record.timeline  # training alone, then the run around it (loader, model, checks); imports come before
+    log.info(ctx.rank, f"held-out accuracy {correct}/{total} = {correct / total:.3f}; final loss {logs[-1].loss:.4f}; "
+                       f"trained in {t['training_ended'] - t['training_started']:.2f} s (set-up and checks included: "
+                       f"{summary['wall_time_s']:.1f} s); wrote {cfg.out}/")
     if not identical:
         raise RunFailed(
             ("ranks hold different buffers or unsharded parameters after training: FSDP2 never syncs them "
@@ -259,7 +262,7 @@ def prepare(argv: list[str] | None, env: LaunchEnv) -> tuple[TrainConfig, Task, 
     """Everything that can reject the input, done before any process group or file exists."""
     cfg = parse_config(argv)
     if cfg.preflight:  # before the batch check: a wrong world size is the launch's fault, not the batch's
-        passed = preflight(dist_env.launch_variables(), env.launched, env.world_size, cfg.device, cfg.backend,
+        passed = preflight(launch_variables(), env.launched, env.world_size, cfg.device, cfg.backend,
                            env.agent_store)
         log.info(env.rank, f"preflight: {passed} launch checks passed")
     cfg.check_batch_split(env.world_size)
@@ -281,10 +284,12 @@ def main(argv: list[str] | None = None, launcher: Launcher | None = None) -> int
         ctx = launcher.start(env, cfg)
     except LaunchProblem as e:  # a node's own setup: each node's first process says it, once per node
         log.error(env.local_rank, str(e))
+        report_to_launcher(env, f"ddp_demo: error: {e}")
         dist_env.after_one_spoke(env, speaker=env.rank - env.local_rank)  # torchrun numbers a node's ranks in a row
         return 2
     except (ConfigError, RuntimeError) as e:
         log.error(env.rank, str(e))
+        report_to_launcher(env, f"ddp_demo: error: {e}")
         dist_env.after_one_spoke(env, speaker=0)
         return 2
     stop = StopSignals()
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None, launcher: Launcher | None = None) -> int
         return 0
     except RunFailed as e:
         log.error(ctx.rank, str(e))
+        report_to_launcher(env, f"ddp_demo: error: {e}")
         return e.code
     except Exception as e:
         return crashed(e, ctx, cfg)

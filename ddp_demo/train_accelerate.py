@@ -26,7 +26,8 @@ from accelerate.utils import InitProcessGroupKwargs
 from ddp_demo import train
 from ddp_demo.core.accumulate import GradSync
 from ddp_demo.core.config import ConfigError, TrainConfig
-from ddp_demo.core.dist import DistContext, LaunchEnv, pick_backend, pick_device
+from ddp_demo.core.dist import DistContext, pick_backend, pick_device
+from ddp_demo.core.env import LaunchEnv
 from ddp_demo.core.loop import Wrapped
 
 
@@ -43,8 +44,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 def context_of(accelerator: Accelerator) -> DistContext:
     """What Accelerate decided, in the form the shared code takes."""
     backend = accelerator.state.backend or pick_backend(accelerator.device)  # None: one process, no group
+    # Accelerate names the CPU `cpu:0` under a multi-process launch; torch, torchrun's path and every
+    # report say `cpu` (there is one CPU device), so the log lines read the same under both launchers.
+    device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device
     return DistContext(accelerator.process_index, accelerator.local_process_index, accelerator.num_processes,
-                       accelerator.device, backend)
+                       device, backend)
 
 
 def check_processes(env: LaunchEnv, ctx: DistContext) -> None:

@@ -37,7 +37,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ddp_demo import train
 from ddp_demo.core import log
 from ddp_demo.core.config import ConfigError, TrainConfig, parse_config
-from ddp_demo.core.dist import RAY_RESTARTS, DistContext, LaunchEnv, pick_device
+from ddp_demo.core.dist import DistContext, pick_device
+from ddp_demo.core.env import RAY_RESTARTS, LaunchEnv
 from ddp_demo.core.loop import Wrapped
 
 # Quiet, as torchrun is: Ray copies a Train worker's print() into its own log as well, so each
@@ -128,7 +129,7 @@ def worker(config: dict) -> None:
     restarts the group, as many times as --max-failures allows."""
     attempts = config["attempts"]
     rank = ray.train.get_context().get_world_rank()
-    os.environ[RAY_RESTARTS] = str(ray.get(attempts.start.remote(rank)))  # read by core/dist.py
+    os.environ[RAY_RESTARTS] = str(ray.get(attempts.start.remote(rank)))  # read by core/env.py
     ray.get(attempts.exit.remote(rank, train.main(config["argv"], launcher=RayLauncher())))
 
 

@@ -13,6 +13,8 @@ with ``DDP.no_sync``), which must *fail* the same comparison for N > 1, by at le
 The ``accum`` rows accumulate one step over K micro-batches (``--grad-accum-steps``): the
 gradient after the K-th must match one process on the whole global batch, and after
 micro-batch K-1 (under ``no_sync``) the ranks must still disagree.
+By default it prints a summary (the tolerance, how many comparisons match, how many controls
+differ as they must, and PASS or FAIL); ``--table`` (``-v``) prints every comparison.
 Exit code 0 when every check and every control behaves.
 
 ``--scratch`` checks ddp_demo's own DDP (``parallel/ddp.py``) against torch's instead: the
@@ -26,25 +28,12 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from ddp_demo.core.flags import add_options, option, parse_into
+from ddp_demo.core.flags import add_options, numbers_option, option, parse_into
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.proof import join, scratch
-from ddp_demo.proof.cases import accum_cases, accum_ok, by_case, case_ok, cases, check_accumulation, run_cases
-
-
-def print_accumulation(world_size: int, models) -> bool:
-    ok = True
-    for rows in by_case(check_accumulation(world_size, accum_cases(world_size, models))).values():
-        good = accum_ok(rows)
-        ok &= good
-        model, dtype, k = rows[0]["case"]
-        control = "" if world_size == 1 else f"; after micro-batch {k - 1} ranks differ by " \
-            f"{max(r['mid_diff'] for r in rows):.3g}, {max(r['mid_tolerances_off'] for r in rows):.3g} " \
-            "tolerances (control)"
-        print(f"{world_size:>2}  accum    {model:<9} {dtype:<8} K={k:<3} last  "
-              f"{max(r['max_abs_diff'] for r in rows):>18.3g}  {'match' if good else 'FAIL'}{control}")
-    return ok
+from ddp_demo.proof.cases import accum_cases, by_case, cases, check_accumulation, run_cases
+from ddp_demo.proof.verdicts import Row, summary, table
 
 
 def print_scratch(world_size: int, models) -> bool:
@@ -99,41 +88,45 @@ def main_scratch(world_sizes: list[int], models) -> int:
         f"  {c:>16}" for c in scratch.CHECKS) + "   (max |ScratchDDP - torch DDP|)")
     for n in world_sizes:
         ok &= print_scratch(n, models)
-    print("all checks passed" if ok else "SOME CHECKS FAILED")
+    print("PASS: ScratchDDP equals torch's DDP in every check" if ok else "FAIL: some checks above say FAIL")
     return 0 if ok else 1
 
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    world_sizes: tuple[int, ...] = option((1, 2, 3, 4), "N values to test", type_=int, nargs="+")
+    world_sizes: tuple[int, ...] = numbers_option((1, 2, 3, 4), "the numbers of processes N to test, e.g. 2 3 or 2,3")
     models: tuple[str, ...] = option(MODEL_NAMES, "models to test", MODEL_NAMES, str, parse_choices=True, nargs="+")
+    table: bool = option(False, "print every comparison, one row each, not only the summary")
     scratch: bool = option(False, "check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ddp_demo.verify", description=__doc__.splitlines()[0],
+                                     epilog="example: python -m ddp_demo.verify --world-sizes 2 --models mlp --table")
+    add_options(parser, VerifyOptions)
+    parser.add_argument("-v", dest="table", action="store_true", help="the same as --table")
+    return parser
+
+
+def collect(world_sizes: tuple[int, ...], models: tuple[str, ...]) -> list[Row]:
+    """Every comparison at every N: the cases (``proof/cases.py``), then gradient accumulation."""
+    rows: list[Row] = []
+    for n in world_sizes:
+        for case, mine in by_case(run_cases(n, cases(models))).items():
+            rows.append(Row.of_case(n, case, mine))
+    for n in world_sizes:
+        for case, mine in by_case(check_accumulation(n, accum_cases(n, models))).items():
+            rows += Row.of_accumulation(n, case, mine)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddp_demo.verify", description=__doc__.splitlines()[0])
-    args = parse_into(VerifyOptions, add_options(parser, VerifyOptions), argv)
+    args = parse_into(VerifyOptions, build_parser(), argv)
     if args.scratch:
         return main_scratch(args.world_sizes, args.models)
-    ok = True
-    print(f"{'N':>2}  {'check':<8} {'model':<9} {'dtype':<8} {'optim':<5} {'sync':<4}  "
-          f"{'max |DDP - single|':>18}  verdict")
-    for n in args.world_sizes:
-        rows = run_cases(n, cases(args.models))
-        for case in dict.fromkeys(r["case"] for r in rows):
-            mine = [r for r in rows if r["case"] == case]
-            good = case_ok(mine)
-            ok &= good
-            optim, sync = case.optimizer or "-", "on" if case.synced else "off"
-            off = max(r["tolerances_off"] for r in mine)
-            verdict = ("match" if mine[0]["synced"] or n == 1 else f"differs by {off:.3g} tolerances (control)") \
-                if good else "FAIL"
-            print(f"{n:>2}  {case.kind:<8} {case.model:<9} {case.dtype:<8} {optim:<5} {sync:<4}  "
-                  f"{max(r['max_abs_diff'] for r in mine):>18.3g}  {verdict}")
-    for n in args.world_sizes:
-        ok &= print_accumulation(n, args.models)
-    print("all checks passed" if ok else "SOME CHECKS FAILED")
-    return 0 if ok else 1
+    rows = collect(args.world_sizes, args.models)
+    print("\n".join(table(rows) if args.table else summary(rows, args.world_sizes, args.models)))
+    return 0 if all(r.good for r in rows) else 1
 
 
 if __name__ == "__main__":

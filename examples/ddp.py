@@ -1,11 +1,11 @@
 """Train a small MLP; `diff examples/single_process.py examples/ddp.py` shows all that data parallelism adds.
-
-Run:  torchrun --standalone --nproc_per_node=2 examples/ddp.py [--epochs 5] [--dtype float64] [--out final.pt]
+Run:  torchrun --standalone --nproc_per_node=2 examples/ddp.py [--epochs 5] [--dtype float64] [--out FILE]
 """
 
 import argparse
 import gc
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,8 +41,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--out", default="final.pt", help="where to save the final state_dict")
+    parser.add_argument("--out", default=f"runs/examples/{Path(__file__).stem}.pt", help="the final state_dict")
     args = parser.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # set by torchrun
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")  # one device per rank
@@ -60,7 +61,7 @@ def main():
         total = 0.0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            # mean, not sum: DDP averages gradients over ranks, and the mean of
+            # mean, not sum: the ranks' gradients are averaged, and the mean of
             # N equal-sized local means is the mean over the whole global batch
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
@@ -82,5 +83,5 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        gc.collect()  # free main's DDP model (in ref cycles) before teardown, else gloo can abort at exit
+        gc.collect()  # free main's model (in ref cycles) before teardown, else gloo can abort at exit
         dist.destroy_process_group()

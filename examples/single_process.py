@@ -1,9 +1,9 @@
 """Train a small MLP; `diff examples/single_process.py examples/ddp.py` shows all that data parallelism adds.
-
-Run:  python examples/single_process.py [--epochs 5] [--dtype float64] [--out final.pt]
+Run:  python examples/single_process.py [--epochs 5] [--dtype float64] [--out FILE]
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--out", default="final.pt", help="where to save the final state_dict")
+    parser.add_argument("--out", default=f"runs/examples/{Path(__file__).stem}.pt", help="the final state_dict")
     args = parser.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -55,7 +56,7 @@ def main():
         total = 0.0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            # mean, not sum: DDP averages gradients over ranks, and the mean of
+            # mean, not sum: the ranks' gradients are averaged, and the mean of
             # N equal-sized local means is the mean over the whole global batch
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()

@@ -48,8 +48,9 @@ def _eq(kind: str) -> str:
 CKPT = "tests/test_checkpoint.py::"
 RESILIENCE = "tests/test_resilience.py::"
 AGREE = "tests/test_agree.py::"
-SHARDING = "tests/test_sharding.py::"
 RAY = "tests/test_ray.py::test_killed_and_restarted_ray_run_equals_one_process"
+SHARDING = "tests/test_sharding.py::"
+FSDP = "tests/test_fsdp_scratch.py::"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
@@ -154,6 +155,40 @@ MUTATIONS = (
         (AGREE + "test_with_scratch_ddp_too_the_pair_rides_in_its_buckets",),
     ),
     Mutation(
+        "ScratchFSDP's reduce-scatter averages nothing (each rank keeps its own chunk)", "ddp_demo/parallel/fsdp.py",
+        (("            dist.reduce_scatter_single(out, grads.view(-1), op=op, group=self.fsdp.group)\n",
+          "            out.copy_(grads[rank])\n"),),
+        (FSDP + "test_equal_to_fully_shard_bit_for_bit[2-mlp-float64]",),
+    ),
+    Mutation(
+        "ScratchFSDP deals the chunks in reverse rank order (not FSDP2's rule)", "ddp_demo/parallel/fsdp.py",
+        (("    start = min(rank * c, rows)\n", "    start = min((world_size - 1 - rank) * c, rows)\n"),),
+        (FSDP + "test_equal_to_fully_shard_bit_for_bit[2-mlp-float32]",
+         FSDP + "test_chunks_follow_fsdp2_rule_and_tile_the_rows",
+         "tests/test_explain.py::test_explain_shards_shows_each_ranks_rows_and_the_step_from_real_hooks"),
+    ),
+    Mutation(
+        "ScratchFSDP skips the all-gather before a block's backward", "ddp_demo/parallel/fsdp.py",
+        (("        elif self.fsdp.gather_in_backward:\n", "        elif False:\n"),),
+        (FSDP + "test_equal_to_fully_shard_bit_for_bit[2-mlp-float32]",),
+    ),
+    Mutation(
+        "ScratchFSDP keeps every block whole after its forward", "ddp_demo/parallel/fsdp.py",
+        (("        if self.fsdp.reshard_after_forward:\n", "        if False:\n"),),
+        (FSDP + "test_outside_its_forward_and_backward_a_block_holds_only_its_shard",),
+    ),
+    Mutation(
+        "ScratchFSDP divides float64 gradients once, after the sum (not FSDP2's factors)", "ddp_demo/parallel/fsdp.py",
+        (("    return float(before), world_size / before, dist.ReduceOp.SUM\n",
+          "    return 1.0, float(world_size), dist.ReduceOp.SUM\n"),),
+        (FSDP + "test_divide_factors_are_fsdp2s", FSDP + "test_equal_to_fully_shard_bit_for_bit[3-mlp-float64]"),
+    ),
+    Mutation(
+        "examples/fsdp.py shards nothing", "examples/fsdp.py",
+        (("        fully_shard(block)  #", "        (block)  #"),),
+        ("tests/test_examples.py::test_fsdp_matches_single_process",),
+    ),
+    Mutation(
         "silent ranks exit without waiting for the reporting rank", "ddp_demo/core/dist.py",
         (("            store.wait([key], timedelta(seconds=wait_s))\n", "            pass\n"),),
         ("tests/test_bad_input.py::test_the_reporting_rank_is_not_stopped_before_it_reports",),
@@ -235,6 +270,29 @@ MUTATIONS = (
         (("        return Wrapped(train.ddp_wrap(model, ctx, cfg.ddp), optimizer)\n",
           "        return Wrapped(model, optimizer)\n"),),
         (RAY,),
+    ),
+    Mutation(
+        "plain python trains on a thread per core again (issue 26: 3x slower)", "ddp_demo/core/env.py",
+        (('    return LaunchEnv(threads=None if "OMP_NUM_THREADS" in env else PLAIN_PYTHON_THREADS)\n',
+          "    return LaunchEnv()\n"),),
+        ("tests/test_launch_env.py::test_no_launcher_is_one_process_on_one_thread",),
+    ),
+    Mutation(
+        "bad input is not left in torchrun's error file (its report shows <N/A>)", "ddp_demo/core/env.py",
+        (("    if env.error_file is None:\n        return\n", "    return\n"),),
+        ("tests/test_launch_env.py::test_an_error_is_left_where_torchruns_report_shows_it",),
+    ),
+    Mutation(
+        "compare says PASS whatever the difference", "ddp_demo/compare.py",
+        (("            if largest > tol:\n", "            if False:\n"),
+         ("            if largest < CONTROL_MARGIN * tol:\n", "            if False:\n")),
+        ("tests/test_compare.py::test_negative_control_the_verdict_fails",),
+    ),
+    Mutation(
+        "the pytest helper's message starts with a newline again (an empty short summary)", "ddp_demo/testing.py",
+        (('        raise AssertionError("\\n".join([verdict_lines(verdict)[0], "", text(verdict)]))\n',
+          '        raise AssertionError("\\n" + text(verdict))\n'),),
+        ("tests/test_check.py::test_helper_failure_message_is_the_report",),
     ),
 )
 

@@ -50,7 +50,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def main_in_process(argv, monkeypatch: pytest.MonkeyPatch) -> int:
     """``ddp_demo.train.main(argv)`` in this process, as plain ``python`` runs it (no launcher, one
     process). For work that needs no process group it costs milliseconds where a subprocess costs seconds."""
-    for var in (*LAUNCH_VARS, "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"):
+    # OMP_NUM_THREADS too: plain python exports it (core/env.py), and monkeypatch takes it back afterwards
+    for var in (*LAUNCH_VARS, "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     return trainer.main([str(a) for a in argv])
 

@@ -148,3 +148,14 @@ def test_gpu_script_without_a_gpu_says_so_in_one_line(tmp_path):
                    env={"PYTHON": PYTHON, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "launch: no CUDA GPU is visible here; use launch/accelerate_cpu.sh"
+
+
+def test_the_cpu_is_named_as_torchrun_names_it():
+    """Issue 26: under accelerate launch the trainer printed `device cpu:0`, under torchrun `device cpu`."""
+    from types import SimpleNamespace
+
+    from ddp_demo.train_accelerate import context_of
+
+    accelerator = SimpleNamespace(state=SimpleNamespace(backend="gloo"), device=torch.device("cpu", 0),
+                                  process_index=1, local_process_index=1, num_processes=2)
+    assert str(context_of(accelerator).device) == "cpu"

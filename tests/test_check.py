@@ -233,4 +233,8 @@ def test_helper_failure_message_is_the_report(monkeypatch):
     monkeypatch.setattr("ddp_demo.testing.check", lambda specs, options: [v])
     with pytest.raises(AssertionError) as failure:
         assert_ddp_equivalent(build_with_unused_layer)
-    assert str(failure.value).strip() == text(v) and "cause: the loss sums over the batch" in text(v)
+    message = str(failure.value)
+    assert message.endswith(text(v)) and "cause: the loss sums over the batch" in text(v)
+    # issue 26: pytest's short summary shows the first line, which was empty; now it is the verdict
+    first = message.splitlines()[0]
+    assert first.startswith("FAIL at N=") and "tolerance" in first, message

@@ -35,7 +35,8 @@ BAD = {  # argv (with {d} the folder of TARGETS), what the one line must say
     "no colon": (["examples/check/transformer.py"], "FILE.py:FUNCTION"),
     "missing file": (["{d}/missing.py:build"], "no such file"),
     "syntax error": (["{d}/syntax.py:build"], "SyntaxError"),
-    "no such function": (["{d}/two.py:make"], "no function 'make'"),
+    "no such function": (["{d}/two.py:make"], "no function 'make'; it defines 'build'"),
+    "misspelled function": (["{d}/two.py:biuld"], "no function 'biuld'; did you mean 'build'?"),
     "no such module": (["nosuchpackage.models:build"], "ModuleNotFoundError"),
     "function raises": (["{d}/raises.py:build"], "no data here"),
     "two things returned": (["{d}/two.py:build"], "must return (model, batch, loss_fn)"),
@@ -47,6 +48,7 @@ BAD = {  # argv (with {d} the folder of TARGETS), what the one line must say
     "loss not a scalar": (["{d}/vector.py:build"], "scalar tensor"),
     "bad world sizes": (["{d}/two.py:build", "--world-sizes", "2,x"], "--world-sizes"),
     "zero world size": (["{d}/two.py:build", "--world-sizes", "0"], "--world-sizes"),
+    "target after the sizes": (["--world-sizes", "2", "{d}/two.py:build"], "put the positional argument before"),
     "bad dtype": (["{d}/two.py:build", "--dtype", "float16"], "--dtype"),
     "json folder missing": ([f"{EX}/lstm.py:build", "--json", "{d}/no/such/v.json"], "--json"),
     "plot not a picture": ([f"{EX}/lstm.py:build", "--plot", "{d}/v.txt"], "--plot {d}/v.txt: use a .png"),
@@ -75,3 +77,14 @@ def test_bad_input_through_the_real_command(bad_targets):
     proc = run_cmd([PYTHON, "-m", "ddp_demo.check", f"{bad_targets}/odd.py:build"], ROOT, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "e.g. 6" in proc.stderr
+
+
+@pytest.mark.parametrize("words", [["2", "3"], ["2,3"], ["2,", "3"], ["2", "3", "2"]])
+def test_world_sizes_spaced_or_comma_separated_read_the_same_in_check_and_verify(words):
+    """Issue 26: verify took ``2 3`` and check ``2,3``; both now take either, as one tuple."""
+    from ddp_demo.check.options import parse
+    from ddp_demo.core.flags import parse_into
+    from ddp_demo.verify import VerifyOptions, build_parser
+
+    assert parse(["t.py:build", "--world-sizes", *words], "")[1].world_sizes == (2, 3)
+    assert parse_into(VerifyOptions, build_parser(), ["--world-sizes", *words]).world_sizes == (2, 3)

@@ -49,13 +49,14 @@ def test_figure_has_both_panels_with_labels_log_scale_and_zeros_on_the_floor(thr
     labels = compare.labels_of(runs)
     assert labels == ["N = 1, python", "N = 2, torchrun", "N = 2, torchrun, --skip-grad-sync"]
     diffs = [compare.Difference.between(runs[0], run) for run in runs]
-    fig = figures.compare_figure(runs, labels, diffs)
+    fig = figures.compare_figure(runs, labels, diffs, compare.tolerance_of(runs[0]))
     try:
         top, bottom = fig.axes
         assert [line.get_label() for line in top.get_lines()] == labels
         assert list(top.get_lines()[0].get_ydata()) == REFERENCE
         assert bottom.get_yscale() == "log"
-        *curves, floor_line = bottom.get_lines()
+        *curves, floor_line, tolerance_line = bottom.get_lines()
+        assert tolerance_line.get_ydata()[0] == 1e-10 and "tolerance 1e-10 (float64" in tolerance_line.get_label()
         assert [c.get_label() for c in curves] == labels[1:]  # the reference is not compared with itself
         floor = figures.zero_floor([1.1e-16])
         assert floor == pytest.approx(1e-17) and floor_line.get_ydata()[0] == floor
@@ -81,6 +82,36 @@ def test_command_writes_a_png_and_prints_the_files_differences(three_runs, tmp_p
         assert printed[label]["exact"] == diffs.count(0.0)
     assert printed["N = 2, torchrun"]["largest"] <= 1e-15
     assert printed["N = 2, torchrun, --skip-grad-sync"]["largest"] >= 0.05
+
+
+def verdict_of(capsys, runs, out) -> tuple[int, list[str]]:
+    code = compare.main([*runs, "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    return code, [line for line in lines if line.startswith(("tolerance", "PASS", "FAIL", "NO VERDICT"))]
+
+
+def test_the_verdict_names_the_tolerance_and_the_control(three_runs, tmp_path, capsys):
+    """Issue 26: compare printed differences and no verdict; now PASS/FAIL by core/tolerances.py."""
+    code, (rule, verdict) = verdict_of(capsys, three_runs, tmp_path / "p.png")
+    assert code == 0 and rule.startswith("tolerance (float64, a whole run") and "<= 1e-10" in rule
+    assert verdict.startswith("PASS: N = 2, torchrun within 1e-10 of N = 1, python at every step")
+    assert "control N = 2, torchrun, --skip-grad-sync misses by" in verdict and "as expected" in verdict
+
+
+@pytest.mark.parametrize("case", ["a run off by 1e-9", "a control that matches"])
+def test_negative_control_the_verdict_fails(tmp_path, capsys, case):
+    off = [0.7, 0.5 + 1e-9, 0.4, 0.3, 0.25]
+    runs = [write_run(tmp_path / "n1", REFERENCE), write_run(tmp_path / "n2", off, 2, "torchrun")
+            if case == "a run off by 1e-9" else
+            write_run(tmp_path / "nosync", REFERENCE, 2, "torchrun", skip_grad_sync=True)]
+    code, (_, verdict) = verdict_of(capsys, runs, tmp_path / "p.png")
+    assert code == 1 and verdict.startswith("FAIL: ") and "tolerance 1e-10" in verdict, verdict
+
+
+def test_float32_gets_no_verdict_and_says_why(tmp_path, capsys):
+    runs = [write_run(tmp_path / n, REFERENCE, dtype="float32") for n in ("a", "b")]
+    code, lines = verdict_of(capsys, runs, tmp_path / "p.png")
+    assert code == 0 and lines[-1].startswith("NO VERDICT: ") and "--dtype float64" in lines[-1]
 
 
 def refuse(argv, capsys) -> str:

@@ -45,6 +45,18 @@ def only_failure(out: str) -> str:
 def test_healthy_single_node(launch_env, capsys):
     code, out = diagnose(capsys)
     assert code == 0 and "5 of 5 checks passed" in out and "FAIL" not in out
+    assert out.startswith("ddp_demo doctor: one node, ") and "?" not in out.splitlines()[0]  # issue 26: `node ? of 1`
+
+
+def test_help_names_the_variables_it_reads(capsys):
+    """Issue 26: the doctor reads launch/multinode.sh's variables, and its --help now says which."""
+    with pytest.raises(SystemExit):
+        doctor_main(["--help"])
+    out = capsys.readouterr().out
+    read = ("NNODES", "NPROC_PER_NODE", "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "LOCAL_ADDR", "GLOO_SOCKET_IFNAME",
+            "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS")  # doctor/plan.py's plan_from_env
+    assert all(var in out for var in read), out
+    assert "example:" in out and "exit status" in out
 
 
 def test_healthy_two_nodes_on_this_machine(launch_env, capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ddp_demo import train as trainer
-from ddp_demo.core.dist import LaunchEnv
+from ddp_demo.core.env import LaunchEnv
 from ddp_demo.core.spawn import run_on_ranks
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 from ddp_demo.resilience import checkpoint

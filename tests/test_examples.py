@@ -1,8 +1,9 @@
-"""examples/: the learner's pair, a one-process script and its DDP version.
+"""examples/: the learner's scripts, one process, its DDP version, and that made fully sharded.
 
-The two files must (1) train to the same weights, so the DDP one really is the
-single-process one made data-parallel, and (2) differ only in what data
-parallelism adds, so that `diff` is the lesson.
+Each must (1) train to the same weights as the one-process script, so the DDP one really is
+the single-process one made data-parallel and the FSDP one really is the DDP one made sharded,
+and (2) differ from the one before only in what data parallelism (or sharding) adds, so that
+`diff` is the lesson.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ddp_demo.core.tolerances import WHOLE_RUN
 from .helpers import PYTHON, TORCHRUN, Command, run_at_once
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SINGLE, DDP = EXAMPLES / "single_process.py", EXAMPLES / "ddp.py"
+SINGLE, DDP, FSDP = EXAMPLES / "single_process.py", EXAMPLES / "ddp.py", EXAMPLES / "fsdp.py"
 CONTROL_MARGIN = 1e-4  # a run without gradient averaging must miss by at least this much
 
 # Runs examples/ddp.py unchanged except that DistributedDataParallel is replaced by a plain
@@ -64,14 +65,18 @@ def launched(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     """The three runs, started at once (run_at_once; none depends on timing): the single process
     (``A.pt``), the DDP script (``B.pt``) and the control, DDP swapped for a plain wrapper
     (``C.pt``). ``{name: (working directory, process)}``."""
-    d = {name: tmp_path_factory.mktemp(name) for name in ("single", "ddp", "control")}
+    d = {name: tmp_path_factory.mktemp(name) for name in ("single", "ddp", "control", "fsdp", "fsdp_control")}
     wrapper = d["control"] / "ddp_without_sync.py"
     wrapper.write_text(WITHOUT_SYNC)
+    unreduced = d["fsdp_control"] / "fsdp_without_reduce.py"
+    unreduced.write_text(WITHOUT_REDUCE)
     procs = run_at_once({
         "single": Command([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], d["single"]),
         "ddp": _torchrun2(DDP, "--dtype", "float64", "--out", "B.pt", cwd=d["ddp"]),
         "control": _torchrun2(wrapper, str(DDP), "--dtype", "float64", "--out", "C.pt", cwd=d["control"]),
-    }, timeout=180)
+        "fsdp": _torchrun2(FSDP, "--dtype", "float64", "--out", "F.pt", cwd=d["fsdp"]),
+        "fsdp_control": _torchrun2(unreduced, str(FSDP), "--dtype", "float64", "--out", "G.pt", cwd=d["fsdp_control"]),
+    }, timeout=240)
     return {name: (d[name], procs[name]) for name in d}
 
 
@@ -138,7 +143,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_files_are_short_and_torch_only():
-    for path in (SINGLE, DDP):
+    for path in (SINGLE, DDP, FSDP):
         assert len(path.read_text().splitlines()) <= 90, path
         assert not any(m.split(".")[0] == "ddp_demo" for m in _imports(path)), path
     assert not any(m.startswith("torch.distributed") or m == "torch.nn.parallel" for m in _imports(SINGLE))
@@ -174,4 +179,83 @@ def test_diff_shows_only_what_data_parallelism_adds():
         "WORLD_SIZE",
         "if rank == 0:",
     ):
+        assert any(piece in a for a in added), piece
+
+
+# ---- the third script: examples/fsdp.py --------------------------------------------------------
+
+# Runs examples/fsdp.py unchanged except that every fully_shard'ed block's reduce-scatter reduces
+# nothing: each rank's shard receives its own chunk of its own gradient (FSDPModule's
+# set_custom_reduce_scatter; float64 is pre-divided by FSDP2, hence the * N).
+WITHOUT_REDUCE = """
+import runpy, sys
+import torch
+import torch.distributed as dist
+import torch.distributed.fsdp as fsdp
+
+real_fully_shard = fsdp.fully_shard
+
+
+class OwnChunk:
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        mine = input_tensor.view(group.size(), -1)[group.rank()]
+        output_tensor.copy_(mine if op == dist.ReduceOp.AVG else mine * group.size())
+
+
+def fully_shard(module, **kwargs):
+    module = real_fully_shard(module, **kwargs)
+    module.set_custom_reduce_scatter(OwnChunk())
+    return module
+
+
+fsdp.fully_shard = fully_shard
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_fsdp_matches_single_process(single_run, launched):
+    """N=2 fully sharded ranks reach the one-process weights within 1e-10 (float64): the same
+    batches as DDP (DistributedSampler), and the reduce-scatter gives each rank the average of its
+    chunk of the gradient, which is its chunk of the one-process gradient. The saved file is the
+    whole model (a full state dict gathered from the shards), so it compares key for key."""
+    single, single_out = single_run
+    cwd, proc = launched["fsdp"]
+    out = _check(proc)
+    diff = _max_diff(single, torch.load(cwd / "F.pt"))
+    print(f"max |single - fsdp| = {diff:.3e}")
+    assert diff <= WHOLE_RUN
+    assert [ln for ln in out.splitlines() if ln.startswith("epoch")] == [
+        ln for ln in single_out.splitlines() if ln.startswith("epoch")]
+
+
+def test_control_fsdp_without_reduce_scatter_fails_the_comparison(single_run, launched):
+    single, _ = single_run
+    cwd, proc = launched["fsdp_control"]
+    _check(proc)
+    diff = _max_diff(single, torch.load(cwd / "G.pt"))
+    print(f"control: max |single - fsdp unreduced| = {diff:.3e}")
+    assert diff > CONTROL_MARGIN
+
+
+SHARD_WORDS = re.compile(r"\b(fully_shard|FSDP|shard\w*|get_model_state_dict|StateDictOptions|whole|block)\b")
+
+
+def test_second_diff_shows_only_what_sharding_adds():
+    ddp, fsdp = DDP.read_text().splitlines(), FSDP.read_text().splitlines()
+    docstring = ast.parse(FSDP.read_text()).body[0]
+    doc_lines = range(docstring.lineno - 1, docstring.end_lineno)
+    removed, added = [], []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ddp, fsdp, autojunk=False).get_opcodes():
+        if tag != "equal":
+            removed += ddp[i1:i2]
+            added += [fsdp[j] for j in range(j1, j2) if j not in doc_lines]
+    assert len(removed) + len(added) <= 20, "the diff grew: keep the shared lines identical"
+    unexplained = [a for a in added if a.strip() and not SHARD_WORDS.search(a)]
+    assert not unexplained, f"lines in fsdp.py that are not about sharding: {unexplained}"
+    assert not any("DDP(" in a or "DistributedDataParallel" in a for a in fsdp)
+    for piece in ("fully_shard(block)", "get_model_state_dict(", "full_state_dict=True"):
         assert any(piece in a for a in added), piece

@@ -11,7 +11,7 @@ import pytest
 
 from .helpers import Command, run_at_once, torchrun_args
 
-FLAGS = {"plain": [], "control": ["--skip-allreduce"], "buckets": ["--buckets"]}
+FLAGS = {"plain": [], "control": ["--skip-allreduce"], "buckets": ["--buckets"], "shards": ["--shards"]}
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,28 @@ def test_explain_buckets_shows_the_layout_and_the_order_from_real_hooks(explaine
     assert events.index(launched[0]) < next(i for i, e in enumerate(events) if "linear1.bias" in e)
     assert "torch's DDP with the same bucket cap built the same buckets: yes" in lines
     assert any(line.startswith("every rank's gradients equal torch DDP's: yes") for line in lines)
+
+
+def test_explain_shards_shows_each_ranks_rows_and_the_step_from_real_hooks(explained):
+    proc = explained["shards"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for rank, (rows1, rows2) in enumerate([("0..15", "0..0"), ("16..31", "1..1")]):
+        at = lines.index(f"[rank {rank}] shards: linear1 704 B, linear2 132 B (flat, padded)")
+        assert lines[at + 1] == f"    linear1.weight: rows {rows1} of 32 (640 B)"
+        assert lines[at + 3] == f"    linear2.weight: rows {rows2} of 2 (128 B)"
+    events = [" ".join(line.split("whole:")[0].split()) for line in lines if "   whole: " in line]
+    assert events == [
+        "all-gather (forward) linear1 1408 B", "free (after forward) linear1 -", "all-gather (forward) linear2 264 B",
+        "free (after forward) linear2 -", "all-gather (backward) linear2 264 B", "reduce-scatter linear2 264 B",
+        "free (after backward) linear2 -", "all-gather (backward) linear1 1408 B", "reduce-scatter linear1 1408 B",
+        "free (after backward) linear1 -"]
+    assert any(line.startswith("every rank's gradient rows equal one process's: yes") for line in lines)
+
+
+def test_negative_control_explain_shards_says_no_when_gradients_differ():
+    from ddp_demo.parallel import fsdp_timeline
+
+    report = {"rank": 0, "shards": [], "shard_bytes": {}, "events": [], "grad_diff": 0.1}
+    assert fsdp_timeline.render_shards([report])[-1].startswith("\nevery rank's gradient rows equal one process's: NO")
+    assert not fsdp_timeline.checks([report])["gradients equal one process"]

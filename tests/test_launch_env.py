@@ -11,12 +11,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddp_demo.core.dist import SLURM_PORT_BASE, LaunchEnv, launch_env, launch_variables, setup
+from ddp_demo.core.dist import setup
+from ddp_demo.core.env import SLURM_PORT_BASE, LaunchEnv, launch_env, launch_variables, report_to_launcher
 from ddp_demo.core.slurm import expand_counts, expand_hostlist
 
 # What srun gives task 1 of `sbatch -N2 --ntasks-per-node=1` (job 12345678), and what the batch
@@ -27,17 +29,20 @@ BATCH = {"SLURM_JOB_ID": "12345678", "SLURM_JOB_NODELIST": "node[07-08]", "SLURM
 SRUN_TASK_1 = {**BATCH, "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "node[07-08]", "SLURM_STEP_NUM_TASKS": "2",
                "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_PROCID": "1", "SLURM_NODEID": "1"}
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
-            "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+            "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_ERROR_FILE": "/tmp/e/3/error.json"}
 
 
-def test_no_launcher_is_one_process():
-    assert launch_env({}) == LaunchEnv()
+def test_no_launcher_is_one_process_on_one_thread():
+    """Plain python gets the one intra-op thread each torchrun worker gets (core/env.py says why)."""
+    assert launch_env({}) == LaunchEnv(threads=1)
+    assert launch_env({"OMP_NUM_THREADS": "2"}) == LaunchEnv()  # the user's choice stands
 
 
 def test_torchrun():
     assert launch_env(TORCHRUN) == LaunchEnv(rank=3, local_rank=1, world_size=4, launched=True,
                                              master_addr="10.0.0.1", master_port=29500, restart_count=2,
-                                             agent_store=True, launcher="torchrun")
+                                             agent_store=True, launcher="torchrun", error_file="/tmp/e/3/error.json")
 
 
 def test_torchrun_inside_an_srun_step_wins():
@@ -82,7 +87,7 @@ def test_negative_control_slurm_outside_a_multi_task_step_is_one_process(case):
     """The batch script sees SLURM_PROCID=0 and SLURM_NTASKS=2 but is no rank; an interactive
     ``srun --pty bash`` is a step of one task. Both must train alone instead of waiting for peers."""
     environ = BATCH if case == "batch script" else {**SRUN_TASK_1, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}
-    assert launch_env(environ) == LaunchEnv()
+    assert launch_env(environ) == LaunchEnv(threads=1)
 
 
 def test_threads_are_applied_at_setup(monkeypatch):
@@ -138,14 +143,12 @@ def test_expand_counts():
         expand_counts("2(x)")
 
 
-# ---- core/dist.py is the one reader of the environment ------------------------------------------
+# ---- core/env.py is the one reader of the environment -------------------------------------------
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ddp_demo"
 READS_ENV = re.compile(r"\bos\s*\.\s*(environb?|getenvb?)\b|\bfrom\s+os\s+import\b[^\n]*\b(environb?|getenvb?)\b")
 ALLOWED = {  # module -> why it may touch os.environ; anything else is a second reader
-    "core/dist.py": "the one reader of the launcher's environment (STYLE.md, principle 2)",
-    "doctor/cli.py": "the doctor answers without importing torch (docs/multinode.md), and core/dist.py imports "
-                     "torch; it reads launch/multinode.sh's input on a node no launcher has started yet",
+    "core/env.py": "the one reader of the launcher's environment (STYLE.md, principle 2), torch-free for the doctor",
     "bench/command.py": "hands its own environment on to the trainer runs it starts, reading no variable",
     "bench/launchers.py": "hands its own environment on to the launch scripts it times, reading no variable",
     "bench/gpu_check.py": "hands its own environment on to the commands it starts, reading no variable",
@@ -157,9 +160,10 @@ def env_readers() -> set[str]:
     return {str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py") if READS_ENV.search(f.read_text())}
 
 
-def test_only_core_dist_reads_the_environment():
-    """Every other module receives what dist.py read (a LaunchEnv, launch_variables()) as a value."""
-    assert env_readers() <= set(ALLOWED), "os.environ is read outside core/dist.py"
+def test_only_core_env_reads_the_environment():
+    """Every other module receives what env.py read (a LaunchEnv, launch_variables()) as a value; the doctor
+    and core/dist.py included (issue 26: both read it themselves before)."""
+    assert env_readers() <= set(ALLOWED), "os.environ is read outside core/env.py"
     assert set(ALLOWED) <= env_readers(), "an allowed module no longer reads it: drop it from ALLOWED"
 
 
@@ -176,3 +180,22 @@ def test_launch_variables_are_a_copy_of_the_environment_given():
     given = {"NNODES": "2", "RDZV_HOST": "10.0.0.1"}
     variables = launch_variables(given)
     assert variables == given and variables is not given
+
+
+def test_the_doctor_reads_the_environment_without_torch():
+    """core/env.py imports no torch, so the doctor (which answers before torch is even needed) can use it."""
+    code = "import sys, ddp_demo.doctor.cli, ddp_demo.core.env; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=PACKAGE.parent, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_an_error_is_left_where_torchruns_report_shows_it(tmp_path):
+    """torchrun's report reads a failed worker's error file (issue 26: bad input showed `<N/A>` there)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    path = tmp_path / "error.json"
+    report_to_launcher(LaunchEnv(error_file=str(path)), "ddp_demo: error: --steps must be a positive integer")
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(path))
+    assert failure.message["message"] == "ddp_demo: error: --steps must be a positive integer"
+    report_to_launcher(LaunchEnv(), "nothing to write to")  # no launcher's file: nothing happens

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo import train as trainer
-from ddp_demo.core.dist import attempt_store, launch_env
+from ddp_demo.core.dist import attempt_store
+from ddp_demo.core.env import launch_env
 
 
 @pytest.fixture(scope="module")

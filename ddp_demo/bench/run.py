@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddp_demo.bench.memory import main as memory
 
         return memory(argv[1:])
+    if argv[:1] == ["param-peak"]:  # parameter bytes alive during a step: DDP, FSDP2, ScratchFSDP (bench/param_peak.py)
+        from ddp_demo.bench.param_peak import main as param_peak
+
+        return param_peak(argv[1:])
     args = parse_args(argv)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     plan = make_plan(args.quick, args.launchers, args.malloc)

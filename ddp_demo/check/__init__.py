@@ -1,6 +1,6 @@
 """Check your own model: DDP on N processes equals one process, or the reason it does not.
 
-    python -m ddp_demo.check path/to/file.py:build --world-sizes 2,3
+    python -m ddp_demo.check path/to/file.py:build --world-sizes 2 3
 
 The route runs one way, in the order the data flows: ``target`` loads and validates the
 function you name (it returns ``(model, batch, loss_fn)``); ``engine`` trains it under real

@@ -9,21 +9,12 @@ from dataclasses import dataclass
 from ddp_demo.check.engine import Plan
 from ddp_demo.check.target import DTYPE_CHOICES, CheckError
 from ddp_demo.core.config import OPTIMIZERS, PROOF_LR
-from ddp_demo.core.flags import OneLineParser, add_options, field_named, option
-
-
-def world_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise CheckError(f"--world-sizes {text!r} is not a comma-separated list of integers, e.g. 2,3") from None
-    return tuple(dict.fromkeys(sizes))
+from ddp_demo.core.flags import OneLineParser, add_options, field_named, numbers_option, option
 
 
 @dataclass(frozen=True)
 class CheckOptions:
-    world_sizes: tuple[int, ...] = option((2, 3), "the numbers of processes N to check, comma-separated, e.g. 2,3,4",
-                                          type_=world_sizes)
+    world_sizes: tuple[int, ...] = numbers_option((2, 3), "the numbers of processes N to check, e.g. 2 3 or 2,3")
     steps: int = option(3, "optimizer steps on the batch; parameters are compared after the last")
     dtype: str = option("float64", "float64: cast the model and floating inputs, so rounding cannot hide a real "
                         "difference; keep: check in the model's own dtype (float32 or float64)", DTYPE_CHOICES)
@@ -39,7 +30,7 @@ class CheckOptions:
 
     def __post_init__(self):
         if not self.world_sizes or min(self.world_sizes) < 1:
-            raise CheckError("--world-sizes must list positive integers, e.g. --world-sizes 2,3")
+            raise CheckError("--world-sizes must list positive integers, e.g. --world-sizes 2 3")
         if self.steps < 1:
             raise CheckError(f"--steps must be a positive integer (got {self.steps})")
         if self.lr is not None and not self.lr > 0:

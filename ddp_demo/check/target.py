@@ -12,6 +12,7 @@ sees (exit 2).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import math
@@ -89,8 +90,19 @@ def load_function(spec: str) -> Callable[[], tuple]:
         raise CheckError(f"TARGET {spec}: importing {where} raised {_one_line(e)}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise CheckError(f"TARGET {spec}: {where} has no function {name!r}")
+        raise CheckError(f"TARGET {spec}: {where} has no function {name!r}{_did_you_mean(module, name)}")
     return fn
+
+
+def _did_you_mean(module, name: str) -> str:
+    """``; did you mean 'build'?`` (the closest functions the module defines), as Python's own
+    NameError suggests; else the functions it has."""
+    functions = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                 and getattr(v, "__module__", None) == module.__name__]
+    close = difflib.get_close_matches(name, functions, n=3)
+    if close:
+        return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f"; it defines {', '.join(repr(f) for f in functions[:8])}" if functions else ""
 
 
 def spec_of(fn: Callable[[], tuple]) -> str:

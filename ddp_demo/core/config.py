@@ -30,55 +30,68 @@ BACKENDS = ("auto", "gloo", "nccl")
 FAULT_KINDS = ("kill", "hang", "pause")  # resilience/faults.py
 
 
+# The trainer's --help lists its flags in these groups, the test-only ones last.
+JOB = "the job (what one process would train)"
+PROCESSES = "the processes (how the job is spread and run)"
+OUTPUT = "output"
+CHECKPOINTS = "checkpoints and resuming"
+TESTING = "for tests and demos (not for training)"
+
+
 class ConfigError(ValueError):
     """A bad flag or input file; its message is the one line the user sees."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = option("mlp", "which of the article's modules to train", MODEL_NAMES)
-    steps: int = option(300, "optimizer steps to run (across epochs)")
-    global_batch_size: int = option(64, "samples per step over all ranks; must divide by the world size")
+    model: str = option("mlp", "which of the article's modules to train", MODEL_NAMES, group=JOB)
+    steps: int = option(300, "optimizer steps to run (across epochs)", group=JOB)
+    global_batch_size: int = option(64, "samples per step over all ranks; must divide by the world size", group=JOB)
     grad_accum_steps: int = option(
-        1, "split each rank's batch into K micro-batches and sync gradients once, after the K-th"
+        1, "split each rank's batch into K micro-batches and sync gradients once, after the K-th", group=JOB
     )
-    lr: float = option(0.05, "learning rate")
+    lr: float = option(0.05, "learning rate", group=JOB)
     ddp: str = option("torch", "gradient averaging: torch's DistributedDataParallel, or scratch, ddp_demo's own "
-                      "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS)
+                      "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS, group=PROCESSES)
     strategy: str = option("ddp", "ddp: every rank holds the whole model; zero: DDP plus optimizer state sharded "
                            "(ZeroRedundancyOptimizer); fsdp: parameters, gradients and optimizer state sharded "
-                           "(fully_shard, docs/sharding.md)", STRATEGIES)
-    optimizer: str = option("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS)
-    seed: int = option(0, "seeds the model init, the built-in data and the sampler order")
-    dtype: str = option("float32", "parameter and data dtype", tuple(DTYPES))
-    data: str | None = option(None, "a .pt file holding a tuple (x, y) to train on instead of built-in data", type_=str)
-    out: str = option("runs/latest", "directory for final.pt, metrics.jsonl and summary.json")
-    device: str = option("auto", "cuda:LOCAL_RANK when CUDA is available, else cpu", DEVICES)
-    backend: str = option("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS)
-    timeout: float = option(120.0, "seconds a collective may wait for its peers before failing")
-    log_all_ranks: bool = option(False, "also log from non-zero ranks, prefixed [rank N]")
+                           "(fully_shard, docs/sharding.md)", STRATEGIES, group=PROCESSES)
+    optimizer: str = option("sgd", "sgd (momentum 0.9) or adam", OPTIMIZERS, group=JOB)
+    seed: int = option(0, "seeds the model init, the built-in data and the sampler order", group=JOB)
+    dtype: str = option("float32", "parameter and data dtype", tuple(DTYPES), group=JOB)
+    data: str | None = option(None, "a .pt file holding a tuple (x, y) to train on instead of built-in data",
+                              type_=str, group=JOB)
+    out: str = option("runs/latest", "directory for final.pt, metrics.jsonl and summary.json", group=OUTPUT)
+    device: str = option("auto", "cuda:LOCAL_RANK when CUDA is available, else cpu", DEVICES, group=PROCESSES)
+    backend: str = option("auto", "process-group backend; auto picks nccl for cuda, gloo for cpu", BACKENDS,
+                          group=PROCESSES)
+    timeout: float = option(120.0, "seconds a collective may wait for its peers before failing", group=PROCESSES)
+    log_all_ranks: bool = option(False, "also log from non-zero ranks, prefixed [rank N]", group=OUTPUT)
     log_every: int = option(1, "write the agreed loss to metrics.jsonl every K steps (on CUDA also how often the "
-                            "host waits for the GPU to read it)")
+                            "host waits for the GPU to read it)", group=OUTPUT)
     malloc: str = option("keep", "keep: glibc keeps freed memory for reuse, so steps do not page-fault it back in "
-                         "(core/malloc.py); default: glibc's own thresholds", MALLOC_CHOICES)
+                         "(core/malloc.py); default: glibc's own thresholds", MALLOC_CHOICES, group=PROCESSES)
     precision: str = option("fp32", "autocast the forward pass: fp32 (off), bf16 (CPU and CUDA), fp16 with a "
-                            "GradScaler (CUDA only)", PRECISIONS)
+                            "GradScaler (CUDA only)", PRECISIONS, group=JOB)
     preflight: bool = option(False, "first run the launch doctor's checks (python -m ddp_demo.doctor); a failure "
-                             "exits 2")
-    # resilience: checkpoints, resume, fault injection for tests and demos
-    checkpoint_dir: str | None = option(None, "save checkpoints here and resume from the newest valid one", type_=str)
-    checkpoint_every: int = option(50, "steps between checkpoints (one is always written at the last step)")
-    keep_last: int = option(3, "how many checkpoints to keep in --checkpoint-dir")
-    resume: str = option("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH")
-    record_samples: bool = option(False, "record each step's sample ids, rank by rank, in metrics.jsonl")
+                             "exits 2", group=PROCESSES)
+    checkpoint_dir: str | None = option(None, "save checkpoints here and resume from the newest valid one",
+                                        type_=str, group=CHECKPOINTS)
+    checkpoint_every: int = option(50, "steps between checkpoints (one is always written at the last step)",
+                                   group=CHECKPOINTS)
+    keep_last: int = option(3, "how many checkpoints to keep in --checkpoint-dir", group=CHECKPOINTS)
+    resume: str = option("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH",
+                         group=CHECKPOINTS)
+    record_samples: bool = option(False, "record each step's sample ids, rank by rank, in metrics.jsonl", group=TESTING)
     inject_fault: str | None = option(
         None, "for tests and demos: KIND:RANK:STEP[:ATTEMPT] with KIND kill (SIGKILL), hang (SIGSTOP) or pause (wait "
         "for a stop signal, at most --timeout s), after STEP, in attempt ATTEMPT only (torchrun's restart count, "
         "counted by each node's agent; default 0, the first)",
-        type_=str,
+        type_=str, group=TESTING,
     )
     skip_grad_sync: bool = option(
-        False, "negative control: never all-reduce gradients (DDP.no_sync every step); the run then fails its check"
+        False, "negative control: never all-reduce gradients (DDP.no_sync every step); the run then fails its check",
+        group=TESTING,
     )
 
     def __post_init__(self):
@@ -160,9 +173,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def build_parser(prog: str = "ddp_demo.train", description: str | None = None) -> argparse.ArgumentParser:
+DESCRIPTION = """Train one of the article's models with DistributedDataParallel: every process torchrun (or srun)
+starts trains on its share of each global batch, and DDP averages the gradients, so N processes train what
+one process trains. Plain `python -m ddp_demo.train` is that one process."""
+
+EPILOG = """examples:
+  torchrun --standalone --nproc_per_node=2 -m ddp_demo.train        # the default job on 2 CPU processes
+  python -m ddp_demo.train                                          # the same job in one process
+  torchrun --standalone --nproc_per_node=4 -m ddp_demo.train --model cnn --dtype float64 --out runs/cnn4
+
+writes --out: final.pt, metrics.jsonl, summary.json (docs/trainer.md). Exit status: 0 trained and checked,
+1 the run failed, 2 bad input (one line names the flag and the fix); under torchrun the worker's status is
+the `exitcode` in torchrun's report, whose Root Cause repeats the line."""
+
+
+def build_parser(prog: str = "python -m ddp_demo.train", description: str | None = DESCRIPTION,
+                 epilog: str | None = EPILOG) -> argparse.ArgumentParser:
     # choices are validated in __post_init__ so the message names the fix the same way
-    return add_options(OneLineParser(prog=prog, description=description, error_type=ConfigError), TrainConfig)
+    parser = OneLineParser(prog=prog, description=description, epilog=epilog, error_type=ConfigError,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_options(parser, TrainConfig)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -15,13 +15,36 @@ import dataclasses
 from dataclasses import field
 
 
-def option(default, help: str, choices=None, type_=None, *, parse_choices: bool = False, **argparse_kwargs):
-    """A dataclass field that is also a flag. ``choices`` are shown in the help and checked by the
-    class's ``__post_init__`` (or by argparse, with ``parse_choices``); ``type_`` parses the text
-    (default: the default's type); the rest (``nargs``, ``metavar``, ``required``, ``positional``)
-    goes to ``add_argument``."""
-    return field(default=default, metadata={"help": help, "choices": choices, "type": type_,
+def option(default, help: str, choices=None, type_=None, *, parse_choices: bool = False, group: str | None = None,
+           **argparse_kwargs):
+    """A dataclass field that is also a flag. ``choices`` are shown in the help (``{a,b}``) and checked
+    by the class's ``__post_init__`` (or by argparse, with ``parse_choices``); ``type_`` parses the text
+    (default: the default's type); ``group`` titles the block of ``--help`` it is listed in; the rest
+    (``nargs``, ``metavar``, ``required``, ``positional``, ``action``) goes to ``add_argument``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": type_, "group": group,
                                             "parse_choices": parse_choices, "argparse": argparse_kwargs})
+
+
+def whole_numbers(text: str) -> tuple[int, ...]:
+    """``2,3`` or ``2`` (of ``2 3``): one command-line word of a list of whole numbers."""
+    parts = text.replace(",", " ").split()
+    if not parts or not all(p.isdigit() for p in parts):
+        # argparse gives a list flag every word up to the next flag, a positional argument too
+        hint = "; put the positional argument before the flag" if any(c in text for c in "/:.") else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers; write e.g. 2 3 or 2,3{hint}")
+    return tuple(int(p) for p in parts)
+
+
+class _Numbers(argparse.Action):
+    """The words of ``--world-sizes 2 3`` or ``--world-sizes 2,3`` as one tuple, repeats dropped."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(dict.fromkeys(n for word in values for n in word)))
+
+
+def numbers_option(default: tuple[int, ...], help: str, **kwargs):
+    """A list of whole numbers, spaced or comma-separated, as every command's ``--world-sizes`` takes it."""
+    return option(default, help, type_=whole_numbers, nargs="+", action=_Numbers, metavar="N", **kwargs)
 
 
 def flag(name: str) -> str:
@@ -50,22 +73,28 @@ def _shown(default, nargs) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
-    """An argument per field of ``cls``, in field order; a field's help ends with its choices and
-    its default. A bool is a switch: ``--name`` when it defaults to False, ``--no-name`` when True."""
+    """An argument per field of ``cls``, in field order, under its group's title (groups in the
+    order they first appear); a field's help ends with its default, its metavar lists its choices.
+    A bool is a switch: ``--name`` when it defaults to False, ``--no-name`` when True."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         meta, extra = f.metadata, dict(f.metadata["argparse"])
+        title = meta.get("group")
+        into = parser if title is None else groups.setdefault(title, parser.add_argument_group(title))
         if f.type in (bool, "bool"):
             off = f"--no-{f.name.replace('_', '-')}"
-            parser.add_argument(off if f.default else flag(f.name), dest=f.name, help=meta["help"],
-                                action="store_false" if f.default else "store_true")
+            into.add_argument(off if f.default else flag(f.name), dest=f.name, help=meta["help"],
+                              action="store_false" if f.default else "store_true")
             continue
         name = f.name if extra.pop("positional", False) else flag(f.name)
-        text = meta["help"] + (f" ({'|'.join(meta['choices'])})" if meta["choices"] else "")
+        text = meta["help"]
         if f.default is not None and not extra.get("required") and name.startswith("--"):
             text += f" [default: {_shown(f.default, extra.get('nargs'))}]"
-        if meta["parse_choices"]:
-            extra["choices"] = meta["choices"]
-        parser.add_argument(name, type=meta["type"] or type(f.default), default=f.default, help=text, **extra)
+        if meta["choices"]:
+            extra.setdefault("metavar", "{" + ",".join(meta["choices"]) + "}")
+            if meta["parse_choices"]:
+                extra["choices"] = meta["choices"]
+        into.add_argument(name, type=meta["type"] or type(f.default), default=f.default, help=text, **extra)
     return parser
 
 

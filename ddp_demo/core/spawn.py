@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ddp_demo.core.dist import LaunchEnv, setup, teardown
+from ddp_demo.core.dist import setup, teardown
+from ddp_demo.core.env import LaunchEnv
 
 
 class WorkerError(RuntimeError):

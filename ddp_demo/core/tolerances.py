@@ -52,7 +52,8 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "cuda_vs_cpu": {"float64": Tolerance(1e-10)},
 }
 STEP = TOLERANCES["step"]
-WHOLE_RUN = TOLERANCES["whole_run"]["float64"].atol
+WHOLE_RUN_BY_DTYPE = TOLERANCES["whole_run"]
+WHOLE_RUN = WHOLE_RUN_BY_DTYPE["float64"].atol
 BF16 = TOLERANCES["bf16_autocast"]["float32"]
 
 # A negative control must miss by at least this many tolerances: failing by a hair would not

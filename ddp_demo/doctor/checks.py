@@ -207,7 +207,7 @@ def run_checks(plan: LaunchPlan) -> list[Check]:
 def preflight(variables: dict[str, str], launched: bool, world_size: int, device: str, backend: str,
               agent_store: bool = True) -> int:
     """The trainer's ``--preflight``: raise LaunchProblem (one line) on the first failure.
-    ``variables``: the process's environment, read by core/dist.py (``launch_variables``)."""
+    ``variables``: the process's environment, read by core/env.py (``launch_variables``)."""
     try:
         plan = plan_from_env(variables, device=device, backend=backend, launched=launched,
                              world_size=world_size if launched else None, agent_store=agent_store)

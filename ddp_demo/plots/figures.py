@@ -51,8 +51,9 @@ def mark_floor(ax, floor: float, vertical: bool = False) -> None:
                                              label=f"exactly 0, drawn at {floor:.0e} (a log scale has no 0)")
 
 
-def compare_figure(runs, labels: list[str], diffs):
-    """Top: every run's loss per step. Bottom: |loss − the first run's loss|, log scale."""
+def compare_figure(runs, labels: list[str], diffs, tolerance: float | None = None):
+    """Top: every run's loss per step. Bottom: |loss − the first run's loss|, log scale, with the
+    whole-run ``tolerance`` the verdict judges by drawn across it (python -m ddp_demo.compare)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 8), sharex=True)
     for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
         steps = sorted(run.losses)
@@ -61,16 +62,17 @@ def compare_figure(runs, labels: list[str], diffs):
     top.set_ylabel("loss of the global batch")
     top.set_title("Loss per step", fontsize=10)
     top.legend(fontsize=8)
-    difference_panel(bottom, labels, diffs)
     cfg = runs[0].config
+    difference_panel(bottom, labels, diffs, tolerance, cfg["dtype"])
     fig.suptitle(f"One job, several launches: {cfg['model']}, {cfg['dtype']}, global batch {cfg['global_batch_size']}, "
                  f"{cfg['optimizer']} lr {cfg['lr']:g}, seed {cfg['seed']}")
     fig.tight_layout()
     return fig
 
 
-def difference_panel(ax, labels: list[str], diffs) -> None:
-    """Each run but the reference (whose difference to itself is 0 by definition)."""
+def difference_panel(ax, labels: list[str], diffs, tolerance: float | None = None, dtype: str = "") -> None:
+    """Each run but the reference (whose difference to itself is 0 by definition); the tolerance line:
+    a run below it matches, a control (--skip-grad-sync) must rise far above it."""
     floor = zero_floor(v for diff in diffs[1:] for v in diff.values)
     for i, (label, diff) in enumerate(zip(labels, diffs, strict=True)):
         if i > 0:
@@ -79,6 +81,9 @@ def difference_panel(ax, labels: list[str], diffs) -> None:
     ax.set_yscale("log")
     if any(v == 0 for diff in diffs[1:] for v in diff.values):
         mark_floor(ax, floor)
+    if tolerance is not None:
+        ax.axhline(tolerance, color="black", linestyle="--", linewidth=1.2,
+                   label=f"tolerance {tolerance:g} ({dtype}, a whole run): a match stays below it")
     ax.set_xlabel("step")
     ax.set_ylabel(f"|loss − loss of {labels[0]}|")
     ax.set_title("Difference from the first run (log scale)", fontsize=10)

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core.accumulate import accumulate_gradients
 from ddp_demo.core.config import TrainConfig
-from ddp_demo.core.dist import DistContext, launch_env, teardown
+from ddp_demo.core.dist import DistContext, teardown
+from ddp_demo.core.env import launch_env
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.outputs import atomic_write
 from ddp_demo.proof.cases import DTYPE_NAMES, accum_cases

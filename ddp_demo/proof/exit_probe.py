@@ -14,7 +14,8 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_demo.core.dist import launch_env, setup, teardown
+from ddp_demo.core.dist import setup, teardown
+from ddp_demo.core.env import launch_env
 
 
 def steps() -> None:
