@@ -240,6 +240,12 @@ MUTATIONS = (
         (SHARDING + "test_parameters_state_and_full_state_dict_after_five_steps[2-fsdp-mlp-float64-sgd]",),
     ),
     Mutation(
+        "--strategy fsdp ignores --ddp scratch (fully_shard runs instead of ScratchFSDP)",
+        "ddp_demo/parallel/strategy.py",
+        (('    if cfg.name == "fsdp" and cfg.ddp_impl == "scratch":\n', "    if False:\n"),),
+        (FSDP + "test_trainer_scratch_fsdp_equals_fully_shard_and_one_process",),
+    ),
+    Mutation(
         "buffers that drift apart under fsdp go unnamed", "ddp_demo/parallel/holdings.py",
         (("if not all_ranks_equal(b.detach(), ctx)]", "if False]"),),
         (SHARDING + "test_batchnorm_under_fsdp_drifts_per_rank_and_is_named[2]",),
