@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -113,7 +114,8 @@ class ProcessGroupLauncher:
 
 def strategy_wrap(model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: DistContext) -> Wrapped:
     """``--strategy``: ddp and zero wrap in DDP (``--ddp``: torch's or ScratchDDP), zero shards the
-    optimizer state, fsdp shards everything (ddp_demo/parallel/strategy.py)."""
+    optimizer state, fsdp shards everything (``--ddp``: fully_shard or ScratchFSDP;
+    ddp_demo/parallel/strategy.py)."""
     scfg = StrategyConfig(cfg.strategy, cfg.ddp, cfg.precision, reduce_grads=not cfg.skip_grad_sync)
     # ``optimizer`` was built on the Module's parameters (and holds a resumed state): ddp keeps it and
     # zero takes it as its template. fully_shard replaces the parameters by shards, so fsdp builds anew.
@@ -122,20 +124,21 @@ def strategy_wrap(model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: Dist
     if w.strategy != "fsdp" or not ctx.distributed:  # DDP's no_sync (and --skip-grad-sync) as before
         return Wrapped(w.model, w.optimizer)
     return Wrapped(w.model, w.optimizer, w.grad_sync(cfg.grad_accum_steps),
-                   full_state=lambda: strategy.full_state_dict(w, ctx), agreed_tensor=lambda: gathered(w.module))
+                   full_state=lambda: strategy.full_state_dict(w, ctx), agreed_tensor=lambda: gathered(w))
 
 
 def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def gathered(module: torch.nn.Module) -> torch.Tensor:
+def gathered(w: strategy.Wrapped) -> torch.Tensor:
     """fsdp: what each rank gathers of the whole model, parameters and buffers. The shards are one
     copy, so they agree by construction; what can drift apart is what each rank keeps whole: the
     0-dim parameters (strategy.Replicas) and the buffers, which FSDP2 never syncs (BatchNorm's
-    running statistics, pytorch/torchtitan#670)."""
-    whole = [p.full_tensor() if isinstance(p, DTensor) else p for p in module.parameters()]
-    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in [*whole, *module.buffers()]])
+    running statistics, pytorch/torchtitan#670). ScratchFSDP (--ddp scratch) gathers its own."""
+    with w.sharding.summoned() if w.sharding else contextlib.nullcontext():
+        whole = [p.full_tensor() if isinstance(p, DTensor) else p for p in w.module.parameters()]
+        return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in [*whole, *w.module.buffers()]])
 
 
 class RunFailed(Exception):
@@ -166,7 +169,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     optimizer = make_optimizer(cfg.optimizer, cfg.lr, model.parameters())
     start_step, history = resume(attempt.resume_from, model, optimizer, cfg, ctx)
     wrapped = launcher.wrap(model, optimizer, cfg, ctx)
-    announce(cfg, ctx)
+    announce(cfg, ctx, wrapped.model)
     ckpt = Checkpointer(cfg, ctx, lambda step, epoch, logs: checkpoint_state(
         model, optimizer, cfg, ctx, history + logs, step, epoch), last_saved=start_step)
     record.mark("training_started")
@@ -188,8 +191,11 @@ def resume(found: checkpoint.Found | None, model: torch.nn.Module, optimizer, cf
     return start_step, [StepLog(**entry) for entry in saved_logs]
 
 
-def announce(cfg: TrainConfig, ctx: DistContext) -> None:
-    log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), strategy {cfg.strategy}, "
+def announce(cfg: TrainConfig, ctx: DistContext, model: torch.nn.Module) -> None:
+    # fsdp names the sharding read from the wrapped model, not from --ddp: what ran, not what was asked
+    sharder = "" if cfg.strategy != "fsdp" or not ctx.distributed else \
+        "sharded by fully_shard, " if isinstance(model, FSDPModule) else "sharded by ddp_demo's ScratchFSDP, "
+    log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), strategy {cfg.strategy}, {sharder}"
                        + ("fsdp mixed precision: bf16 parameters in forward and backward, gradients "
                           "reduce-scattered in float32 (strategy.BF16_POLICY), "
                           if cfg.strategy == "fsdp" and cfg.precision == "bf16" else "")

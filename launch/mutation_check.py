@@ -257,7 +257,7 @@ MUTATIONS = (
         (STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[fsdp_nosync]",),
     ),
     Mutation(
-        "--strategy zero/fsdp accept flags they do not support (checkpoints, fp16, --ddp scratch)",
+        "--strategy zero/fsdp accept flags they do not support (checkpoints, fp16)",
         "ddp_demo/core/config.py",
         (("        self.check_strategy()\n", "        pass\n"),),
         (STRATEGY_TRAIN + "test_refused_in_one_line[zero-checkpoints]",
@@ -268,6 +268,12 @@ MUTATIONS = (
         (("    names = sorted({n for w in v.worlds for r in (w.ranks or []) for n in r.get(\"buffers_per_rank\", [])})",
           "    names = []"),),
         ("tests/test_check_strategy.py::test_batchnorm_under_fsdp_is_buffers_per_rank_and_conversion_fixes_it",),
+    ),
+    Mutation(
+        "--strategy fsdp ignores --ddp scratch (fully_shard runs instead of ScratchFSDP)",
+        "ddp_demo/parallel/strategy.py",
+        (('    if cfg.name == "fsdp" and cfg.ddp_impl == "scratch":\n', "    if False:\n"),),
+        (FSDP + "test_trainer_scratch_fsdp_equals_fully_shard_and_one_process",),
     ),
     Mutation(
         "buffers that drift apart under fsdp go unnamed", "ddp_demo/parallel/holdings.py",

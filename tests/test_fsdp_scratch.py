@@ -13,7 +13,10 @@ of FSDP2's local tensors on that rank:
 - negative controls: no reduce-scatter misses by >= 100 tolerances; no all-gather before backward
   fails with autograd's error about the freed storage (or, for multiply, whose backward never
   reads its scalar, is not needed at all);
-- memory: a block holds whole parameters only between its all-gather and its free.
+- memory: a block holds whole parameters only between its all-gather and its free;
+- whole runs of the trainer: ``--strategy fsdp --ddp scratch`` (ScratchFSDP through
+  parallel/strategy.py) ends where ``--strategy fsdp`` (fully_shard) and one process end, within
+  WHOLE_RUN; with ``--skip-grad-sync`` (reduce=False) it misses by >= 100 times that.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ import functools
 
 import pytest
 
+from ddp_demo.core.config import ConfigError, parse_config
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.spawn import run_on_ranks
-from ddp_demo.core.tolerances import CONTROL_MARGIN
+from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 from ddp_demo.parallel.fsdp import chunk_rows, divide_factors
 from ddp_demo.proof import fsdp_scratch as proof
+
+from .helpers import Command, load, main_in_process, max_diff, run_at_once, torchrun_args
 
 WORLD_SIZES = (1, 2, 3, 4)
 DTYPES = ("float32", "float64")
@@ -102,3 +108,50 @@ def test_outside_its_forward_and_backward_a_block_holds_only_its_shard():
 def test_negative_control_keeping_blocks_whole_after_forward_breaks_the_rule():
     broken = proof.only_shards_outside(results(2)[0]["memory"][("cnn", False)])
     assert any("after all-gather (forward) of head: features holds" in b for b in broken), broken
+
+
+# ---- whole runs of the trainer ---------------------------------------------------------------
+
+RUN = ("--model", "mlp", "--dtype", "float64", "--steps", "20")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """``final.pt`` of each run: the three torchrun launches at once (run_at_once), then the one
+    process in this process (no process group: milliseconds, not a launch)."""
+    d = tmp_path_factory.mktemp("fsdp_runs")
+    fsdp = ("--strategy", "fsdp", *RUN)
+    procs = run_at_once({
+        "scratch": Command(torchrun_args(2, "ddp_demo.train", *fsdp, "--ddp", "scratch", "--out", "scratch"), d),
+        "torch": Command(torchrun_args(2, "ddp_demo.train", *fsdp, "--out", "torch"), d),
+        "control": Command(torchrun_args(2, "ddp_demo.train", *fsdp, "--ddp", "scratch", "--skip-grad-sync",
+                                         "--out", "control"), d),
+    }, timeout=240)
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert main_in_process([*RUN, "--out", d / "one"], monkeypatch) == 0
+    said = {name: proc.stdout for name, proc in procs.items()}
+    return {name: load(d / name / "final.pt") for name in (*procs, "one")} | {"said": said}
+
+
+def test_trainer_scratch_fsdp_equals_fully_shard_and_one_process(trained):
+    """--ddp scratch under --strategy fsdp trains with ScratchFSDP: the same weights as fully_shard
+    (measured: 0, the same reduction order) and as one process (1.1e-16), float64, N = 2. Being
+    bit-identical, the weights cannot tell which ran: the trainer's first line, read from the
+    wrapped model, does."""
+    assert "sharded by ddp_demo's ScratchFSDP" in trained["said"]["scratch"], trained["said"]["scratch"]
+    assert "sharded by fully_shard" in trained["said"]["torch"], trained["said"]["torch"]
+    against = {ref: max_diff(trained["scratch"], trained[ref]) for ref in ("torch", "one")}
+    print(f"max |scratch - ref|: {against}")
+    assert all(diff <= WHOLE_RUN for diff in against.values()), against
+    assert max_diff(trained["one"], trained["control"]) >= CONTROL_MARGIN * WHOLE_RUN  # control (measured 0.12)
+
+
+def test_trainer_refuses_mixed_precision_with_scratch_fsdp_in_one_line():
+    """ScratchFSDP has no mixed precision policy: bf16 would silently differ from fully_shard's."""
+    said = (r"^--precision bf16 with --strategy fsdp --ddp scratch: ScratchFSDP has no mixed precision "
+            r"\(parallel/fsdp.py\); use --ddp torch, or drop --precision$")
+    with pytest.raises(ConfigError, match=said):
+        parse_config(["--strategy", "fsdp", "--ddp", "scratch", "--precision", "bf16"])
+    assert parse_config(["--strategy", "fsdp", "--ddp", "scratch"]).ddp == "scratch"  # no longer refused

@@ -21,7 +21,7 @@ OPTIMIZERS = ("sgd", "adam")
 # The learning rate the proofs and python -m ddp_demo.check train with, per optimizer
 PROOF_LR = {"sgd": 0.05, "adam": 0.01}
 STRATEGIES = ("ddp", "zero", "fsdp")  # --strategy: ddp_demo/parallel/strategy.py
-WRAPPERS = ("torch", "scratch")  # --ddp: torch's DistributedDataParallel, or ddp_demo.parallel.ddp.ScratchDDP
+WRAPPERS = ("torch", "scratch")  # --ddp: torch's DDP or fully_shard, or ddp_demo's ScratchDDP or ScratchFSDP
 # The one dtype table: the --dtype name and the torch dtype it means.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,8 +51,10 @@ class TrainConfig:
         1, "split each rank's batch into K micro-batches and sync gradients once, after the K-th", group=JOB
     )
     lr: float = option(0.05, "learning rate", group=JOB)
-    ddp: str = option("torch", "gradient averaging: torch's DistributedDataParallel, or scratch, ddp_demo's own "
-                      "wrapper written from hooks and tensor ops (ddp_demo/parallel/ddp.py)", WRAPPERS, group=PROCESSES)
+    ddp: str = option("torch", "whose wrapper: torch's (DistributedDataParallel; under --strategy fsdp, fully_shard) "
+                      "or scratch, ddp_demo's own written from hooks and tensor ops (ScratchDDP, "
+                      "ddp_demo/parallel/ddp.py; under fsdp, ScratchFSDP, ddp_demo/parallel/fsdp.py)", WRAPPERS,
+                      group=PROCESSES)
     strategy: str = option("ddp", "ddp: every rank holds the whole model; zero: DDP plus optimizer state sharded "
                            "(ZeroRedundancyOptimizer); fsdp: parameters, gradients and optimizer state sharded "
                            "(fully_shard, docs/sharding.md)", STRATEGIES, group=PROCESSES)
@@ -125,9 +127,9 @@ class TrainConfig:
             what = "--checkpoint-dir" if self.checkpoint_dir is not None else "--resume PATH"
             raise ConfigError(f"{what} with --strategy {self.strategy}: sharded checkpoints are not wired yet "
                               "(issue 22); use --strategy ddp to checkpoint, or drop the flag")
-        if self.strategy == "fsdp" and self.ddp != "torch":
-            raise ConfigError(f"--ddp {self.ddp} picks the DDP wrapper of --strategy ddp or zero; fsdp has no DDP "
-                              "wrapper: drop --ddp")
+        if self.strategy == "fsdp" and self.ddp == "scratch" and self.precision != "fp32":
+            raise ConfigError(f"--precision {self.precision} with --strategy fsdp --ddp scratch: ScratchFSDP has no "
+                              "mixed precision (parallel/fsdp.py); use --ddp torch, or drop --precision")
         if self.strategy == "fsdp" and self.precision == "fp16":
             raise ConfigError("--precision fp16 with --strategy fsdp is not wired (its GradScaler over sharded "
                               "gradients is untested here); use --precision bf16")

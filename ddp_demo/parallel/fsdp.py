@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -257,6 +258,11 @@ class Event:
     held: dict
 
 
+# The record of all-gathers, frees and reduce-scatters is for explain and the memory test, which read a few
+# steps; a long training run keeps only the latest, so the record costs no memory that grows with the steps.
+EVENTS_KEPT = 4096
+
+
 class ScratchFSDP:
     """Shards ``module`` in place: each of ``blocks`` (sub-Modules), then the rest under the root.
 
@@ -272,7 +278,7 @@ class ScratchFSDP:
         self.reshard_after_forward = reshard_after_forward  # False: keep whole until backward (FSDP2's option)
         self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.reduce, self.gather_in_backward, self.syncing = reduce, gather_in_backward, True
-        self.events: list[Event] = []
+        self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)  # explain and the tests read a step or a few
         self._callback_queued = False
         names = {id(m): name for name, m in module.named_modules()}
         taken: set[tuple[int, str]] = set()  # (owner, attribute): managed by an inner block

@@ -11,7 +11,8 @@ much of that ownership each rank keeps:
 - ``fsdp``: each rank keeps 1/N of every parameter, of its gradient and of its optimizer
   state (``torch.distributed.fsdp.fully_shard``, FSDP2). Forward and backward all-gather a
   block's parameters just before it runs and free them after; backward reduce-scatters the
-  gradients, so each rank receives the average of its own slice only.
+  gradients, so each rank receives the average of its own slice only. ``--ddp scratch`` picks
+  ddp_demo's own ``ScratchFSDP`` (parallel/fsdp.py, proven equal to fully_shard) instead.
 
 :func:`wrap` takes a built Module and returns a :class:`Wrapped`: the model to call, the
 user's Module (parameter names without prefixes), and an optimizer built for the strategy.
@@ -39,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp_demo.core.accumulate import GradSync
 from ddp_demo.core.dist import DistContext
 from ddp_demo.parallel.ddp import ScratchDDP
+from ddp_demo.parallel.fsdp import ScratchFSDP
 
 STRATEGIES = ("ddp", "zero", "fsdp")
 DDP_IMPLS = ("torch", "scratch")
@@ -57,8 +59,8 @@ class StrategyConfig:
     name: str = "ddp"
     """ddp, zero or fsdp (module docstring)."""
     ddp_impl: str = "torch"
-    """The wrapper that all-reduces under ddp and zero: torch's DDP, or ddp_demo's ScratchDDP
-    (ZeroRedundancyOptimizer is an optimizer: it works over either)."""
+    """torch's wrapper or ddp_demo's: under ddp and zero DDP or ScratchDDP (ZeroRedundancyOptimizer
+    is an optimizer: it works over either); under fsdp fully_shard or ScratchFSDP."""
     precision: str = "fp32"
     """The trainer's --precision: bf16 gives fsdp its MixedPrecisionPolicy (BF16_POLICY)."""
     reduce_grads: bool = True
@@ -81,10 +83,13 @@ class Wrapped:
     optimizer: torch.optim.Optimizer
     replicas: Replicas | None = None  # fsdp: the 0-dim parameters it keeps whole
     reduce: bool = True  # StrategyConfig.reduce_grads: False never averages (the negative control)
+    sharding: ScratchFSDP | None = None  # fsdp with --ddp scratch: ddp_demo's own sharding, in place of fully_shard
 
     def set_grad_sync(self, on: bool) -> None:
         """Whether the coming backward averages gradients over the ranks (off: accumulate locally)."""
-        if isinstance(self.model, FSDPModule):  # its control is OwnGradient: the reduce-scatter still runs
+        if self.sharding is not None:  # its control is reduce=False, set at construction
+            self.sharding.set_requires_gradient_sync(on)
+        elif isinstance(self.model, FSDPModule):  # its control is OwnGradient: the reduce-scatter still runs
             self.model.set_requires_gradient_sync(on)
             self.replicas.syncing = on
         elif hasattr(self.model, "require_backward_grad_sync"):  # DDP's and ScratchDDP's no_sync switch
@@ -193,6 +198,11 @@ def wrap(module: nn.Module, ctx: DistContext, cfg: StrategyConfig, make_optimize
     optimizer: the same class, parameter groups and settings."""
     if not ctx.distributed:
         return Wrapped(cfg.name, module, module, make_optimizer(module.parameters()))
+    if cfg.name == "fsdp" and cfg.ddp_impl == "scratch":
+        # Shards in place as fully_shard does, same blocks; 0-dim parameters are one row, so no Replicas.
+        sharding = ScratchFSDP(module, shard_units(module), reduce=cfg.reduce_grads)
+        return Wrapped("fsdp", module, module, make_optimizer(module.parameters()), reduce=cfg.reduce_grads,
+                       sharding=sharding)
     if cfg.name == "fsdp":
         scalars = shard_fully(module, cfg, ctx)
         replicas = Replicas(scalars, ctx.world_size, cfg.reduce_grads)
@@ -212,6 +222,9 @@ def wrap(module: nn.Module, ctx: DistContext, cfg: StrategyConfig, make_optimize
 def full_state_dict(wrapped: Wrapped, ctx: DistContext) -> dict[str, torch.Tensor] | None:
     """Rank 0: the Module's whole ``state_dict`` on the CPU, keys without prefixes (as DDP's
     ``final.pt``); other ranks: None. Every rank must call it: under fsdp it all-gathers."""
+    if wrapped.sharding is not None:
+        state = wrapped.sharding.full_state_dict()  # every rank gathers; rank 0 keeps it
+        return {k: v.cpu() for k, v in state.items()} if ctx.is_main else None
     if wrapped.strategy == "fsdp" and ctx.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # ~1 s to import
 
