@@ -212,6 +212,8 @@ EXCLUDED = {  # as written -> why it does not run here, and where it is tested
     "launch/bench.sh --out runs/bench": "about 8 minutes; tests/test_bench.py runs its --quick form",
     "RDZV_HOST=10.0.0.1 NODE_RANK=0 launch/multinode.sh": "needs a second host; tests/test_multinode.py runs two",
     "docker compose up --build --abort-on-container-failure": "needs docker and minutes; tests/test_compose.py",
+    "python -m ddp_demo.train_ray --workers 2": "starts a Ray cluster (~40 s, 2 GB); tests/test_ray.py runs the trainer "
+                                                "under Ray Train, killed and restarted, once per suite",
 }
 
 
@@ -270,9 +272,9 @@ def failures(commands: list[str], copy: Path, env: dict[str, str]) -> list[str]:
 @pytest.mark.timeout(900)
 def test_every_readme_command_runs_as_written_after_the_quickstart(newcomer):
     """The README's commands in order, as a newcomer types them; one that exits non-zero fails here.
-    The suite's slowest single test: 8 commands, each starting Python and torch; 89 s measured on the
-    2-core machine at load average 3 to 6 (verify's quick form 39 s of it, explain 16 s, the learner's
-    torchrun 13 s), 3.5 min under heavy load. ``-m "not newcomer"`` leaves it out of a quick run."""
+    The suite's slowest single test: each command starts Python and torch; 89 s measured on the 2-core
+    machine at load average 3 to 6 before the fsdp line joined (verify's quick form 39 s of it, explain
+    16 s, the learner's torchrun 13 s), 3.5 min under heavy load. ``-m "not newcomer"`` leaves it out of a quick run."""
     failed = failures(readme_commands(), *newcomer)
     assert not failed, "README commands that fail as written:\n" + "\n".join(failed)
 
