@@ -212,8 +212,8 @@ EXCLUDED = {  # as written -> why it does not run here, and where it is tested
     "launch/bench.sh --out runs/bench": "about 8 minutes; tests/test_bench.py runs its --quick form",
     "RDZV_HOST=10.0.0.1 NODE_RANK=0 launch/multinode.sh": "needs a second host; tests/test_multinode.py runs two",
     "docker compose up --build --abort-on-container-failure": "needs docker and minutes; tests/test_compose.py",
-    "python -m ddp_demo.train_ray --workers 2": "starts a Ray cluster (~40 s, 2 GB); tests/test_ray.py runs the trainer "
-                                                "under Ray Train, killed and restarted, once per suite",
+    "python -m ddp_demo.train_ray --workers 2": "starts a Ray cluster (~40 s, 2 GB); tests/test_ray.py runs the "
+                                                "trainer under Ray Train, killed and restarted, once per suite",
 }
 
 
