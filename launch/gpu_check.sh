@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue 13, for a machine with CUDA: the trainer on cuda with nccl (N = 1 and
-# N = every GPU), gradients against one process and against the CPU, bf16 autocast parity,
+# N = every GPU), --strategy zero and fsdp against ddp (nccl), gradients against one process and
+# against the CPU, bf16 autocast parity,
 # launch/accelerate_gpu.sh, and the benchmark's GPU rows; a few minutes. It writes one results
 # file, $OUT/results.json [default runs/gpu_check], and exits 0 when every check passed.
 # Without CUDA it says so in one line and exits 2. Not yet run on a GPU (docs/performance.md).

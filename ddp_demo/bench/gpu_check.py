@@ -12,7 +12,9 @@ Each check records what it measured in one results file, ``--out``/results.json:
 3. ``bf16``: ddp_demo/proof/autocast.py's bound, every model, N = 2 (nccl on two GPUs; with
    one GPU the two ranks share it over gloo, since nccl refuses two ranks on one device).
 4. ``accelerate``: ``launch/accelerate_gpu.sh`` for 20 steps.
-5. ``bench``: DDP at N = 1 over the bare module on an MLP big enough to keep a GPU busy
+5. ``strategies``: ``--strategy zero`` and ``fsdp`` (issue 21) against ``ddp`` on every GPU, float64:
+   the same ``final.pt`` within the whole-run tolerance.
+6. ``bench``: DDP at N = 1 over the bare module on an MLP big enough to keep a GPU busy
    (target <= 3%); with several GPUs, exposed sync over one raw all-reduce (target <= 0.5).
 
 ``--device cpu`` runs the same pipeline on the CPU (gloo, small sizes): a check of the
@@ -37,7 +39,7 @@ from ddp_demo.bench import gpu_rows
 from ddp_demo.bench.launchers import ROOT
 from ddp_demo.core.flags import add_options, option, parse_into
 from ddp_demo.core.spawn import run_on_ranks
-from ddp_demo.core.tolerances import BF16_CONTROL_MARGIN, TOLERANCES
+from ddp_demo.core.tolerances import BF16_CONTROL_MARGIN, TOLERANCES, WHOLE_RUN
 from ddp_demo.proof.autocast import check_autocast
 
 CUDA_VS_CPU_ATOL = TOLERANCES["cuda_vs_cpu"]["float64"].atol
@@ -59,6 +61,20 @@ def trainer(n: int, device: str, out: Path) -> dict:
                                       "heldout_accuracy")}
     r["ok"] = r["exit"] == 0 and summary.get("params_identical_across_ranks") is True
     return r
+
+
+def strategies(n: int, device: str, tmp: Path) -> dict:
+    """``--strategy zero`` and ``fsdp`` (nccl on CUDA) against ``ddp``: the same float64 run, the
+    same ``final.pt`` within the whole-run tolerance (on the CPU, tests/test_strategy_train.py)."""
+    runs = {s: run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+                    "ddp_demo.train", "--device", device, "--strategy", s, "--dtype", "float64", "--steps", "50",
+                    "--out", str(tmp / s)]) for s in ("ddp", "zero", "fsdp")}
+    if any(r["exit"] for r in runs.values()):
+        return {"runs": runs, "ok": False}
+    final = {s: torch.load(tmp / s / "final.pt") for s in runs}
+    diff = {s: max((final[s][k] - final["ddp"][k]).abs().max().item() for k in final["ddp"]) for s in ("zero", "fsdp")}
+    return {"world_size": n, "max_abs_diff_vs_ddp": diff, "tolerance": WHOLE_RUN,
+            "ok": all(d <= WHOLE_RUN for d in diff.values())}
 
 
 def gradients(device: str) -> dict:
@@ -86,6 +102,7 @@ def checks(device: str, gpus: int, tmp: Path) -> dict:
     results: dict = {"trainer_n1": lambda: trainer(1, device, tmp / "n1")}
     if gpus > 1:
         results["trainer_all_gpus"] = lambda: trainer(gpus, device, tmp / "all")
+    results["strategies"] = lambda: strategies(max(1, gpus) if device == "cuda" else 2, device, tmp / "strategies")
     results |= {"gradients": lambda: gradients(device), "bf16": lambda: bf16(device, gpus),
                 "accelerate": lambda: accelerate(device, gpus, tmp / "accelerate"),
                 "bench": lambda: gpu_rows.bench(device, gpus)}
