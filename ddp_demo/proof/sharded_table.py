@@ -27,7 +27,7 @@ def collect(world_sizes: list[int], strategies: tuple[str, ...]) -> dict[tuple, 
     "close": every row good}}``, each case judged as ``verify --strategies`` judges it (``Row.of_shard``)."""
     out: dict[tuple, dict] = {}
     for n in world_sizes:
-        rows, _ = run_cases(n, cases(strategies) + (bn_cases() if n > 1 else []))
+        rows, _ = run_cases(n, cases(strategies) + (bn_cases() if n > 1 and "fsdp" in strategies else []))
         for case, per_rank in rows.items():
             row = Row.of_shard(n, case, per_rank)
             model = f"BatchNorm, {case.layer}" if case.kind == "bn" else case.model
