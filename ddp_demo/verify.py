@@ -2,6 +2,7 @@
 
     python -m ddp_demo.verify                 # world sizes 1 2 3 4, every model and dtype
     python -m ddp_demo.verify --world-sizes 2 --models mlp
+    python -m ddp_demo.verify --strategies ddp zero fsdp   # and ZeRO and FSDP2, shard by shard
 
 For each world size N this starts N gloo processes (FileStore, no ports) and, for
 every model and dtype, compares every rank's gradients after one step, and its
@@ -17,6 +18,11 @@ By default it prints a summary (the tolerance, how many comparisons match, how m
 differ as they must, and PASS or FAIL); ``--table`` (``-v``) prints every comparison.
 Exit code 0 when every check and every control behaves.
 
+``--strategies zero fsdp`` adds the sharded proof (``proof/sharded.py``, docs/sharding.md): each
+rank's shard of the gradients, parameters, optimizer state and rank 0's full state dict against
+the same rows of one process, accumulation over 2 micro-batches, a BatchNorm model under fsdp
+(plain: its buffers drift, a control; converted: equal), with the same tolerances and controls.
+
 ``--scratch`` checks ddp_demo's own DDP (``parallel/ddp.py``) against torch's instead: the
 same cases under both wrappers on the same ranks, overlap, and uneven inputs with and
 without Join (``proof/scratch.py``, ``proof/join.py``; docs/ddp_from_scratch.md).
@@ -28,10 +34,11 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from ddp_demo.core.flags import add_options, numbers_option, option, parse_into
+from ddp_demo.core.flags import add_options, names_option, numbers_option, option, parse_into
 from ddp_demo.core.models import MODEL_NAMES
 from ddp_demo.core.spawn import run_on_ranks
-from ddp_demo.proof import join, scratch
+from ddp_demo.parallel.strategy import STRATEGIES
+from ddp_demo.proof import join, scratch, sharded
 from ddp_demo.proof.cases import accum_cases, by_case, cases, check_accumulation, run_cases
 from ddp_demo.proof.verdicts import Row, summary, table
 
@@ -96,6 +103,9 @@ def main_scratch(world_sizes: list[int], models) -> int:
 class VerifyOptions:
     world_sizes: tuple[int, ...] = numbers_option((1, 2, 3, 4), "the numbers of processes N to test, e.g. 2 3 or 2,3")
     models: tuple[str, ...] = option(MODEL_NAMES, "models to test", MODEL_NAMES, str, parse_choices=True, nargs="+")
+    strategies: tuple[str, ...] = names_option(("ddp",), "ddp and/or the sharded strategies zero "
+                                               "(ZeroRedundancyOptimizer) and fsdp (fully_shard), e.g. ddp zero fsdp",
+                                               STRATEGIES)
     table: bool = option(False, "print every comparison, one row each, not only the summary")
     scratch: bool = option(False, "check ddp_demo's own DDP (ddp_demo/parallel/ddp.py) against torch's instead")
 
@@ -108,8 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def collect(world_sizes: tuple[int, ...], models: tuple[str, ...]) -> list[Row]:
-    """Every comparison at every N: the cases (``proof/cases.py``), then gradient accumulation."""
+def collect(world_sizes: tuple[int, ...], models: tuple[str, ...], strategies=("ddp",)) -> list[Row]:
+    """Every comparison at every N: DDP's cases (``proof/cases.py``), then gradient accumulation,
+    then the sharded strategies' cases (``proof/sharded.py``)."""
+    rows = collect_ddp(world_sizes, models) if "ddp" in strategies else []
+    chosen = tuple(s for s in strategies if s != "ddp")
+    for n in world_sizes if chosen else ():
+        extra = sharded.bn_cases() if "fsdp" in chosen and n > 1 else []
+        found, _ = sharded.run_cases(n, sharded.cases(chosen, models) + extra)
+        rows += [Row.of_shard(n, case, mine) for case, mine in found.items()]
+    return rows
+
+
+def collect_ddp(world_sizes: tuple[int, ...], models: tuple[str, ...]) -> list[Row]:
     rows: list[Row] = []
     for n in world_sizes:
         for case, mine in by_case(run_cases(n, cases(models))).items():
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_into(VerifyOptions, build_parser(), argv)
     if args.scratch:
         return main_scratch(args.world_sizes, args.models)
-    rows = collect(args.world_sizes, args.models)
+    rows = collect(args.world_sizes, args.models, args.strategies)
     print("\n".join(table(rows) if args.table else summary(rows, args.world_sizes, args.models)))
     return 0 if all(r.good for r in rows) else 1
 

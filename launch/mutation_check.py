@@ -241,7 +241,7 @@ MUTATIONS = (
         (SHARDING + "test_parameters_state_and_full_state_dict_after_five_steps[2-fsdp-mlp-float64-sgd]",),
     ),
     Mutation(
-        "the trainer ignores --strategy (every run is ddp)", "ddp_demo/train.py",
+        "the trainer ignores --strategy (every run is ddp)", "ddp_demo/parallel/trainer_wrap.py",
         (("    scfg = StrategyConfig(cfg.strategy,", '    scfg = StrategyConfig("ddp",'),),
         (STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[zero_nosync]",
          STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[fsdp_nosync]"),
@@ -252,7 +252,7 @@ MUTATIONS = (
         (STRATEGY_TRAIN + "test_whole_run_equals_one_process[fsdp2]",),
     ),
     Mutation(
-        "the trainer's --skip-grad-sync does not reach the strategy", "ddp_demo/train.py",
+        "the trainer's --skip-grad-sync does not reach the strategy", "ddp_demo/parallel/trainer_wrap.py",
         (("reduce_grads=not cfg.skip_grad_sync", "reduce_grads=True"),),
         (STRATEGY_TRAIN + "test_control_without_gradient_reduction_misses[fsdp_nosync]",),
     ),
@@ -323,6 +323,11 @@ MUTATIONS = (
         (("            if largest > tol:\n", "            if False:\n"),
          ("            if largest < CONTROL_MARGIN * tol:\n", "            if False:\n")),
         ("tests/test_compare.py::test_negative_control_the_verdict_fails",),
+    ),
+    Mutation(
+        "verify --strategies drops zero and fsdp (only DDP proven)", "ddp_demo/verify.py",
+        (('    chosen = tuple(s for s in strategies if s != "ddp")\n', '    chosen = ()\n'),),
+        ("tests/test_verify_report.py::test_verify_runs_the_sharded_proof_and_reports_it_like_ddp",),
     ),
     Mutation(
         "the pytest helper's message starts with a newline again (an empty short summary)", "ddp_demo/testing.py",

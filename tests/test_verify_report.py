@@ -1,13 +1,19 @@
 """``python -m ddp_demo.verify``'s verdict reads on its own (issue 26): a summary by default that
 names the tolerance, counts the matches and says the controls are expected to differ, ending in
 PASS or FAIL; every row with ``--table``. Built from rows as ``proof/cases.py`` judges them, so no
-process is started here (tests/test_equivalence.py runs the cases themselves)."""
+process is started here (tests/test_equivalence.py runs the cases themselves), except for the
+sharded strategies (issue 21): one set of 2 processes runs fsdp's cases for one model."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 from ddp_demo.core.flags import parse_into
+from ddp_demo.core.tolerances import CONTROL_MARGIN
+from ddp_demo.proof.verdicts import CONTROL as EXPECTED_TO_DIFFER
 from ddp_demo.proof.verdicts import Row, summary, table
-from ddp_demo.verify import VerifyOptions, build_parser
+from ddp_demo.verify import VerifyOptions, build_parser, collect
 
 MATCH = Row(2, "grads", "mlp", "float64", "-", True, 2e-17, 0.02, True)
 CONTROL = Row(2, "grads", "mlp", "float64", "-", False, 0.117, 1.17e11, True)
@@ -41,3 +47,38 @@ def test_table_on_request():
     assert parse_into(VerifyOptions, build_parser(), ["--table"]).table
     assert parse_into(VerifyOptions, build_parser(), ["-v"]).table
     assert not parse_into(VerifyOptions, build_parser(), []).table
+
+
+@functools.cache
+def sharded_report() -> tuple[list[Row], list[str], list[str]]:
+    """``verify --world-sizes 2 --models multiply --strategies fsdp``: one set of 2 processes, seconds."""
+    rows = collect((2,), ("multiply",), ("fsdp",))
+    return rows, summary(rows, (2,), ("multiply",)), table(rows)
+
+
+def test_verify_runs_the_sharded_proof_and_reports_it_like_ddp():
+    rows, lines, _ = sharded_report()
+    assert {r.strategy for r in rows} == {"fsdp"} and {r.check for r in rows} == {"grads", "steps", "accum", "bn"}
+    assert all(r.good for r in rows), table([r for r in rows if not r.good])
+    assert any(line.startswith("  fsdp: matches:  ") for line in lines)
+    assert any(line.startswith("  fsdp: controls: ") for line in lines) and lines[-1].startswith("PASS: fsdp ")
+
+
+def test_negative_control_sharded_controls_are_reported_as_expected_to_differ():
+    """Reduction off, and plain BatchNorm under fsdp (its statistics stay per rank): each must miss
+    by CONTROL_MARGIN tolerances, shown as expected to differ; one that came close would FAIL."""
+    rows, _, lines = sharded_report()
+    controls = [r for r in rows if r.control]
+    assert {r.check for r in controls} == {"grads", "steps", "bn"} and all(r.good for r in controls)
+    shown = [line for line in lines if line.startswith(" 2  fsdp ") and " off " in line]
+    assert len(shown) == len(controls) and all(EXPECTED_TO_DIFFER in line for line in shown)
+    weak = dataclasses.replace(controls[0], tolerances_off=CONTROL_MARGIN / 2, good=False)
+    assert summary([weak], (2,), ("multiply",))[-1].startswith("FAIL: 1 of 1")
+
+
+def test_strategies_are_spaced_or_comma_separated_default_ddp():
+    def parsed(*argv):
+        return parse_into(VerifyOptions, build_parser(), list(argv)).strategies
+
+    assert parsed() == ("ddp",) and parsed("--strategies", "zero", "fsdp") == ("zero", "fsdp")
+    assert parsed("--strategies", "ddp,zero", "fsdp") == ("ddp", "zero", "fsdp")

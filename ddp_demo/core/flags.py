@@ -36,7 +36,8 @@ def whole_numbers(text: str) -> tuple[int, ...]:
 
 
 class _Numbers(argparse.Action):
-    """The words of ``--world-sizes 2 3`` or ``--world-sizes 2,3`` as one tuple, repeats dropped."""
+    """The words of ``--world-sizes 2 3`` or ``--world-sizes 2,3`` as one tuple, repeats dropped
+    (of a :func:`names_option` too)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, tuple(dict.fromkeys(n for word in values for n in word)))
@@ -45,6 +46,20 @@ class _Numbers(argparse.Action):
 def numbers_option(default: tuple[int, ...], help: str, **kwargs):
     """A list of whole numbers, spaced or comma-separated, as every command's ``--world-sizes`` takes it."""
     return option(default, help, type_=whole_numbers, nargs="+", action=_Numbers, metavar="N", **kwargs)
+
+
+def names_option(default: tuple[str, ...], help: str, choices: tuple[str, ...], **kwargs):
+    """A list of names from ``choices``, spaced or comma-separated (``ddp zero`` or ``ddp,zero``)."""
+
+    def names(text: str) -> tuple[str, ...]:
+        parts = text.replace(",", " ").split()
+        wrong = [p for p in parts if p not in choices] or ([] if parts else [text])
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{wrong[0]!r} is not one of {', '.join(choices)}; write e.g. "
+                                             f"{' '.join(choices)} or {','.join(choices)}")
+        return tuple(parts)
+
+    return option(default, help, choices, type_=names, nargs="+", action=_Numbers, **kwargs)
 
 
 def flag(name: str) -> str:

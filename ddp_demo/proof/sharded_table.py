@@ -5,7 +5,9 @@ and dtype over every world size, and by how many tolerances the controls missed.
     python -m ddp_demo.proof.sharded_table --world-sizes 2  # quicker
 
 Each world size starts its processes once (``proof/sharded.py``); tests/test_sharding.py asserts
-the same rows case by case.
+the same rows case by case, and ``python -m ddp_demo.verify --strategies zero fsdp`` gives each
+row's verdict (this table is its summary per strategy, model and dtype, with ddp run through the
+same ``wrap`` for comparison).
 """
 
 from __future__ import annotations
@@ -17,22 +19,24 @@ from ddp_demo.core.flags import add_options, option, parse_into
 from ddp_demo.core.tolerances import STEP
 from ddp_demo.parallel.strategy import STRATEGIES
 from ddp_demo.proof.sharded import bn_cases, cases, run_cases
+from ddp_demo.proof.verdicts import Row
 
 
 def collect(world_sizes: list[int], strategies: tuple[str, ...]) -> dict[tuple, dict]:
-    """``{(strategy, model, dtype): {"diff": largest synced |Δ|, "margin": smallest control miss}}``."""
+    """``{(strategy, model, dtype): {"diff": largest synced |Δ|, "margin": smallest control miss,
+    "close": every row good}}``, each case judged as ``verify --strategies`` judges it (``Row.of_shard``)."""
     out: dict[tuple, dict] = {}
     for n in world_sizes:
-        rows, _ = run_cases(n, cases(strategies) + (bn_cases() if n > 1 else []))
+        rows, _ = run_cases(n, cases(strategies) + (bn_cases() if n > 1 and "fsdp" in strategies else []))
         for case, per_rank in rows.items():
+            row = Row.of_shard(n, case, per_rank)
             model = f"BatchNorm, {case.layer}" if case.kind == "bn" else case.model
             entry = out.setdefault((case.strategy, model, case.dtype), {"diff": None, "margin": None, "close": True})
-            if case.synced:
-                entry["diff"] = max(entry["diff"] or 0.0, *(r["max_abs_diff"] for r in per_rank))
-                entry["close"] &= all(r["close"] for r in per_rank)
-            elif n > 1:
-                off = max(r["tolerances_off"] for r in per_rank)
-                entry["margin"] = off if entry["margin"] is None else min(entry["margin"], off)
+            entry["close"] &= row.good
+            if row.control:
+                entry["margin"] = min(entry["margin"] or row.tolerances_off, row.tolerances_off)
+            elif row.synced:
+                entry["diff"] = max(entry["diff"] or 0.0, row.max_abs_diff)
     return out
 
 
