@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp_demo import train as trainer
 from ddp_demo.core.dist import attempt_store
 from ddp_demo.core.env import launch_env
+from ddp_demo.parallel import strategy
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_the_ddp_model_is_freed_before_the_process_group_is_destroyed(monkeypatc
         alive["process group destroyed"] = live_ddp_models()
         real_destroy(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "DDP", CyclicDDP)
+    monkeypatch.setattr(strategy, "DDP", CyclicDDP)  # the trainer wraps through parallel/strategy.py (--strategy ddp)
     monkeypatch.setattr(trainer, "teardown", teardown)
     monkeypatch.setattr(dist, "destroy_process_group", destroy_process_group)
     gc.disable()
