@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.core import dist as dist_env
@@ -44,7 +43,7 @@ from ddp_demo.core.models import build_model, make_optimizer
 from ddp_demo.core.outputs import RunRecord, check_out_dir, write_outputs
 from ddp_demo.doctor import LaunchProblem, preflight
 from ddp_demo.parallel.ddp import ScratchDDP
-from ddp_demo.parallel.trainer_wrap import flat_parameters, strategy_wrap
+from ddp_demo.parallel.trainer_wrap import flat_parameters, sharded_by, strategy_wrap
 from ddp_demo.resilience import checkpoint
 from ddp_demo.resilience.faults import FaultInjector
 from ddp_demo.resilience.resume import Checkpointer, checkpoint_state, resolve_resume, restore
@@ -161,10 +160,8 @@ def resume(found: checkpoint.Found | None, model: torch.nn.Module, optimizer, cf
 
 
 def announce(cfg: TrainConfig, ctx: DistContext, model: torch.nn.Module) -> None:
-    # fsdp names the sharding read from the wrapped model, not from --ddp: what ran, not what was asked
-    sharder = "" if cfg.strategy != "fsdp" or not ctx.distributed else \
-        "sharded by fully_shard, " if isinstance(model, FSDPModule) else "sharded by ddp_demo's ScratchFSDP, "
-    log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), strategy {cfg.strategy}, {sharder}"
+    log.info(ctx.rank, f"training {cfg.model} on {ctx.world_size} process(es), strategy {cfg.strategy}, "
+                       + sharded_by(model, cfg, ctx)
                        + ("fsdp mixed precision: bf16 parameters in forward and backward, gradients "
                           "reduce-scattered in float32 (strategy.BF16_POLICY), "
                           if cfg.strategy == "fsdp" and cfg.precision == "bf16" else "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ddp_demo.core.config import TrainConfig
@@ -35,6 +36,14 @@ def strategy_wrap(model: torch.nn.Module, optimizer, cfg: TrainConfig, ctx: Dist
         return Wrapped(w.model, w.optimizer)
     return Wrapped(w.model, w.optimizer, w.grad_sync(cfg.grad_accum_steps),
                    full_state=lambda: strategy.full_state_dict(w, ctx), agreed_tensor=lambda: gathered(w))
+
+
+def sharded_by(model: torch.nn.Module, cfg: TrainConfig, ctx: DistContext) -> str:
+    """What the run's first line says shards an fsdp run, read from the wrapped model, not from
+    ``--ddp``: what ran, not what was asked. Empty for ddp, zero and one process."""
+    if cfg.strategy != "fsdp" or not ctx.distributed:
+        return ""
+    return "sharded by fully_shard, " if isinstance(model, FSDPModule) else "sharded by ddp_demo's ScratchFSDP, "
 
 
 def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
