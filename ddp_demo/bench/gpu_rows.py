@@ -63,13 +63,13 @@ def sync_on_rank(ctx: DistContext, w: Workload, r: Reps) -> dict:
 
 def bench(device: str, gpus: int) -> dict:
     w, r = (GPU_MLP, Reps(warmup=3, reps=7)) if device == "cuda" else (CPU_MLP, Reps(warmup=1, reps=2))
-    t = run_on_ranks(overhead_on_rank, 1, (w, r), timeout=600, device=device)[0]
+    t = run_on_ranks(overhead_on_rank, 1, (w, r), timeout=600, device=device, start_method="spawn")[0]
     out = {"workload": vars(w), "step_s": {k: stats(v) for k, v in t.items()},
            "ddp_overhead_n1": paired(t["DDP"], t["bare"], lambda a, b: a / b - 1)}
     out["targets_met"] = {"ddp_overhead_n1 <= 0.03": out["ddp_overhead_n1"]["median"] <= 0.03}
     n = gpus if device == "cuda" else 2
     if n > 1:
-        knobs = run_on_ranks(sync_on_rank, n, (w, r), timeout=600, device=device)[0]
+        knobs = run_on_ranks(sync_on_rank, n, (w, r), timeout=600, device=device, start_method="spawn")[0]
         rows = {row["name"]: row for row in knobs["rows"]}
         exposed = {k: paired(v["step_s"], v["local_s"], lambda a, b: a - b)["median"] for k, v in rows.items()}
         out |= {"world_size": n, "exposed_sync_s": exposed, "exposed_over_raw": exposed["DDP"] / exposed[RAW.name],

@@ -109,7 +109,8 @@ def measure(job: MemoryJob, world_sizes: list[int], timeout: float, malloc: str 
     rows = []
     for n in world_sizes:
         for strategy in STRATEGIES:
-            per_rank = run_on_ranks(memory_on_rank, n, (strategy, job, malloc), timeout=timeout)
+            per_rank = run_on_ranks(memory_on_rank, n, (strategy, job, malloc), timeout=timeout,
+                                    start_method="spawn")  # RSS of a fresh interpreter, not a fork's
             largest = max(per_rank, key=lambda r: sum(r["held"].values()))
             peaks = {k: max(r[k] or 0.0 for r in per_rank) for k in ("build_peak_mb", "steps_peak_mb")}
             rows.append({"strategy": strategy, "world_size": n, **largest, **peaks,

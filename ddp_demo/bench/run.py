@@ -198,7 +198,8 @@ def measure(plan: BenchPlan, device: str, timeout: float, bar: ProgressBar) -> d
                       "scratch": plan.scratch_workloads, "trainer": (list(plan.trainer_models), plan.trainer_steps,
                                                                        plan.trainer_reps)}
         bar.bar.set_description(f"N={n}{' (oversubscribed)' if n > cores() else ''}")
-        per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device)
+        per_rank = run_on_ranks(suite_on_rank, n, (tasks, plan.reps, bar.queue), timeout=timeout, device=device,
+                                start_method="spawn")  # timings from fresh interpreters
         results["weak_scaling"][str(n)] = per_rank[0]["weak_scaling"]  # times are already the slowest rank's
         results["malloc_keeps_freed_memory"] = all(r["malloc_keeps_freed_memory"] for r in per_rank)
         if n == 2:
