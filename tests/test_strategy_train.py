@@ -1,10 +1,12 @@
-"""The trainer under ``--strategy zero`` and ``--strategy fsdp``: real torchrun, real files.
+"""The trainer under ``--strategy zero`` and ``--strategy fsdp``: real processes, real files.
 
 Whole runs at N = 2 and 4 in float64 must give one process's ``final.pt`` (same keys, plain
 tensors: the format DDP's has) within WHOLE_RUN. The controls train with ``--skip-grad-sync``,
 which each strategy honours its own way (zero: DDP's no_sync; fsdp: a reduce-scatter that
 reduces nothing, strategy.OwnGradient): their ``final.pt`` must miss by CONTROL_MARGIN times
-the tolerance. All runs start at once (run_at_once): none depends on timing.
+the tolerance. All runs start at once: none depends on timing. Their ranks run the trainer's
+``main`` forked from a warm server (tests/forked.py: the strategies, not the launcher, are what
+is tested here); the README's ``torchrun ... --strategy fsdp`` runs under torchrun itself.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import pytest
 from ddp_demo import train_accelerate
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 
-from .helpers import LAUNCH_VARS, PYTHON, Command, assert_one_clear_line, load, max_diff, run_at_once
+from .forked import trainer_runs
+from .helpers import LAUNCH_VARS, assert_one_clear_line, load, max_diff
 
 JOB = ["--dtype", "float64", "--steps", "8", "--global-batch-size", "16", "--seed", "5", "--optimizer", "adam",
        "--lr", "0.01"]
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone"]
 LAUNCHES = {  # name: (processes, extra flags); 0 processes: plain python, the reference
     "one": (0, []),
     "zero2": (2, ["--strategy", "zero"]),
@@ -37,14 +39,8 @@ LAUNCHES = {  # name: (processes, extra flags); 0 processes: plain python, the r
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     dirs = {name: tmp_path_factory.mktemp(name) for name in LAUNCHES}
-
-    def command(name: str) -> Command:
-        n, flags = LAUNCHES[name]
-        launcher = [*TORCHRUN, f"--nproc_per_node={n}"] if n else []
-        return Command([PYTHON, *launcher, "-m", "ddp_demo.train", *JOB, *flags, "--out", str(dirs[name])],
-                       dirs[name])
-
-    procs = run_at_once({name: command(name) for name in LAUNCHES}, timeout=400)
+    procs = trainer_runs({name: (n, [*JOB, *flags, "--out", dirs[name]]) for name, (n, flags) in LAUNCHES.items()},
+                         dirs, timeout=400)
     return {name: (dirs[name], procs[name]) for name in LAUNCHES}
 
 

@@ -67,12 +67,13 @@ def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, arg
 PRELOAD = ["torch._dynamo", "ddp_demo.core.spawn", "ddp_demo.parallel.strategy"]
 
 
-def _context(start_method: str, fn: Callable) -> mp.context.BaseContext:
-    context = mp.get_context(start_method)
-    if start_method == "forkserver":
-        # Only the first call's list counts (the server is started once); the function's own
-        # module too, unless it is a script's __main__, which the workers import by path.
-        context.set_forkserver_preload(PRELOAD + ([fn.__module__] if fn.__module__ != "__main__" else []))
+def forkserver(module: str = "__main__") -> mp.context.BaseContext:
+    """multiprocessing's forkserver context, its server to import ``PRELOAD`` and ``module``.
+
+    Only the list given before the server's first fork counts (it starts once per process);
+    a script's ``__main__`` is left to the workers, which import it by path."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD + ([module] if module != "__main__" else []))
     return context
 
 
@@ -83,7 +84,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), time
     ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``; ``backend``
     overrides (gloo lets two ranks share one GPU, which nccl refuses). ``start_method``:
     ``forkserver`` (module docstring) or ``spawn``."""
-    spawn = _context(start_method, fn)
+    spawn = forkserver(fn.__module__) if start_method == "forkserver" else mp.get_context(start_method)
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")

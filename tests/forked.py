@@ -1,0 +1,94 @@
+"""The trainer's ``main`` on N processes forked from the warm server of ``core/spawn.py``.
+
+A torchrun launch of N ranks starts N + 1 interpreters, and each spends about 3.5 s of CPU
+importing torch and torch._dynamo before it trains (2 cores here: a 2-rank launch of 8 steps
+costs 9 s of CPU). Where the launcher is not what a test is about (the strategies, ScratchFSDP,
+accumulation), the ranks fork from ``core/spawn.py``'s server instead, which has imported all
+that once. Each rank runs ``ddp_demo.train.main(argv)`` as torchrun's worker would: from the
+variables torchrun sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``),
+so ``core/env.py`` reads it as a torchrun worker, joins the process group through the same
+``setup``, prints and writes what it would. What is not here is torchrun's agent: restarts,
+its failure report, killing the other ranks when one dies. tests/test_train.py, test_resilience.py,
+test_elastic.py and the README's commands run the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ddp_demo.core import spawn
+
+from .helpers import LAUNCH_VARS, free_port
+
+
+def _rank_main(rank: int, world_size: int, port: int, argv: list[str], logs: str, cwd: str) -> None:
+    """One rank (``world_size`` 0: plain ``python``, no launcher): its stdout and stderr go to files."""
+    for var in [*LAUNCH_VARS, "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS"]:
+        os.environ.pop(var, None)
+    for var in [v for v in os.environ if v.startswith("SLURM_")]:
+        os.environ.pop(var)
+    if world_size:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          OMP_NUM_THREADS="1")  # torchrun's one thread per rank
+    os.chdir(cwd)
+    for fd, name in ((1, "out"), (2, "err")):
+        os.dup2(os.open(f"{logs}/{rank}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    from ddp_demo import train
+
+    code = 1
+    try:
+        code = train.main(argv)
+    finally:
+        sys.stdout.flush()  # a forked worker leaves by os._exit: nothing flushes for it
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class _Job:
+    def __init__(self, world_size: int, argv: list[str], cwd: Path):
+        self.logs = tempfile.mkdtemp(prefix="ranks-")
+        context = spawn.forkserver(__name__)
+        port = free_port() if world_size else 0
+        self.procs = [context.Process(target=_rank_main, args=(r, world_size, port, [str(a) for a in argv],
+                                                                self.logs, str(cwd)), daemon=True)
+                      for r in range(max(1, world_size))]
+        for p in self.procs:
+            p.start()
+
+    def result(self, deadline: float) -> subprocess.CompletedProcess | None:
+        for p in self.procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        late = any(p.exitcode is None for p in self.procs)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if late:
+            return None
+        read = lambda r, name: Path(f"{self.logs}/{r}.{name}").read_text()  # noqa: E731
+        ranks = range(len(self.procs))
+        code = next((p.exitcode for p in self.procs if p.exitcode), 0)
+        return subprocess.CompletedProcess(["ranks"], code, "".join(read(r, "out") for r in ranks),
+                                           "".join(read(r, "err") for r in ranks))
+
+
+def trainer_runs(jobs: dict[str, tuple[int, list[str]]], cwd: dict[str, Path],
+                 timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """``{name: (N, argv)}``: ``ddp_demo.train`` on N forked ranks (0: one plain process), every
+    job at once; each result holds the ranks' stdout and stderr in rank order and the first
+    non-zero exit code. A job still running at ``timeout`` is killed and fails the test."""
+    started = {name: _Job(n, argv, cwd[name]) for name, (n, argv) in jobs.items()}
+    deadline = time.monotonic() + timeout
+    done = {name: job.result(deadline) for name, job in started.items()}
+    late = [name for name, result in done.items() if result is None]
+    if late:
+        pytest.fail(f"still running after {timeout:g} s: {', '.join(late)}")
+    return done
