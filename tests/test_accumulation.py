@@ -1,4 +1,4 @@
-"""Gradient accumulation on the torchrun path (``--grad-accum-steps K``).
+"""Gradient accumulation in the trainer (``--grad-accum-steps K``).
 
 The gradient accumulated over K micro-batches on N ranks equals one process's gradient
 over the whole global batch; after micro-batch K-1, run under ``DDP.no_sync``, the
@@ -16,7 +16,8 @@ from ddp_demo.core.tolerances import CONTROL_MARGIN, STEP, WHOLE_RUN
 from ddp_demo.proof.cases import ACCUM_STEPS, DTYPE_NAMES, accum_ok
 from ddp_demo.proof.equivalence import GLOBAL_BATCH, AccumCase
 
-from .helpers import accumulation_rows, describe_ranks, global_batches, load, max_diff, torchrun, train
+from .forked import trainer_runs
+from .helpers import accumulation_rows, describe_ranks, global_batches, load, max_diff
 
 # N = 2 keeps the suite lean; `python -m ddp_demo.verify` also runs N = 1, 3 and 4.
 WORLD_SIZES = (2,)
@@ -49,20 +50,20 @@ FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batc
 
 
 def test_whole_run_with_accumulation_equals_single_process(tmp_path):
-    """torchrun, 2 ranks x 2 micro-batches of 4 samples, against one process taking 16 at once."""
+    """2 ranks x 2 micro-batches of 4 samples, against one process taking 16 at once (both
+    forked from the warm server: tests/forked.py)."""
     single, accum = tmp_path / "single", tmp_path / "accum"
-    proc = train(*FLAGS, "--record-samples", "--out", str(single), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = torchrun(2, "ddp_demo.train", *FLAGS, "--grad-accum-steps", "2", "--record-samples", "--out", str(accum),
-                    cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    procs = trainer_runs({"single": (0, [*FLAGS, "--record-samples", "--out", single]),
+                          "accum": (2, [*FLAGS, "--grad-accum-steps", "2", "--record-samples", "--out", accum])},
+                         dict.fromkeys(("single", "accum"), tmp_path), timeout=240)
+    assert all(proc.returncode == 0 for proc in procs.values()), procs
     assert max_diff(load(accum / "final.pt"), load(single / "final.pt")) <= WHOLE_RUN
     # the same samples, each on one rank only: not the same result from duplicated work
     assert global_batches(accum, 2, 16) == global_batches(single, 1, 16)
 
 
-def test_batch_that_does_not_split_into_micro_batches_gets_one_line_naming_the_fix(tmp_path):
-    proc = train("--grad-accum-steps", "3", "--global-batch-size", "16", "--out", str(tmp_path / "out"), cwd=tmp_path)
+def test_batch_that_does_not_split_into_micro_batches_gets_one_line_naming_the_fix(tmp_path, in_process):
+    proc = in_process("--grad-accum-steps", "3", "--global-batch-size", "16", "--out", tmp_path / "out")
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
     assert proc.stderr.strip() == ("ddp_demo: error: --global-batch-size 16 does not divide by the world size 1 "
                                    "times --grad-accum-steps 3; use a multiple of 3, e.g. --global-batch-size 15")

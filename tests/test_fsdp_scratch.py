@@ -32,7 +32,8 @@ from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 from ddp_demo.parallel.fsdp import chunk_rows, divide_factors
 from ddp_demo.proof import fsdp_scratch as proof
 
-from .helpers import Command, load, main_in_process, max_diff, run_at_once, torchrun_args
+from .forked import trainer_runs
+from .helpers import load, main_in_process, max_diff
 
 WORLD_SIZES = (1, 2, 3, 4)
 DTYPES = ("float32", "float64")
@@ -117,16 +118,15 @@ RUN = ("--model", "mlp", "--dtype", "float64", "--steps", "20")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    """``final.pt`` of each run: the three torchrun launches at once (run_at_once), then the one
-    process in this process (no process group: milliseconds, not a launch)."""
+    """``final.pt`` of each run: the three 2-rank runs at once, forked (tests/forked.py), then the
+    one process in this process (no process group: milliseconds, not a launch)."""
     d = tmp_path_factory.mktemp("fsdp_runs")
     fsdp = ("--strategy", "fsdp", *RUN)
-    procs = run_at_once({
-        "scratch": Command(torchrun_args(2, "ddp_demo.train", *fsdp, "--ddp", "scratch", "--out", "scratch"), d),
-        "torch": Command(torchrun_args(2, "ddp_demo.train", *fsdp, "--out", "torch"), d),
-        "control": Command(torchrun_args(2, "ddp_demo.train", *fsdp, "--ddp", "scratch", "--skip-grad-sync",
-                                         "--out", "control"), d),
-    }, timeout=240)
+    procs = trainer_runs({
+        "scratch": (2, [*fsdp, "--ddp", "scratch", "--out", "scratch"]),
+        "torch": (2, [*fsdp, "--out", "torch"]),
+        "control": (2, [*fsdp, "--ddp", "scratch", "--skip-grad-sync", "--out", "control"]),
+    }, dict.fromkeys(("scratch", "torch", "control"), d), timeout=240)
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     with pytest.MonkeyPatch.context() as monkeypatch:
