@@ -1,10 +1,12 @@
-"""The trainer's ``main`` on N processes forked from the warm server of ``core/spawn.py``.
+"""A command's ``main`` (the trainer's, explain's) on N processes forked from the warm server of
+``core/spawn.py``.
 
 A torchrun launch of N ranks starts N + 1 interpreters, and each spends about 3.5 s of CPU
 importing torch and torch._dynamo before it trains (2 cores here: a 2-rank launch of 8 steps
 costs 9 s of CPU). Where the launcher is not what a test is about (the strategies, ScratchFSDP,
 accumulation), the ranks fork from ``core/spawn.py``'s server instead, which has imported all
-that once. Each rank runs ``ddp_demo.train.main(argv)`` as torchrun's worker would: from the
+that once. Each rank runs ``ddp_demo.train.main(argv)`` (or another module's ``main``) as
+torchrun's worker would: from the
 variables torchrun sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``),
 so ``core/env.py`` reads it as a torchrun worker, joins the process group through the same
 ``setup``, prints and writes what it would. What is not here is torchrun's agent: restarts,
@@ -14,6 +16,7 @@ test_elastic.py and the README's commands run the real one.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -28,7 +31,7 @@ from ddp_demo.core import spawn
 from .helpers import LAUNCH_VARS, free_port
 
 
-def _rank_main(rank: int, world_size: int, port: int, argv: list[str], logs: str, cwd: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, module: str, argv: list[str], logs: str, cwd: str) -> None:
     """One rank (``world_size`` 0: plain ``python``, no launcher): its stdout and stderr go to files."""
     for var in [*LAUNCH_VARS, "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS"]:
         os.environ.pop(var, None)
@@ -41,11 +44,9 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list[str], logs: str
     os.chdir(cwd)
     for fd, name in ((1, "out"), (2, "err")):
         os.dup2(os.open(f"{logs}/{rank}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    from ddp_demo import train
-
     code = 1
     try:
-        code = train.main(argv)
+        code = importlib.import_module(module).main(argv)
     finally:
         sys.stdout.flush()  # a forked worker leaves by os._exit: nothing flushes for it
         sys.stderr.flush()
@@ -53,11 +54,11 @@ def _rank_main(rank: int, world_size: int, port: int, argv: list[str], logs: str
 
 
 class _Job:
-    def __init__(self, world_size: int, argv: list[str], cwd: Path):
+    def __init__(self, world_size: int, module: str, argv: list[str], cwd: Path):
         self.logs = tempfile.mkdtemp(prefix="ranks-")
         context = spawn.forkserver(__name__)
         port = free_port() if world_size else 0
-        self.procs = [context.Process(target=_rank_main, args=(r, world_size, port, [str(a) for a in argv],
+        self.procs = [context.Process(target=_rank_main, args=(r, world_size, port, module, [str(a) for a in argv],
                                                                 self.logs, str(cwd)), daemon=True)
                       for r in range(max(1, world_size))]
         for p in self.procs:
@@ -80,12 +81,12 @@ class _Job:
                                            "".join(read(r, "err") for r in ranks))
 
 
-def trainer_runs(jobs: dict[str, tuple[int, list[str]]], cwd: dict[str, Path],
-                 timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
-    """``{name: (N, argv)}``: ``ddp_demo.train`` on N forked ranks (0: one plain process), every
-    job at once; each result holds the ranks' stdout and stderr in rank order and the first
+def forked_runs(jobs: dict[str, tuple[int, list[str]]], cwd: dict[str, Path], module: str = "ddp_demo.train",
+                timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """``{name: (N, argv)}``: ``module``'s ``main(argv)`` on N forked ranks (0: one plain process),
+    every job at once; each result holds the ranks' stdout and stderr in rank order and the first
     non-zero exit code. A job still running at ``timeout`` is killed and fails the test."""
-    started = {name: _Job(n, argv, cwd[name]) for name, (n, argv) in jobs.items()}
+    started = {name: _Job(n, module, argv, cwd[name]) for name, (n, argv) in jobs.items()}
     deadline = time.monotonic() + timeout
     done = {name: job.result(deadline) for name, job in started.items()}
     late = [name for name, result in done.items() if result is None]

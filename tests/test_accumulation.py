@@ -16,7 +16,7 @@ from ddp_demo.core.tolerances import CONTROL_MARGIN, STEP, WHOLE_RUN
 from ddp_demo.proof.cases import ACCUM_STEPS, DTYPE_NAMES, accum_ok
 from ddp_demo.proof.equivalence import GLOBAL_BATCH, AccumCase
 
-from .forked import trainer_runs
+from .forked import forked_runs
 from .helpers import accumulation_rows, describe_ranks, global_batches, load, max_diff
 
 # N = 2 keeps the suite lean; `python -m ddp_demo.verify` also runs N = 1, 3 and 4.
@@ -53,7 +53,7 @@ def test_whole_run_with_accumulation_equals_single_process(tmp_path):
     """2 ranks x 2 micro-batches of 4 samples, against one process taking 16 at once (both
     forked from the warm server: tests/forked.py)."""
     single, accum = tmp_path / "single", tmp_path / "accum"
-    procs = trainer_runs({"single": (0, [*FLAGS, "--record-samples", "--out", single]),
+    procs = forked_runs({"single": (0, [*FLAGS, "--record-samples", "--out", single]),
                           "accum": (2, [*FLAGS, "--grad-accum-steps", "2", "--record-samples", "--out", accum])},
                          dict.fromkeys(("single", "accum"), tmp_path), timeout=240)
     assert all(proc.returncode == 0 for proc in procs.values()), procs

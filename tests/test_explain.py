@@ -1,6 +1,8 @@
 """The explain walkthrough under real torchrun, and its negative control.
 
-The three launches start at once (run_at_once): each prints what it computed, whatever the timing.
+The plain walkthrough runs under torchrun; the control and the other views run the same
+``main`` on ranks forked from a warm server (tests/forked.py), all at once: each prints what it
+computed, whatever the timing.
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ import subprocess
 
 import pytest
 
+from .forked import forked_runs
 from .helpers import Command, run_at_once, torchrun_args
 
-FLAGS = {"plain": [], "control": ["--skip-allreduce"], "buckets": ["--buckets"], "shards": ["--shards"]}
+FLAGS = {"control": ["--skip-allreduce"], "buckets": ["--buckets"], "shards": ["--shards"]}
 
 
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    return run_at_once({name: Command(torchrun_args(2, "ddp_demo.explain", *flags), tmp_path_factory.mktemp(name))
-                        for name, flags in FLAGS.items()})
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("plain", *FLAGS)}
+    launched = run_at_once({"plain": Command(torchrun_args(2, "ddp_demo.explain"), dirs["plain"])})
+    return launched | forked_runs({name: (2, flags) for name, flags in FLAGS.items()}, dirs, module="ddp_demo.explain")
 
 
 def test_explain_two_ranks(explained):

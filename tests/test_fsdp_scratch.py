@@ -32,7 +32,7 @@ from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 from ddp_demo.parallel.fsdp import chunk_rows, divide_factors
 from ddp_demo.proof import fsdp_scratch as proof
 
-from .forked import trainer_runs
+from .forked import forked_runs
 from .helpers import load, main_in_process, max_diff
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -122,7 +122,7 @@ def trained(tmp_path_factory) -> dict:
     one process in this process (no process group: milliseconds, not a launch)."""
     d = tmp_path_factory.mktemp("fsdp_runs")
     fsdp = ("--strategy", "fsdp", *RUN)
-    procs = trainer_runs({
+    procs = forked_runs({
         "scratch": (2, [*fsdp, "--ddp", "scratch", "--out", "scratch"]),
         "torch": (2, [*fsdp, "--out", "torch"]),
         "control": (2, [*fsdp, "--ddp", "scratch", "--skip-grad-sync", "--out", "control"]),

@@ -20,7 +20,7 @@ import pytest
 from ddp_demo import train_accelerate
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 
-from .forked import trainer_runs
+from .forked import forked_runs
 from .helpers import LAUNCH_VARS, assert_one_clear_line, load, max_diff
 
 JOB = ["--dtype", "float64", "--steps", "8", "--global-batch-size", "16", "--seed", "5", "--optimizer", "adam",
@@ -39,7 +39,7 @@ LAUNCHES = {  # name: (processes, extra flags); 0 processes: plain python, the r
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     dirs = {name: tmp_path_factory.mktemp(name) for name in LAUNCHES}
-    procs = trainer_runs({name: (n, [*JOB, *flags, "--out", dirs[name]]) for name, (n, flags) in LAUNCHES.items()},
+    procs = forked_runs({name: (n, [*JOB, *flags, "--out", dirs[name]]) for name, (n, flags) in LAUNCHES.items()},
                          dirs, timeout=400)
     return {name: (dirs[name], procs[name]) for name in LAUNCHES}
 

@@ -1,5 +1,10 @@
 """The trainer as users run it: real torchrun, real files.
 
+N = 2 and the README's default job run under torchrun, the plain-python run as a command of its
+own; N = 1 and 4 and the control run the same ``main`` on ranks forked from a warm server
+(tests/forked.py: what they prove is the trainer's, not the launcher's, and each torchrun
+launch costs 3.5 s of CPU per process before it trains).
+
 The runs record each rank's sample ids (``--record-samples``), so "the same result at every
 N" cannot come from every rank redoing the whole batch: each step's batch must be split
 into disjoint shares of B / N that make up the single process's batch.
@@ -16,6 +21,7 @@ import pytest
 from ddp_demo import compare
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 
+from .forked import forked_runs
 from .helpers import (
     PYTHON,
     Command,
@@ -33,23 +39,27 @@ FLAGS = ["--dtype", "float64", "--steps", "40", "--global-batch-size", "16", "--
 JOB = [*FLAGS, "--model", "cnn"]
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone"]
 LAUNCHES = {  # name: how python starts it, the job's flags
-    "n1": ([*TORCHRUN, "--nproc_per_node=1"], JOB),
     "n2": ([*TORCHRUN, "--nproc_per_node=2"], [*JOB, "--log-all-ranks"]),
-    "n4": ([*TORCHRUN, "--nproc_per_node=4"], JOB),  # 4 oversubscribes 2 cores: fine
-    "nosync": ([*TORCHRUN, "--nproc_per_node=2"], [*JOB, "--skip-grad-sync"]),  # the negative control
     "default": ([*TORCHRUN, "--nproc_per_node=2"], []),  # the README's main job: no flags
     "python": ([], JOB),  # plain python, no launcher
+}
+FORKED = {  # name: ranks, the job's flags
+    "n1": (1, JOB),
+    "n4": (4, JOB),  # 4 oversubscribes 2 cores: fine
+    "nosync": (2, [*JOB, "--skip-grad-sync"]),  # the negative control
 }
 
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Every run of this file (LAUNCHES), started at once (run_at_once): none depends on timing,
-    so sharing the cores changes no result. ``{name: (out dir, process)}``."""
-    dirs = {name: tmp_path_factory.mktemp(name) for name in LAUNCHES}
+    """Every run of this file: the launches (LAUNCHES) started at once (run_at_once), then the
+    forked ones (FORKED) at once; none depends on timing, so sharing the cores changes no
+    result. ``{name: (out dir, process)}``."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in [*LAUNCHES, *FORKED]}
     procs = run_at_once({name: Command([PYTHON, *launcher, "-m", "ddp_demo.train", *flags, "--out", str(dirs[name])],
                                        dirs[name]) for name, (launcher, flags) in LAUNCHES.items()})
-    return {name: (dirs[name], procs[name]) for name in LAUNCHES}
+    procs |= forked_runs({name: (n, [*flags, "--out", dirs[name]]) for name, (n, flags) in FORKED.items()}, dirs)
+    return {name: (dirs[name], procs[name]) for name in dirs}
 
 
 @pytest.fixture(scope="module")
