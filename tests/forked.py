@@ -81,15 +81,26 @@ class _Job:
                                            "".join(read(r, "err") for r in ranks))
 
 
+class ForkedRuns:
+    """``{name: (N, argv)}``: ``module``'s ``main(argv)`` on N forked ranks (0: one plain process),
+    every job started at once, here; ``wait`` collects them, each result holding the ranks' stdout
+    and stderr in rank order and the first non-zero exit code. Start them before a launch that
+    should share the cores with them, and ``wait`` in a ``finally``: it kills what is left."""
+
+    def __init__(self, jobs: dict[str, tuple[int, list[str]]], cwd: dict[str, Path], module: str = "ddp_demo.train"):
+        self.started = {name: _Job(n, module, argv, cwd[name]) for name, (n, argv) in jobs.items()}
+
+    def wait(self, timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+        """A job still running at ``timeout`` is killed and fails the test."""
+        deadline = time.monotonic() + timeout
+        done = {name: job.result(deadline) for name, job in self.started.items()}
+        late = [name for name, result in done.items() if result is None]
+        if late:
+            pytest.fail(f"still running after {timeout:g} s: {', '.join(late)}")
+        return done
+
+
 def forked_runs(jobs: dict[str, tuple[int, list[str]]], cwd: dict[str, Path], module: str = "ddp_demo.train",
                 timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
-    """``{name: (N, argv)}``: ``module``'s ``main(argv)`` on N forked ranks (0: one plain process),
-    every job at once; each result holds the ranks' stdout and stderr in rank order and the first
-    non-zero exit code. A job still running at ``timeout`` is killed and fails the test."""
-    started = {name: _Job(n, module, argv, cwd[name]) for name, (n, argv) in jobs.items()}
-    deadline = time.monotonic() + timeout
-    done = {name: job.result(deadline) for name, job in started.items()}
-    late = [name for name, result in done.items() if result is None]
-    if late:
-        pytest.fail(f"still running after {timeout:g} s: {', '.join(late)}")
-    return done
+    """:class:`ForkedRuns` started and waited for."""
+    return ForkedRuns(jobs, cwd, module).wait(timeout)

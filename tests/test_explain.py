@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from .forked import forked_runs
+from .forked import ForkedRuns
 from .helpers import Command, run_at_once, torchrun_args
 
 FLAGS = {"control": ["--skip-allreduce"], "buckets": ["--buckets"], "shards": ["--shards"]}
@@ -20,8 +20,12 @@ FLAGS = {"control": ["--skip-allreduce"], "buckets": ["--buckets"], "shards": ["
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("plain", *FLAGS)}
-    launched = run_at_once({"plain": Command(torchrun_args(2, "ddp_demo.explain"), dirs["plain"])})
-    return launched | forked_runs({name: (2, flags) for name, flags in FLAGS.items()}, dirs, module="ddp_demo.explain")
+    forked = ForkedRuns({name: (2, flags) for name, flags in FLAGS.items()}, dirs, module="ddp_demo.explain")
+    try:
+        launched = run_at_once({"plain": Command(torchrun_args(2, "ddp_demo.explain"), dirs["plain"])})
+    finally:
+        done = forked.wait()
+    return launched | done
 
 
 def test_explain_two_ranks(explained):

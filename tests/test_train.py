@@ -21,7 +21,7 @@ import pytest
 from ddp_demo import compare
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 
-from .forked import forked_runs
+from .forked import ForkedRuns
 from .helpers import (
     PYTHON,
     Command,
@@ -52,13 +52,18 @@ FORKED = {  # name: ranks, the job's flags
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Every run of this file: the launches (LAUNCHES) started at once (run_at_once), then the
-    forked ones (FORKED) at once; none depends on timing, so sharing the cores changes no
+    """Every run of this file at once: the forked ones (FORKED), and the launches (LAUNCHES, by
+    run_at_once); none depends on timing, so sharing the cores changes no
     result. ``{name: (out dir, process)}``."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in [*LAUNCHES, *FORKED]}
-    procs = run_at_once({name: Command([PYTHON, *launcher, "-m", "ddp_demo.train", *flags, "--out", str(dirs[name])],
-                                       dirs[name]) for name, (launcher, flags) in LAUNCHES.items()})
-    procs |= forked_runs({name: (n, [*flags, "--out", dirs[name]]) for name, (n, flags) in FORKED.items()}, dirs)
+    forked = ForkedRuns({name: (n, [*flags, "--out", dirs[name]]) for name, (n, flags) in FORKED.items()}, dirs)
+    commands = {name: Command([PYTHON, *launcher, "-m", "ddp_demo.train", *flags, "--out", str(dirs[name])],
+                              dirs[name]) for name, (launcher, flags) in LAUNCHES.items()}
+    try:
+        launched = run_at_once(commands)
+    finally:
+        done = forked.wait()
+    procs = launched | done
     return {name: (dirs[name], procs[name]) for name in dirs}
 
 
