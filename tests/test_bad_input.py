@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddp_demo.core.config import ConfigError, parse_config
+
 from .helpers import PYTHON, ROOT, Command, assert_one_clear_line, run_at_once, torchrun, torchrun_args
 
 
@@ -53,9 +55,8 @@ def test_each_bad_input(name, tmp_path, in_process):
 
 
 TORCHRUN_CASES = {  # name: (processes, flags, the flag the line must name)
-    "batch": (2, ["--global-batch-size", "63"], "--global-batch-size"),
-    "model": (2, ["--model", "resnet"], "--model"),
-    "batch at 4": (4, ["--global-batch-size", "30"], "--global-batch-size"),
+    "batch": (2, ["--global-batch-size", "63"], "--global-batch-size"),  # needs the world size torchrun sets
+    "model": (2, ["--model", "resnet"], "--model"),  # refused by the parser, before anything else
 }
 
 
@@ -99,7 +100,9 @@ def test_under_torchrun_printed_once_by_rank_zero(case, launched):
 
 
 def test_batch_fix_is_named(launched):
-    assert "use a multiple of 4, e.g. --global-batch-size 28" in launched["batch at 4"][1].stderr
+    assert "use a multiple of 2, e.g. --global-batch-size 62" in launched["batch"][1].stderr
+    with pytest.raises(ConfigError, match="use a multiple of 4, e.g. --global-batch-size 28"):
+        parse_config(["--global-batch-size", "30"]).check_batch_split(4)  # what 4 torchrun ranks would print
 
 
 @pytest.mark.parametrize("how", ["wait", "exit"])
