@@ -6,7 +6,9 @@
 
 Each on one node with 2 processes and on two (simulated) nodes with 1 each, submitted with
 ``sbatch`` all at once, and each must write the ``final.pt`` one process writes (float64,
-within 1e-10). A job without gradient sync is the negative control, and the failing job: it
+within 1e-10); the two-node torchrun job trains under ``--strategy fsdp`` and the one-node srun
+job under ``zero``, so the sharded strategies are proven across nodes and under plain srun too.
+A job without gradient sync is the negative control, and the failing job: it
 must end FAILED and say why in the worker's own line.
 """
 
@@ -41,8 +43,9 @@ def srun(*flags: str):
 
 JOBS = {  # name: (sbatch's options, the batch script given where to write, extra environment)
     "torchrun, 1 node x 2": (["--nodes=1"], script(*FLAGS, "--preflight"), {"NPROC_PER_NODE": "2"}),
-    "torchrun, 2 nodes x 1": (["--nodes=2"], script(*FLAGS, "--preflight"), {}),
-    "srun, 1 node x 2": (["--nodes=1", "--ntasks-per-node=2"], srun(*FLAGS), {}),
+    # The sharded strategies across nodes and under plain srun ride on two of the jobs (issue 21).
+    "torchrun, 2 nodes x 1, fsdp": (["--nodes=2"], script(*FLAGS, "--preflight", "--strategy", "fsdp"), {}),
+    "srun, 1 node x 2, zero": (["--nodes=1", "--ntasks-per-node=2"], srun(*FLAGS, "--strategy", "zero"), {}),
     "srun, 2 nodes x 1": (["--nodes=2", "--ntasks-per-node=1"], srun(*FLAGS), {}),
     # The negative control, and the failing job: the same as the one above with DDP's all-reduce off.
     "control: srun, 2 nodes x 1, no gradient sync": (["--nodes=2", "--ntasks-per-node=1"],
@@ -78,6 +81,8 @@ def test_job_equals_one_process(jobs, name):
     job, out, single = jobs[name]
     assert job.state == "COMPLETED" and job.exit_code == "0:0", job.report()
     assert job.output.count("training mlp on 2 process(es)") == 1  # one world of 2, and rank 0 speaks once
+    strategy = name.split(", ")[2] if name.count(",") == 2 else "ddp"
+    assert json.loads((out / "summary.json").read_text())["config"]["strategy"] == strategy
     if name.startswith("torchrun"):  # the launch doctor on every node, then the same checks in the workers
         nodes = 2 if "2 nodes" in name else 1
         assert job.output.count("checks passed") - job.output.count("preflight:") == nodes, job.output
