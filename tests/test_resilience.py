@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ddp_demo.core.tolerances import WHOLE_RUN
 from ddp_demo.resilience import checkpoint
 
+from .forked import ForkedRuns
 from .helpers import (
     PYTHON,
     TORCHRUN,
@@ -55,6 +56,23 @@ def job(data: Path, out: Path, ckpt: Path | None, *extra: str, steps: int = STEP
 def launch(nproc: int, flags: list[str], cwd: Path, restarts: int = 0) -> Command:
     return Command([*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={restarts}",
                     "-m", "ddp_demo.train", *flags], cwd)
+
+
+# Jobs that need torchrun's agent: it stops the survivors of a killed rank and restarts the group.
+# The others run the same main on forked ranks (tests/forked.py), sharing the cores with these.
+UNDER_TORCHRUN = ("killed", "elastic")
+
+
+def round_at_once(jobs: dict[str, tuple[int, list[str], int]], dirs: dict[str, Path]) -> dict:
+    """``{name: (processes, flags, torchrun's --max-restarts)}`` all at once: ``{name: process}``."""
+    forked = ForkedRuns({name: (n, flags) for name, (n, flags, _) in jobs.items() if name not in UNDER_TORCHRUN},
+                        dirs)
+    try:
+        launched = run_at_once({name: launch(n, flags, dirs[name], restarts)
+                                for name, (n, flags, restarts) in jobs.items() if name in UNDER_TORCHRUN})
+    finally:
+        done = forked.wait()
+    return launched | done
 
 
 def same_bits(a: Path, b: Path) -> bool:
@@ -102,17 +120,17 @@ class Job:
 
 @pytest.fixture(scope="module")
 def jobs(data, tmp_path_factory) -> dict[str, Job]:
-    """Every job of the resume tests, in two rounds of launches started at once (run_at_once):
+    """Every job of the resume tests, in two rounds of jobs started at once (round_at_once):
     the first attempts (FIRST), then, after reading and damaging their checkpoints, the reruns
     (SECOND). Each result is a function of the job and its checkpoints, not of timing."""
     d = {name: tmp_path_factory.mktemp(name) for name in FIRST}
-    first = run_at_once({name: launch(n, job(data, d[name] / "out", d[name] / "ckpt", *extra, steps=steps), d[name],
-                                      restarts) for name, (n, extra, steps, restarts) in FIRST.items()})
+    first = round_at_once({name: (n, job(data, d[name] / "out", d[name] / "ckpt", *extra, steps=steps), restarts)
+                           for name, (n, extra, steps, restarts) in FIRST.items()}, d)
     found = {name: Job(d[name], first[name], (d[name] / "out").exists()) for name in FIRST}
     for name in SECOND:
         between_attempts(found[name], damage=name == "damaged")
-    second = run_at_once({name: launch(n, job(data, d[name] / "out", d[name] / "ckpt"), d[name])
-                          for name, n in SECOND.items()})
+    second = round_at_once({name: (n, job(data, d[name] / "out", d[name] / "ckpt"), 0)
+                            for name, n in SECOND.items()}, d)
     for name, proc in second.items():
         found[name].second = proc
     return found
