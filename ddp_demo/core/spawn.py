@@ -84,6 +84,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), time
     ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``; ``backend``
     overrides (gloo lets two ranks share one GPU, which nccl refuses). ``start_method``:
     ``forkserver`` (module docstring) or ``spawn``."""
+    if start_method == "forkserver" and "forkserver" not in mp.get_all_start_methods():
+        start_method = "spawn"  # Windows has no fork
     spawn = forkserver(fn.__module__) if start_method == "forkserver" else mp.get_context(start_method)
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
