@@ -17,9 +17,12 @@ import math
 from ddp_demo.check.diagnose import diagnose
 from ddp_demo.check.engine import Plan, reference, run_world
 from ddp_demo.check.options import CheckOptions
+from ddp_demo.check.recipe import Recipe
 from ddp_demo.check.target import call_target, check_batch_divides, check_repeatable
 from ddp_demo.check.verdict import Verdict, World, judge, tolerance_for
 from ddp_demo.core.spawn import WorkerError
+
+__all__ = ["Recipe", "check", "check_plans"]
 
 
 def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
@@ -27,7 +30,8 @@ def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
     target = call_target(plan.spec, plan.dtype)  # never trained: it describes and diagnoses the model
     check_batch_divides(plan.spec, target, world_sizes)
     check_repeatable(plan.spec, target, plan.dtype)
-    return Verdict(plan, target, reference(plan), tolerance_for(plan, target))
+    ref = reference(plan)
+    return Verdict(plan, target, ref, tolerance_for(ref, target))
 
 
 def run_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:

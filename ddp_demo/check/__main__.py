@@ -23,16 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         if options.plot:  # before any process starts: a wrong path or no matplotlib is bad input
             check_out_file(options.plot, flag="--plot")
             plots = load_figures()
-        (verdict,) = check([spec], options)
+        verdicts = check([spec], options)  # one per strategy (--strategy all: three)
     except (CheckError, ConfigError) as e:
         print(f"ddp_demo.check: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(text(verdict), flush=True)
+    print("\n\n".join(text(v) for v in verdicts), flush=True)
+    verdict = next((v for v in verdicts if not v.ok), verdicts[0])  # --json and --plot: the first failure
     if options.json:
         atomic_write(Path(options.json), lambda p: p.write_text(dumps(verdict)))
     if options.plot:
         plots.save(plots.check_figure(as_json(verdict)), options.plot)
-    return 0 if verdict.ok else 1
+    return 0 if all(v.ok for v in verdicts) else 1
 
 
 if __name__ == "__main__":
