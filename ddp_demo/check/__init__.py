@@ -40,10 +40,10 @@ def run_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: f
     for n in world_sizes:
         try:
             results, seconds = run_world(n, plans, timeout)
-        except WorkerError as e:
+        except WorkerError as e:  # a rank stopped answering: its one line first (stalled.py)
             for v in verdicts:
-                v.worlds.append(World(n, math.nan, error=str(e)))
-            continue
+                v.worlds.append(World(n, math.nan, error=f"at N={n}: {e}"))
+            break  # larger N would wait for it as long again
         for v, ranks in zip(verdicts, results, strict=True):
             v.worlds.append(judge(v, n, seconds, ranks))
 

@@ -27,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckError, ConfigError) as e:
         print(f"ddp_demo.check: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print("\n\n".join(text(v) for v in verdicts), flush=True)
     verdict = next((v for v in verdicts if not v.ok), verdicts[0])  # --json and --plot: the first failure
     if options.json:
         atomic_write(Path(options.json), lambda p: p.write_text(dumps(verdict)))
+    stopped = [w.error.splitlines()[0] for v in verdicts for w in v.worlds if w.error]
+    if stopped:  # a rank raised or stopped answering: one line, which rank, which step, what it did last
+        print(f"ddp_demo.check: error: {stopped[0]}", file=sys.stderr, flush=True)
+        return 2
+    print("\n\n".join(text(v) for v in verdicts), flush=True)
     if options.plot:
         plots.save(plots.check_figure(as_json(verdict)), options.plot)
     return 0 if all(v.ok for v in verdicts) else 1

@@ -138,10 +138,10 @@ def error(v: Verdict) -> Cause | None:
     failed = [w for w in v.worlds if w.error]
     if not failed:
         return None
-    last = failed[0].error.strip().splitlines()[-1]
-    return Cause("error", f"DDP on {failed[0].world_size} processes failed: {last}",
-                 "the model or loss raised, or a rank stopped answering, under DDP but not in one process",
-                 "run the target's model on a batch of B / N samples, and read the traceback (--json keeps it)")
+    return Cause("error", failed[0].error.strip().splitlines()[0],
+                 "the model, the loss or the step raised, or a rank stopped answering, on N processes",
+                 "run the step on one rank's share (B / N samples) and read the traceback (--json keeps every "
+                 "rank's)")
 
 
 def diagnose(v: Verdict) -> list:

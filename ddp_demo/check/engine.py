@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_demo.check.recipe import OneProcess, Recipe, Sharded, check_step, micro_batches
-from ddp_demo.check.stalled import where_stopped
+from ddp_demo.check.stalled import others_wait, quiet, where_stopped
 from ddp_demo.check.target import CheckError, Target, call_target
 from ddp_demo.check.trace import Progress, Recorder, install
 from ddp_demo.core.config import PROOF_LR
@@ -201,15 +201,17 @@ def check_on_rank(ctx: DistContext, plans: list[Plan], progress_dir: str | None 
     holds where each rank got to (trace.Progress).
     """
     install()
+    quiet(progress_dir, ctx.rank)
     progress, out = Progress(progress_dir, ctx.rank), []
     for plan in plans:
-        progress.note("loading the target", target=f"{plan.spec} ({plan.strategy})", step=0)
+        progress.note("loading the target", target=f"{plan.spec} ({plan.strategy})", step=0, raised=None)
         try:
             out.append(train_on_rank(ctx, plan, progress))
+            progress.note("finished the target")
         except Exception as e:
-            progress.note(raised=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            progress.note(raised=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
+                          raised_at=time.time(), raised_in=plan.spec + plan.strategy)
             out.append({"error": traceback.format_exc(), "where": dict(progress.state)})
-        progress.note("finished the target")
     return out
 
 
@@ -219,7 +221,9 @@ def run_world(world_size: int, plans: list[Plan], timeout: float) -> tuple[list[
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ddp-demo-check-") as folder:
         try:
-            per_rank = run_on_ranks(check_on_rank, world_size, (plans, folder), timeout=timeout)
+            per_rank = run_on_ranks(check_on_rank, world_size, (plans, folder), timeout=timeout,
+                                    give_up=lambda: others_wait(folder, world_size))
         except WorkerError as e:
-            raise WorkerError(where_stopped(folder, world_size, timeout, str(e))) from None
+            timed_out = time.perf_counter() - start >= timeout
+            raise WorkerError(where_stopped(folder, world_size, timeout if timed_out else None, str(e))) from None
     return [[per_rank[r][i] for r in range(world_size)] for i in range(len(plans))], time.perf_counter() - start

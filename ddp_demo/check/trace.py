@@ -45,10 +45,13 @@ class Progress:
 
     def __init__(self, folder: str | None, rank: int):
         self.path = Path(folder) / f"rank{rank}.json" if folder else None
-        self.state = {"rank": rank, "target": "", "step": 0, "last": "started", "raised": None, "time": 0.0}
+        self.state = {"rank": rank, "target": "", "step": 0, "last": "started", "raised": None, "time": 0.0,
+                      "events": 0}
 
     def note(self, last: str | None = None, **fields) -> None:
-        self.state.update(fields, **({"last": last} if last else {}), time=time.time())
+        if self.state["raised"] and "raised" not in fields:
+            return  # what it was doing when it raised stays the last thing it did
+        self.state.update(fields, **({"last": last} if last else {}), time=time.time(), events=self.state["events"] + 1)
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.state))
@@ -67,6 +70,7 @@ class Recorder:
         self.names = {p: n for n, p in module.named_parameters()}
         self.handles = [wrapper.register_forward_pre_hook(self._wrapper_forward),
                         module.register_forward_pre_hook(self._forward),
+                        module.register_forward_hook(self._forward_done),
                         opt.register_step_pre_hook(self._optimizer_step),
                         opt.register_step_post_hook(self._optimizer_done)]
         if local_grads:
@@ -100,6 +104,12 @@ class Recorder:
         self.progress.note(f"forward of micro-batch {len(self.steps[-1]['forwards'])}"
                            + ("" if self.entered else " through model.module") + ("" if self.sync else " in no_sync"))
         self.entered = False
+
+    def _forward_done(self, module, args, out) -> None:
+        """Backward reaching this output is where a rank waiting for another's gradients is seen to be."""
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            i = len(self.steps[-1]["forwards"])
+            out.register_hook(lambda g: self.progress.note(f"backward of micro-batch {i}"))
 
     def _accumulated(self, p: torch.Tensor) -> None:
         if not self.sync:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ddp_demo.check.engine import Plan, Trained, steps_of
+from ddp_demo.check.stalled import one_line
 from ddp_demo.check.target import Target
 from ddp_demo.core.tolerances import BF16, STEP, Tolerance, difference
 
@@ -141,8 +142,9 @@ def compare(want: Trained, ranks: list[dict], params: set[str], tol: Tolerance, 
 def judge(v: Verdict, n: int, seconds: float, ranks: list[dict]) -> World:
     """The world of ``n`` processes from every rank's result for this verdict's target."""
     errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(ranks) if "error" in res]
-    if errors:
-        return World(n, seconds, error="\n".join(errors))
+    if errors:  # the first line names the rank that raised first, its step and what it did last
+        first = one_line([res["where"] for res in ranks if "where" in res])
+        return World(n, seconds, error="\n".join([f"at N={n}: {first}", *errors]))
     params = {name for name, _ in v.target.model.named_parameters()}
     unused = sorted({name for names in ranks[0]["unused"] for name in names})
     rows = compare(v.reference, ranks, params, step_tolerance(v.tolerance["dtype"]), v.tolerance["adam_allowance"])

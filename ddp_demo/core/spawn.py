@@ -54,11 +54,12 @@ def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, arg
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 120.0,
-                 device: str = "cpu", backend: str = "auto") -> list[Any]:
+                 device: str = "cpu", backend: str = "auto", give_up: Callable[[], bool] | None = None) -> list[Any]:
     """Return ``[fn(ctx_0, *args), ..., fn(ctx_{N-1}, *args)]`` computed on N processes.
 
     ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``; ``backend``
-    overrides (gloo lets two ranks share one GPU, which nccl refuses)."""
+    overrides (gloo lets two ranks share one GPU, which nccl refuses). ``give_up()``, asked every
+    half second, stops every process before the timeout (the check: a rank raised and another waits)."""
     spawn = mp.get_context("spawn")
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +81,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), time
                 except queue.Empty:
                     if all(p.exitcode is not None for p in procs):
                         break  # everyone has exited and flushed: nothing more can arrive
+                    if give_up is not None and give_up():
+                        break
             for p in procs:
                 p.join(timeout=max(1.0, deadline - time.monotonic()))
         finally:

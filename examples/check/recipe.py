@@ -78,3 +78,20 @@ def build_own_step():
     recipe = build(autocast=None)
     recipe.loss_fn, recipe.clip_grad_norm, recipe.step = None, None, own_step  # the step clips itself
     return recipe
+
+
+def no_sync_step(model, batch, optimizer):
+    with model.no_sync():  # the control: every micro-batch, the last too, so nothing is averaged
+        for x, y in batch:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y) / len(batch)
+            loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def build_control():
+    """The bf16 recipe with its gradients never averaged: it must miss the bf16 bound by far."""
+    recipe = build()
+    recipe.loss_fn, recipe.clip_grad_norm, recipe.step = None, None, no_sync_step
+    return recipe
