@@ -100,14 +100,19 @@ def test_others_wait_only_when_a_rank_raised_alone(tmp_path):
     import json
 
     now = time.time()
-    for r, raised_in in enumerate(("a", None)):
-        (tmp_path / f"rank{r}.json").write_text(json.dumps({**_state(r, "x", 3, t=now - 5),
-                                                           "raised_at": now - 5 if raised_in else None,
-                                                           "raised_in": raised_in}))
-    assert others_wait(str(tmp_path), 2)
-    (tmp_path / "rank1.json").write_text(json.dumps({**_state(1, "x", 3, t=now - 5), "raised_at": now - 5,
-                                                     "raised_in": "a"}))
+    def write(rank, raised_in, t=now - 5, world=2):
+        state = {**_state(rank, "x", 3, t=t), "world": world, "raised_in": raised_in, "world_raised": 2,
+                 "raised_at": now - 5 if raised_in else None}
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps(state))
+
+    write(0, "a"), write(1, None)
+    assert others_wait(str(tmp_path), 2)  # rank 1 has waited since rank 0 raised
+    write(1, "a")
     assert not others_wait(str(tmp_path), 2)  # every rank raised at the same point: they go on
+    write(1, None, t=now - 2.5)
+    assert not others_wait(str(tmp_path), 2)  # rank 1 went on after rank 0 raised: not waiting for it
+    write(1, None, world=3)
+    assert not others_wait(str(tmp_path), 2)  # rank 1 sat out this world size
 
 
 HANGS = {"raises_on_one_rank": "rank 1 raised in step 2 of ",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from ddp_demo.check.diagnose import diagnose
-from ddp_demo.check.engine import Plan, reference, run_world
+from ddp_demo.check.engine import Plan, reference, run_worlds
 from ddp_demo.check.options import CheckOptions
 from ddp_demo.check.recipe import Recipe
 from ddp_demo.check.target import call_target, check_batch_divides, check_repeatable
@@ -34,16 +34,16 @@ def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
     return Verdict(plan, target, ref, tolerance_for(ref, target))
 
 
-def run_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
-    """For each N, one set of processes runs every target; each verdict judges its share."""
-    plans = [v.plan for v in verdicts]
-    for n in world_sizes:
-        try:
-            results, seconds = run_world(n, plans, timeout)
-        except WorkerError as e:  # a rank stopped answering: its one line first (stalled.py)
-            for v in verdicts:
-                v.worlds.append(World(n, math.nan, error=f"at N={n}: {e}"))
-            break  # larger N would wait for it as long again
+def judge_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
+    """One set of processes runs every target at every N (engine.run_worlds); each verdict judges its share."""
+    try:
+        worlds = run_worlds(world_sizes, [v.plan for v in verdicts], timeout)
+    except WorkerError as e:  # a rank stopped answering: its one line first (stalled.py)
+        for v in verdicts:
+            v.worlds.append(World(max(world_sizes), math.nan, error=str(e)))
+        return
+    for n in sorted(world_sizes):
+        results, seconds = worlds[n]
         for v, ranks in zip(verdicts, results, strict=True):
             v.worlds.append(judge(v, n, seconds, ranks))
 
@@ -52,7 +52,7 @@ def check_plans(plans: list[Plan], world_sizes: tuple[int, ...], timeout: float 
     """Check every plan (a target and how to train it) at every world size; one set of processes
     per N runs them all. Raises ``CheckError`` (before any process starts) for bad input."""
     verdicts = [prepare(plan, world_sizes) for plan in plans]
-    run_worlds(verdicts, world_sizes, timeout)
+    judge_worlds(verdicts, world_sizes, timeout)
     for v in verdicts:
         v.causes = diagnose(v)
     return verdicts

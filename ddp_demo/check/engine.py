@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import gc
 import math
+import os
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -192,38 +196,72 @@ def train_on_rank(ctx: DistContext, plan: Plan, progress: Progress) -> dict:
             "buffers_per_rank": holdings.buffers_differing(part.model, ctx)}
 
 
-def check_on_rank(ctx: DistContext, plans: list[Plan], progress_dir: str | None = None) -> list[dict]:
-    """Every target in one set of processes (start-up costs seconds, a target milliseconds).
+def run_plans(ctx: DistContext, plans: list[Plan], progress: Progress) -> list[dict]:
+    """Every target at one world size (start-up costs seconds, a target milliseconds).
 
     A target that raises is reported, and the next one runs: an error every rank meets at the
     same point (a shape the model cannot take, say) leaves no collective half-done. One that
-    stops some ranks only leaves the others waiting until the timeout; ``progress_dir`` then
-    holds where each rank got to (trace.Progress).
+    stops some ranks only is stopped by the parent (``stalled.others_wait``, or the timeout).
     """
-    install()
-    quiet(progress_dir, ctx.rank)
-    progress, out = Progress(progress_dir, ctx.rank), []
+    out = []
     for plan in plans:
-        progress.note("loading the target", target=f"{plan.spec} ({plan.strategy})", step=0, raised=None)
+        progress.note("loading the target", target=f"{plan.spec} ({plan.strategy})", step=0, raised=None,
+                      world=ctx.world_size)
         try:
             out.append(train_on_rank(ctx, plan, progress))
             progress.note("finished the target")
         except Exception as e:
             progress.note(raised=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
-                          raised_at=time.time(), raised_in=plan.spec + plan.strategy)
+                          raised_at=time.time(), raised_in=f"{ctx.world_size} {plan.spec} {plan.strategy}",
+                          world_raised=ctx.world_size)
             out.append({"error": traceback.format_exc(), "where": dict(progress.state)})
     return out
 
 
-def run_world(world_size: int, plans: list[Plan], timeout: float) -> tuple[list[list[dict]], float]:
-    """``[[rank 0's result, rank 1's, ...] for each plan]`` and the wall time, start-up included.
-    Raises ``WorkerError`` with one line (``stalled.py``) when a rank never answered."""
-    start = time.perf_counter()
+def regroup(ctx: DistContext, n: int, folder: str, timeout: float) -> DistContext | None:
+    """The first ``n`` of these processes as a process group of their own (None: this rank sits out).
+    The largest N runs first on the group the processes started with; each smaller N re-forms it
+    on a FileStore of its own, so one start-up serves every N."""
+    if n == dist.get_world_size():
+        return ctx
+    gc.collect()  # DDP models freed before their group goes (core/dist.py, teardown)
+    dist.destroy_process_group()
+    if ctx.rank >= n:
+        return None
+    store = dist.FileStore(os.path.join(folder, f"store{n}"), n)
+    dist.init_process_group("gloo", rank=ctx.rank, world_size=n, store=store, timeout=timedelta(seconds=timeout))
+    return dataclasses.replace(ctx, world_size=n)
+
+
+def check_on_rank(ctx: DistContext, plans: list[Plan], folder: str, sizes: list[int], timeout: float) -> dict:
+    """Every target at every world size in ``sizes`` (largest first): ``{N: [result per plan], "ends": {N: time}}``.
+    ``folder`` receives where each rank is (trace.Progress) and its stderr (stalled.quiet)."""
+    install()
+    quiet(folder, ctx.rank)
+    progress, out = Progress(folder, ctx.rank), {"ends": {}}
+    for n in sorted(sizes, reverse=True):
+        sub = regroup(ctx, n, folder, timeout)
+        if sub is None:
+            break
+        out[n] = run_plans(sub, plans, progress)
+        out["ends"][n] = time.time()
+    return out
+
+
+def run_worlds(sizes: tuple[int, ...], plans: list[Plan], timeout: float) -> dict[int, tuple[list[list[dict]], float]]:
+    """``{N: ([[rank 0's result, rank 1's, ...] for each plan], seconds)}`` from one set of max(N)
+    processes; the largest N's seconds include starting them. Raises ``WorkerError`` whose first
+    line (stalled.py) names the rank that stopped the check, its step and the last thing it did."""
+    start = time.time()
     with tempfile.TemporaryDirectory(prefix="ddp-demo-check-") as folder:
         try:
-            per_rank = run_on_ranks(check_on_rank, world_size, (plans, folder), timeout=timeout,
-                                    give_up=lambda: others_wait(folder, world_size))
+            per_rank = run_on_ranks(check_on_rank, max(sizes), (plans, folder, list(sizes), timeout),
+                                    timeout=timeout, give_up=lambda: others_wait(folder, max(sizes)))
         except WorkerError as e:
-            timed_out = time.perf_counter() - start >= timeout
-            raise WorkerError(where_stopped(folder, world_size, timeout if timed_out else None, str(e))) from None
-    return [[per_rank[r][i] for r in range(world_size)] for i in range(len(plans))], time.perf_counter() - start
+            timed_out = time.time() - start >= timeout
+            raise WorkerError(where_stopped(folder, max(sizes), timeout if timed_out else None, str(e))) from None
+    ends, out, before = per_rank[0]["ends"], {}, start
+    for n in sorted(sizes, reverse=True):
+        out[n] = ([[per_rank[r][n][i] for r in range(n)] for i in range(len(plans))], ends[n] - before)
+        before = ends[n]
+    return out

@@ -7,6 +7,8 @@ import math
 
 from ddp_demo.check.verdict import Row, Verdict, World
 
+WHO = {"ddp": "DDP", "zero": "ZeRO (over DDP)", "fsdp": "FSDP (fully_shard)"}
+
 
 def _num(x: float) -> str:
     return "n/a" if math.isnan(x) else "none on one side" if math.isinf(x) else f"{x:.3g}"
@@ -84,8 +86,11 @@ def verdict_lines(v: Verdict) -> list[str]:
         worst = max((r.max_abs_diff for w in v.worlds for r in w.rows), default=0.0)
         note = "; with find_unused_parameters=True" if v.plan.find_unused_parameters else ""
         noun = "process" if sizes == "1" else "processes"
-        return [f"PASS: DDP on {sizes} {noun} equals one process: every tensor within its tolerance "
-                f"(largest difference {_num(worst)}){note}"]
+        if v.tolerance["dtype"] == "bf16_autocast":  # a derived bound, not rounding: say how much of it was used
+            used = max((r.max_abs_diff / r.tolerance for w in v.worlds for r in w.rows if r.tolerance), default=0.0)
+            note = f"; at most {used:.0%} of a tensor's bf16 bound{note}"
+        return [f"PASS: {WHO[v.plan.strategy]} on {sizes} {noun} equals one process: every tensor within its "
+                f"tolerance (largest difference {_num(worst)}{note})"]
     world, row = v.first_failure()
     if row is not None:
         lines = [f"FAIL at N={world.world_size}: {row.name}'s {_stage(row, v.steps)} differs by "

@@ -41,11 +41,12 @@ def culprit(states: list[dict]) -> dict:
 
 
 def others_wait(folder: str, world_size: int) -> bool:
-    """A rank raised in a target more than GRACE_S ago, and another rank that did not raise there has
-    shown no progress since: it waits for the first in a collective that will never come."""
+    """A rank raised in a target more than GRACE_S ago, and another rank of that world size that did not
+    raise there has shown no progress since: it waits for the first in a collective that will never come."""
     states, now = read_progress(folder, world_size), time.time()
     raised = [s for s in states if s.get("raised_at") and now - s["raised_at"] > GRACE_S]
-    return any(o.get("raised_in") != s["raised_in"] and now - o["time"] > GRACE_S for s in raised for o in states)
+    return any(o.get("world") == s["world_raised"] and o.get("raised_in") != s["raised_in"]
+               and now - o["time"] > GRACE_S and o["time"] - s["raised_at"] < GRACE_S for s in raised for o in states)
 
 
 def quiet(folder: str | None, rank: int) -> None:
@@ -61,11 +62,12 @@ def one_line(states: list[dict], timeout: float | None = None) -> str:
     """``rank 1 raised in step 2 of T: ValueError: ... (last: forward of micro-batch 1)``, or
     ``rank 0 did not finish step 2 of T within --timeout 20 s (last: dist.all_reduce called by the step)``."""
     s = culprit(states)
+    at = f"at N={s['world']}: " if s.get("world") else ""
     where = f"step {s['step']} of {s['target']}" if s["step"] else f"{s['target'] or 'start-up'}, before the first step"
     if s.get("raised"):
-        return f"rank {s['rank']} raised in {where}: {s['raised']} (last: {s['last']})"
+        return f"{at}rank {s['rank']} raised in {where}: {s['raised']} (last: {s['last']})"
     limit = f" within --timeout {timeout:g} s" if timeout else ""
-    return f"rank {s['rank']} did not finish {where}{limit} (last: {s['last']})"
+    return f"{at}rank {s['rank']} did not finish {where}{limit} (last: {s['last']})"
 
 
 def where_stopped(folder: str, world_size: int, timeout: float | None, error: str) -> str:

@@ -144,7 +144,7 @@ def judge(v: Verdict, n: int, seconds: float, ranks: list[dict]) -> World:
     errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(ranks) if "error" in res]
     if errors:  # the first line names the rank that raised first, its step and what it did last
         first = one_line([res["where"] for res in ranks if "where" in res])
-        return World(n, seconds, error="\n".join([f"at N={n}: {first}", *errors]))
+        return World(n, seconds, error="\n".join([first, *errors]))
     params = {name for name, _ in v.target.model.named_parameters()}
     unused = sorted({name for names in ranks[0]["unused"] for name in names})
     rows = compare(v.reference, ranks, params, step_tolerance(v.tolerance["dtype"]), v.tolerance["adam_allowance"])
