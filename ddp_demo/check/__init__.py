@@ -3,10 +3,12 @@
     python -m ddp_demo.check path/to/file.py:build --world-sizes 2 3
 
 The route runs one way, in the order the data flows: ``target`` loads and validates the
-function you name (it returns ``(model, batch, loss_fn)``); ``engine`` trains it under real
-DDP on N gloo processes and in one process; ``verdict`` compares every tensor; ``diagnose``
-names the cause of a difference; ``report`` prints it or writes it as JSON. This module walks
-that route. ``ddp_demo.testing.assert_ddp_equivalent`` runs the same check in pytest.
+function you name (it returns ``(model, batch, loss_fn)`` or a :class:`Recipe`, ``recipe.py``);
+``engine`` trains it under real DDP (or zero, fsdp) on N gloo processes, recording what each
+step did (``trace.py``; a rank that stops is named by ``stalled.py``), and in one process;
+``verdict`` compares every tensor; ``diagnose`` (and ``diagnose_step``) names the cause of a
+difference; ``report`` prints it or writes it as JSON. This module walks that route.
+``ddp_demo.testing.assert_ddp_equivalent`` runs the same check in pytest.
 Design, tolerances and the JSON format: docs/check.md.
 """
 

@@ -1,11 +1,13 @@
-"""The runs compared: the user's model under DDP on N processes, and in one process.
+"""The runs compared: the user's training step on N processes, and in one process.
 
-For each world size N, :func:`run_world` starts N gloo processes (``core.spawn.run_on_ranks``:
-a FileStore, no ports, a timeout). Every rank loads the target by its name, takes samples
-r, r+N, ... of the global batch (DistributedSampler's layout), wraps the model in real
-``DistributedDataParallel`` and trains ``--steps`` steps on that same batch. It returns every
-parameter's gradient after the first backward, and every parameter and floating buffer after
-the last step. :func:`reference` does the same in this process on the whole batch.
+:func:`run_worlds` starts max(N) gloo processes once (``core.spawn.run_on_ranks``: a FileStore,
+no ports, a timeout) and runs every N on them, largest first, re-forming the group for each
+smaller N (:func:`regroup`). Every rank loads the target by its name, takes samples r, r+N, ...
+of the global batch (DistributedSampler's layout), wraps the model (DDP, zero or fsdp) and runs
+the recipe's steps on that share (``recipe.py``), recording what each step did (``trace.py``).
+It returns every parameter's gradient as the first optimizer step sees it, and every parameter
+and floating buffer after the last step. :func:`reference` does the same in this process on the
+whole batch, in one micro-batch.
 
 Parameters that get no gradient on some rank make plain ``DDP(model)`` raise ("Expected to
 have finished reduction in the prior iteration") or hang. So that the check itself never hangs,
@@ -256,7 +258,8 @@ def run_worlds(sizes: tuple[int, ...], plans: list[Plan], timeout: float) -> dic
     with tempfile.TemporaryDirectory(prefix="ddp-demo-check-") as folder:
         try:
             per_rank = run_on_ranks(check_on_rank, max(sizes), (plans, folder, list(sizes), timeout),
-                                    timeout=timeout, give_up=lambda: others_wait(folder, max(sizes)))
+                                    timeout=timeout, give_up=lambda: others_wait(folder, max(sizes)),
+                                    preload=("ddp_demo.check.engine",))
         except WorkerError as e:
             timed_out = time.time() - start >= timeout
             raise WorkerError(where_stopped(folder, max(sizes), timeout if timed_out else None, str(e))) from None

@@ -54,13 +54,19 @@ def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, arg
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 120.0,
-                 device: str = "cpu", backend: str = "auto", give_up: Callable[[], bool] | None = None) -> list[Any]:
+                 device: str = "cpu", backend: str = "auto", give_up: Callable[[], bool] | None = None,
+                 preload: tuple[str, ...] = ()) -> list[Any]:
     """Return ``[fn(ctx_0, *args), ..., fn(ctx_{N-1}, *args)]`` computed on N processes.
 
     ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``; ``backend``
     overrides (gloo lets two ranks share one GPU, which nccl refuses). ``give_up()``, asked every
-    half second, stops every process before the timeout (the check: a rank raised and another waits)."""
+    half second, stops every process before the timeout (the check: a rank raised and another waits).
+    ``preload``: modules a fork server imports once, before it forks each rank (Linux), instead of
+    every rank importing torch again in a fresh interpreter: start-up is most of a short run."""
     spawn = mp.get_context("spawn")
+    if preload and "forkserver" in mp.get_all_start_methods():
+        spawn = mp.get_context("forkserver")
+        spawn.set_forkserver_preload(list(preload))
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
