@@ -250,6 +250,12 @@ def check_on_rank(ctx: DistContext, plans: list[Plan], folder: str, sizes: list[
     return out
 
 
+def preloaded(plans: list[Plan]) -> tuple[str, ...]:
+    """What the ranks' fork server imports once: this module, and FSDP's and ZeRO's only when asked."""
+    sharded = ("ddp_demo.parallel.strategy", "ddp_demo.parallel.holdings")
+    return ("ddp_demo.check.engine", *(sharded if any(p.strategy != "ddp" for p in plans) else ()))
+
+
 def run_worlds(sizes: tuple[int, ...], plans: list[Plan], timeout: float) -> dict[int, tuple[list[list[dict]], float]]:
     """``{N: ([[rank 0's result, rank 1's, ...] for each plan], seconds)}`` from one set of max(N)
     processes; the largest N's seconds include starting them. Raises ``WorkerError`` whose first
@@ -259,7 +265,7 @@ def run_worlds(sizes: tuple[int, ...], plans: list[Plan], timeout: float) -> dic
         try:
             per_rank = run_on_ranks(check_on_rank, max(sizes), (plans, folder, list(sizes), timeout),
                                     timeout=timeout, give_up=lambda: others_wait(folder, max(sizes)),
-                                    preload=("ddp_demo.check.engine",))
+                                    preload=preloaded(plans))
         except WorkerError as e:
             timed_out = time.time() - start >= timeout
             raise WorkerError(where_stopped(folder, max(sizes), timeout if timed_out else None, str(e))) from None
