@@ -46,6 +46,7 @@ def _eq(kind: str) -> str:
 
 
 CKPT = "tests/test_checkpoint.py::"
+RECIPE = "tests/test_check_recipe.py::"
 RESILIENCE = "tests/test_resilience.py::"
 AGREE = "tests/test_agree.py::"
 RAY = "tests/test_ray.py::test_killed_and_restarted_ray_run_equals_one_process"
@@ -334,6 +335,78 @@ MUTATIONS = (
         (('        raise AssertionError("\\n".join([verdict_lines(verdict)[0], "", text(verdict)]))\n',
           '        raise AssertionError("\\n" + text(verdict))\n'),),
         ("tests/test_check.py::test_helper_failure_message_is_the_report",),
+    ),
+    # issue 24: the check runs the user's whole step, names its bugs from what happened, never hangs
+    Mutation(
+        "the check ignores the recipe's scheduler", "ddp_demo/check/engine.py",
+        (("    scheduler = recipe.scheduler(opt) if recipe.scheduler else None\n", "    scheduler = None\n"),),
+        (RECIPE + "test_the_recipe_is_what_ran",),
+    ),
+    Mutation(
+        "one process accumulates K micro-batches too (an undivided loss then matches)", "ddp_demo/check/engine.py",
+        (("make(part.model.parameters()), k=1)", "make(part.model.parameters()), k=part.recipe.accumulate)"),),
+        (RECIPE + "test_each_step_bug_is_named_alone_and_misses_by_far[step_bugs.py:undivided]",),
+    ),
+    Mutation(
+        "a bf16 recipe is cast to float64, where autocast does nothing", "ddp_demo/check/target.py",
+        (('    if dtype == "float64" and recipe.autocast is None:', '    if dtype == "float64":'),),
+        (RECIPE + "test_the_bf16_recipe_passes_under_each_strategy[ddp]",),
+    ),
+    Mutation(
+        "zero passes AdamW every default (decoupled_weight_decay, which its __init__ refuses)",
+        "ddp_demo/parallel/strategy.py",
+        (("**{k: v for k, v in optimizer.defaults.items() if k in accepted})", "**optimizer.defaults)"),),
+        (RECIPE + "test_the_bf16_recipe_passes_under_each_strategy[zero]",),
+    ),
+    Mutation(
+        "the trace takes every forward as through the wrapper (model.module goes unseen)", "ddp_demo/check/trace.py",
+        (('        self.steps[-1]["forwards"].append([self.entered, self.sync])',
+          '        self.steps[-1]["forwards"].append([True, self.sync])'),),
+        (RECIPE + "test_each_step_bug_is_named_alone_and_misses_by_far[step_bugs.py:module_forward]",),
+    ),
+    Mutation(
+        "the trace takes every forward as synced (all in no_sync goes unseen)", "ddp_demo/check/trace.py",
+        (('        self.steps[-1]["forwards"].append([self.entered, self.sync])',
+          '        self.steps[-1]["forwards"].append([self.entered, True])'),),
+        (RECIPE + "test_each_step_bug_is_named_alone_and_misses_by_far[step_bugs.py:all_in_no_sync]",
+         RECIPE + "test_the_recipe_is_what_ran"),
+    ),
+    Mutation(
+        "numpy's generator is not fingerprinted", "ddp_demo/check/trace.py",
+        (('    if "numpy" in sys.modules:', "    if False:"),),
+        (RECIPE + "test_each_step_bug_is_named_alone_and_misses_by_far[step_bugs.py:rank_seeded_numpy]",),
+    ),
+    Mutation(
+        "local gradients are not kept, so edits to them go unseen", "ddp_demo/check/trace.py",
+        (("        if not self.sync:\n            self.local[", "        if False:\n            self.local["),),
+        (RECIPE + "test_each_step_bug_is_named_alone_and_misses_by_far[step_bugs.py:decay_local]",),
+    ),
+    Mutation(
+        "clipping is never seen as local", "ddp_demo/check/trace.py",
+        (('        self.steps[-1]["clips"].append(not self.sync)', '        self.steps[-1]["clips"].append(False)'),),
+        (RECIPE + "test_each_step_bug_is_named_alone_and_misses_by_far[step_bugs.py:clip_local]",),
+    ),
+    Mutation(
+        "the learning rates are not compared (lr x N goes unnamed)", "ddp_demo/check/diagnose_step.py",
+        (("    if not ratios or not all(math.isclose(r, n, rel_tol=1e-9) and n > 1 for n, r in ratios.items()):",
+          "    if True:"),),
+        (RECIPE + "test_each_step_bug_is_named_alone_and_misses_by_far[step_bugs.py:lr_scaled]",),
+    ),
+    Mutation(
+        "a stalled check names the first rank, not the one behind", "ddp_demo/check/stalled.py",
+        (('    return min(states, key=lambda s: (s.get("events", 0), s["time"], s["rank"]))', "    return states[0]"),),
+        (RECIPE + "test_the_rank_named_is_the_one_to_blame",),
+    ),
+    Mutation(
+        "no rank writes where it is (the stalled line cannot name a step)", "ddp_demo/check/trace.py",
+        (("        if self.path is not None:\n            tmp", "        if False:\n            tmp"),),
+        (RECIPE + "test_a_step_that_stops_one_rank_ends_in_one_line_exit_2_and_leaves_no_process",),
+    ),
+    Mutation(
+        "a rank that raised alone no longer stops the others", "ddp_demo/check/stalled.py",
+        (('    return any(o.get("world") == s["world_raised"]',
+          '    return False and any(o.get("world") == s["world_raised"]'),),
+        (RECIPE + "test_others_wait_only_when_a_rank_raised_alone",),
     ),
 )
 

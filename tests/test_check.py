@@ -9,53 +9,19 @@ tests/test_check_bad_input.py.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import pytest
 import torch
 
-from ddp_demo.check import check_plans
 from ddp_demo.check.__main__ import main
 from ddp_demo.check.diagnose import batchnorm_layers, random_modules
-from ddp_demo.check.engine import Plan
 from ddp_demo.check.report import as_json, text
 from ddp_demo.check.target import CheckError, call_target
 from ddp_demo.testing import assert_ddp_equivalent
 
-EX = "examples/check"
-PASSING = ["transformer.py:build", "lstm.py:build", "batchnorm_cnn.py:build_synced", "dropout.py:build_eval",
-           "unused.py:build_frozen", "summed_loss.py:build_mean"]
-FAILING = {"batchnorm_cnn.py:build": "batchnorm", "dropout.py:build": "randomness",
-           "unused.py:build": "unused_parameters", "unused.py:build_sometimes": "unused_parameters",
-           "summed_loss.py:build": "summed_loss",
-           "batch_centred.py:build": "not_recognised"}
-EXTRA = {  # the same engine with the command's other flags, in the same processes
-    "adam": Plan(f"{EX}/batchnorm_cnn.py:build_synced", optimizer="adam"),
-    "float32": Plan(f"{EX}/transformer.py:build", dtype="keep"),
-    "find_unused": Plan(f"{EX}/unused.py:build", find_unused_parameters=True),
-}
-RAISES = Plan("tests.test_check:build_whole_batch_only")  # fails under DDP only, before the targets after it
-
-
-class WholeBatchOnly(torch.nn.Linear):
-    def forward(self, x):
-        if len(x) != 24:
-            raise ValueError(f"this model takes batches of 24, got {len(x)}")
-        return super().forward(x)
-
-
-def build_whole_batch_only():
-    torch.manual_seed(0)
-    x = torch.randn(24, 3)
-    return WholeBatchOnly(3, 1), (x, x.sum(dim=1, keepdim=True)), torch.nn.functional.mse_loss
-
-
-@functools.cache
-def verdicts() -> dict:
-    plans = {"raises": RAISES} | {name: Plan(f"{EX}/{name}") for name in [*PASSING, *FAILING]} | EXTRA
-    return dict(zip(plans, check_plans(list(plans.values()), (2, 3), timeout=200), strict=True))
+from .check_group import EX, EXTRA, FAILING, PASSING, verdicts
 
 
 @pytest.mark.parametrize("name", [*PASSING, *EXTRA])

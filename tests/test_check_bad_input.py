@@ -30,6 +30,12 @@ TARGETS = {
     "odd.py": _source("torch.nn.Linear(2, 1), (torch.zeros(5, 2), torch.zeros(5, 1)), print"),
     "unseeded.py": _source(f"torch.nn.Linear(2, 1), ({X}, {Y}), torch.nn.functional.mse_loss", seed=False),
     "vector.py": _source(f"torch.nn.Linear(2, 1), (torch.ones(6, 2), {Y}), lambda o, y: o - y"),
+    # issue 24: a Recipe's own settings
+    "recipe.py": "from ddp_demo.check import Recipe\n" + "\n".join(
+        _source(f"Recipe(torch.nn.Linear(2, 1), ({X}, {Y}){extra})").replace("def build", f"def {name}")
+        for name, extra in (("k0", ", torch.nn.functional.mse_loss, accumulate=0"), ("noloss", ""),
+                            ("fp16", ", torch.nn.functional.mse_loss, autocast=torch.float16"),
+                            ("k4", ", torch.nn.functional.mse_loss, accumulate=4"))),
 }
 BAD = {  # argv (with {d} the folder of TARGETS), what the one line must say
     "no colon": (["examples/check/transformer.py"], "FILE.py:FUNCTION"),
@@ -46,6 +52,10 @@ BAD = {  # argv (with {d} the folder of TARGETS), what the one line must say
     "batch not divisible by N": (["{d}/odd.py:build", "--world-sizes", "2"], "does not divide by world size 2"),
     "different weights each call": (["{d}/unseeded.py:build"], "torch.manual_seed"),
     "loss not a scalar": (["{d}/vector.py:build"], "scalar tensor"),
+    "recipe accumulate 0": (["{d}/recipe.py:k0"], "Recipe.accumulate must be a positive integer"),
+    "recipe without loss or step": (["{d}/recipe.py:noloss"], "needs loss_fn, or its own step"),
+    "recipe fp16 autocast": (["{d}/recipe.py:fp16"], "use torch.bfloat16"),
+    "batch not divisible by N x K": (["{d}/recipe.py:k4", "--world-sizes", "2"], "times 4 micro-batches"),
     "bad world sizes": (["{d}/two.py:build", "--world-sizes", "2,x"], "--world-sizes"),
     "zero world size": (["{d}/two.py:build", "--world-sizes", "0"], "--world-sizes"),
     "target after the sizes": (["--world-sizes", "2", "{d}/two.py:build"], "put the positional argument before"),

@@ -30,7 +30,7 @@ def test_each_mutation_still_applies(mutation):
 def test_each_mutation_names_tests_that_exist(mutation):
     assert mutation.tests
     for test in mutation.tests:
-        path, name = re.fullmatch(r"(tests/\w+\.py)::(\w+)(\[[\w.-]+\])?", test).group(1, 2)
+        path, name = re.fullmatch(r"(tests/\w+\.py)::(\w+)(\[[\w.:-]+\])?", test).group(1, 2)
         assert f"\ndef {name}(" in (ROOT / path).read_text(), test
 
 

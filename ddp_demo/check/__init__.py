@@ -3,10 +3,12 @@
     python -m ddp_demo.check path/to/file.py:build --world-sizes 2 3
 
 The route runs one way, in the order the data flows: ``target`` loads and validates the
-function you name (it returns ``(model, batch, loss_fn)``); ``engine`` trains it under real
-DDP on N gloo processes and in one process; ``verdict`` compares every tensor; ``diagnose``
-names the cause of a difference; ``report`` prints it or writes it as JSON. This module walks
-that route. ``ddp_demo.testing.assert_ddp_equivalent`` runs the same check in pytest.
+function you name (it returns ``(model, batch, loss_fn)`` or a :class:`Recipe`, ``recipe.py``);
+``engine`` trains it under real DDP (or zero, fsdp) on N gloo processes, recording what each
+step did (``trace.py``; a rank that stops is named by ``stalled.py``), and in one process;
+``verdict`` compares every tensor; ``diagnose`` (and ``diagnose_step``) names the cause of a
+difference; ``report`` prints it or writes it as JSON. This module walks that route.
+``ddp_demo.testing.assert_ddp_equivalent`` runs the same check in pytest.
 Design, tolerances and the JSON format: docs/check.md.
 """
 
@@ -15,11 +17,14 @@ from __future__ import annotations
 import math
 
 from ddp_demo.check.diagnose import diagnose
-from ddp_demo.check.engine import Plan, reference, run_world
+from ddp_demo.check.engine import Plan, reference, run_worlds
 from ddp_demo.check.options import CheckOptions
+from ddp_demo.check.recipe import Recipe
 from ddp_demo.check.target import call_target, check_batch_divides, check_repeatable
 from ddp_demo.check.verdict import Verdict, World, judge, tolerance_for
 from ddp_demo.core.spawn import WorkerError
+
+__all__ = ["Recipe", "check", "check_plans"]
 
 
 def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
@@ -27,19 +32,20 @@ def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
     target = call_target(plan.spec, plan.dtype)  # never trained: it describes and diagnoses the model
     check_batch_divides(plan.spec, target, world_sizes)
     check_repeatable(plan.spec, target, plan.dtype)
-    return Verdict(plan, target, reference(plan), tolerance_for(plan, target))
+    ref = reference(plan)
+    return Verdict(plan, target, ref, tolerance_for(ref, target))
 
 
-def run_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
-    """For each N, one set of processes runs every target; each verdict judges its share."""
-    plans = [v.plan for v in verdicts]
-    for n in world_sizes:
-        try:
-            results, seconds = run_world(n, plans, timeout)
-        except WorkerError as e:
-            for v in verdicts:
-                v.worlds.append(World(n, math.nan, error=str(e)))
-            continue
+def judge_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
+    """One set of processes runs every target at every N (engine.run_worlds); each verdict judges its share."""
+    try:
+        worlds = run_worlds(world_sizes, [v.plan for v in verdicts], timeout)
+    except WorkerError as e:  # a rank stopped answering: its one line first (stalled.py)
+        for v in verdicts:
+            v.worlds.append(World(max(world_sizes), math.nan, error=str(e)))
+        return
+    for n in sorted(world_sizes):
+        results, seconds = worlds[n]
         for v, ranks in zip(verdicts, results, strict=True):
             v.worlds.append(judge(v, n, seconds, ranks))
 
@@ -48,7 +54,7 @@ def check_plans(plans: list[Plan], world_sizes: tuple[int, ...], timeout: float 
     """Check every plan (a target and how to train it) at every world size; one set of processes
     per N runs them all. Raises ``CheckError`` (before any process starts) for bad input."""
     verdicts = [prepare(plan, world_sizes) for plan in plans]
-    run_worlds(verdicts, world_sizes, timeout)
+    judge_worlds(verdicts, world_sizes, timeout)
     for v in verdicts:
         v.causes = diagnose(v)
     return verdicts

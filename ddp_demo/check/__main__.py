@@ -23,16 +23,21 @@ def main(argv: list[str] | None = None) -> int:
         if options.plot:  # before any process starts: a wrong path or no matplotlib is bad input
             check_out_file(options.plot, flag="--plot")
             plots = load_figures()
-        (verdict,) = check([spec], options)
+        verdicts = check([spec], options)  # one per strategy (--strategy all: three)
     except (CheckError, ConfigError) as e:
         print(f"ddp_demo.check: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(text(verdict), flush=True)
+    verdict = next((v for v in verdicts if not v.ok), verdicts[0])  # --json and --plot: the first failure
     if options.json:
         atomic_write(Path(options.json), lambda p: p.write_text(dumps(verdict)))
+    stopped = [w.error.splitlines()[0] for v in verdicts for w in v.worlds if w.error]
+    if stopped:  # a rank raised or stopped answering: one line, which rank, which step, what it did last
+        print(f"ddp_demo.check: error: {stopped[0]}", file=sys.stderr, flush=True)
+        return 2
+    print("\n\n".join(text(v) for v in verdicts), flush=True)
     if options.plot:
         plots.save(plots.check_figure(as_json(verdict)), options.plot)
-    return 0 if verdict.ok else 1
+    return 0 if all(v.ok for v in verdicts) else 1
 
 
 if __name__ == "__main__":

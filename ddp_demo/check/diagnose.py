@@ -15,24 +15,15 @@ When none applies the cause is "not recognised" and the report prints every tens
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ddp_demo.check.diagnose_step import step_causes
 from ddp_demo.check.target import Target
-from ddp_demo.check.verdict import Verdict
+from ddp_demo.check.verdict import Cause, Verdict
 from ddp_demo.core.tolerances import difference
 from ddp_demo.parallel.sync_batchnorm import SyncBatchNorm
-
-
-@dataclass
-class Cause:
-    key: str  # unused_parameters, batchnorm, randomness, summed_loss, error, not_recognised
-    title: str
-    why: str
-    fix: str
-    names: list[str] = field(default_factory=list)
 
 
 def unused_parameters(v: Verdict) -> Cause | None:
@@ -147,10 +138,10 @@ def error(v: Verdict) -> Cause | None:
     failed = [w for w in v.worlds if w.error]
     if not failed:
         return None
-    last = failed[0].error.strip().splitlines()[-1]
-    return Cause("error", f"DDP on {failed[0].world_size} processes failed: {last}",
-                 "the model or loss raised, or a rank stopped answering, under DDP but not in one process",
-                 "run the target's model on a batch of B / N samples, and read the traceback (--json keeps it)")
+    return Cause("error", failed[0].error.strip().splitlines()[0],
+                 "the model, the loss or the step raised, or a rank stopped answering, on N processes",
+                 "run the step on one rank's share (B / N samples) and read the traceback (--json keeps every "
+                 "rank's)")
 
 
 def diagnose(v: Verdict) -> list:
@@ -159,6 +150,7 @@ def diagnose(v: Verdict) -> list:
         return []
     causes = [c for c in (error(v), unused_parameters(v)) if c]
     if not all(w.numbers_match for w in v.worlds if not w.error):
+        causes += step_causes(v)
         causes += [c for c in (buffers_per_rank(v), batchnorm(v), randomness(v), summed_loss(v)) if c]
     if not causes:
         causes.append(Cause("not_recognised", "cause not recognised",

@@ -25,7 +25,8 @@ class CheckOptions:
                                           "gradient are then not a failure")
     strategy: str = option("ddp", "ddp, zero (optimizer state sharded), fsdp (fully_shard) or all three: the "
                            "strategy the model is trained under on N processes", ("ddp", "zero", "fsdp", "all"))
-    timeout: float = option(120.0, "seconds each world size may take before its processes are stopped")
+    timeout: float = option(120.0, "seconds the check's processes may take, every N together; a rank that stops "
+                            "is then named in one line (exit 2)")
     json: str | None = option(None, "also write the verdict as JSON to this file (format: docs/check.md)", type_=str)
     plot: str | None = option(None, "also draw each tensor's largest difference against its tolerance, for every N, "
                               "to this .png, .svg or .pdf (needs matplotlib: the plot extra)", type_=str)
@@ -53,7 +54,7 @@ class CheckOptions:
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m ddp_demo.check", description=description, error_type=CheckError)
     parser.add_argument("target", metavar="TARGET", help="FILE.py:FUNCTION or package.module:FUNCTION; the function "
-                        "takes no arguments and returns (model, batch, loss_fn)")
+                        "takes no arguments and returns (model, batch, loss_fn) or a ddp_demo.check.Recipe")
     return add_options(parser, CheckOptions)
 
 

@@ -7,6 +7,8 @@ import math
 
 from ddp_demo.check.verdict import Row, Verdict, World
 
+WHO = {"ddp": "DDP", "zero": "ZeRO (over DDP)", "fsdp": "FSDP (fully_shard)"}
+
 
 def _num(x: float) -> str:
     return "n/a" if math.isnan(x) else "none on one side" if math.isinf(x) else f"{x:.3g}"
@@ -23,21 +25,35 @@ def tolerance_line(v: Verdict) -> str:
     if tol["adam_allowance"]:
         line += (f", plus {tol['adam_allowance']:.3g} for values after Adam steps (Adam can turn rounding in a "
                  "zero gradient into a step; docs/check.md)")
-        if tol["adam_allowance"] >= 2 * v.plan.steps * v.plan.learning_rate:
+        if tol["adam_allowance"] >= 2 * sum(v.reference.lrs) * (1 - 1e-9):
             line += "; at this dtype that is a full step each way, so the gradients carry the proof"
     return line
+
+
+def training(v: Verdict) -> str:
+    """``3 steps of sgd, lr 0.05``, or what the recipe holds."""
+    r, plan, steps = v.target.recipe, v.plan, v.steps
+    head = f"{steps} step{'s' * (steps > 1)} of "
+    if r.optimizer is None:
+        head += f"{plan.optimizer}, lr {plan.learning_rate:g}"
+    else:
+        head += f"your optimizer ({v.reference.optimizer_name}), lr {v.reference.lrs[0]:g} at the first step"
+    parts = [head, "a scheduler" if r.scheduler else "", f"clipping to norm {r.clip_grad_norm:g}" if r.clip_grad_norm
+             else "", f"{r.accumulate} micro-batches per rank" if r.accumulate > 1 else "",
+             "bf16 autocast" if r.autocast else "", "your step function" if r.step else ""]
+    return ", ".join(p for p in parts if p)
 
 
 def header(v: Verdict) -> list[str]:
     model, plan = v.target.model, v.plan
     params = [p for p in model.parameters() if p.requires_grad]
+    dtype = "float32 under bf16 autocast" if v.tolerance["dtype"] == "bf16_autocast" else v.tolerance["dtype"]
     return [
         f"ddp_demo.check {plan.spec}" + (f" --strategy {plan.strategy}" if plan.strategy != "ddp" else ""),
         f"model {type(model).__name__}: {len(params)} parameter tensors ({sum(p.numel() for p in params):,} values); "
-        f"batch of {v.target.batch_size}; {v.tolerance['dtype']}; {plan.steps} step{'s' * (plan.steps > 1)} of "
-        f"{plan.optimizer}, lr {plan.learning_rate:g}",
+        f"batch of {v.target.batch_size}; {dtype}; {training(v)}",
         tolerance_line(v),
-        f"{'N':>4}  {'gradients (1st backward)':>24}  {'after ' + str(plan.steps) + ' steps':>14}  {'time':>7}",
+        f"{'N':>4}  {'gradients (1st step)':>24}  {'after ' + str(v.steps) + ' steps':>14}  {'time':>7}",
     ]
 
 
@@ -70,11 +86,14 @@ def verdict_lines(v: Verdict) -> list[str]:
         worst = max((r.max_abs_diff for w in v.worlds for r in w.rows), default=0.0)
         note = "; with find_unused_parameters=True" if v.plan.find_unused_parameters else ""
         noun = "process" if sizes == "1" else "processes"
-        return [f"PASS: DDP on {sizes} {noun} equals one process: every tensor within its tolerance "
-                f"(largest difference {_num(worst)}){note}"]
+        if v.tolerance["dtype"] == "bf16_autocast":  # a derived bound, not rounding: say how much of it was used
+            used = max((r.max_abs_diff / r.tolerance for w in v.worlds for r in w.rows if r.tolerance), default=0.0)
+            note = f"; at most {used:.0%} of a tensor's bf16 bound{note}"
+        return [f"PASS: {WHO[v.plan.strategy]} on {sizes} {noun} equals one process: every tensor within its "
+                f"tolerance (largest difference {_num(worst)}{note})"]
     world, row = v.first_failure()
     if row is not None:
-        lines = [f"FAIL at N={world.world_size}: {row.name}'s {_stage(row, v.plan.steps)} differs by "
+        lines = [f"FAIL at N={world.world_size}: {row.name}'s {_stage(row, v.steps)} differs by "
                  f"{_num(row.max_abs_diff)} (tolerance {row.tolerance:.3g})"]
     else:
         lines = [f"FAIL at N={world.world_size}: " + ("DDP did not run to the end" if world.error else
@@ -85,12 +104,12 @@ def verdict_lines(v: Verdict) -> list[str]:
         if c.fix:
             lines.append(f"  fix: {c.fix}")
     if any(c.key == "not_recognised" for c in v.causes) and world.rows:
-        lines += table(world, v.plan.steps)
+        lines += table(world, v.steps)
     return lines
 
 
 def text(v: Verdict) -> str:
-    return "\n".join([*header(v), *(world_line(w, v.plan.steps) for w in v.worlds), *verdict_lines(v)])
+    return "\n".join([*header(v), *(world_line(w, v.steps) for w in v.worlds), *verdict_lines(v)])
 
 
 def _finite(x: float) -> float | None:
@@ -104,7 +123,7 @@ def as_json(v: Verdict) -> dict:
         "verdict": "PASS" if v.ok else "FAIL",
         "exit_code": 0 if v.ok else 1,
         "plan": {"dtype": v.plan.dtype, "optimizer": v.plan.optimizer, "lr": v.plan.learning_rate,
-                 "steps": v.plan.steps, "find_unused_parameters": v.plan.find_unused_parameters},
+                 "steps": v.steps, "find_unused_parameters": v.plan.find_unused_parameters},
         "tolerance": {**v.tolerance, "rule": "max_abs_diff <= atol + rtol * max|one process| per tensor "
                       "(+ adam_allowance for stage after_steps)"},
         "world_sizes": [{

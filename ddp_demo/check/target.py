@@ -3,7 +3,8 @@
 A target is a function with no arguments that returns ``(model, batch, loss_fn)``: a fresh
 ``nn.Module`` with the same weights on every call (seed it inside the function), one global
 batch as a tuple of tensors whose first dimension is the batch (inputs first, target last),
-and ``loss_fn(output, target)`` returning a scalar. It is named ``path/to/file.py:function``
+and ``loss_fn(output, target)`` returning a scalar; or a :class:`~ddp_demo.check.recipe.Recipe`
+holding those and the rest of the training step. It is named ``path/to/file.py:function``
 or ``package.module:function``; every worker process loads it again from that name.
 
 Anything wrong with it raises :class:`CheckError`, whose message is the one line the user
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddp_demo.check.recipe import Recipe, refuse
+
 DTYPE_CHOICES = ("float64", "keep")
 CHECKED_DTYPES = (torch.float32, torch.float64)  # the dtypes with stated tolerances (docs/check.md)
 
@@ -41,7 +44,8 @@ class Target:
     model: nn.Module
     inputs: tuple[torch.Tensor, ...]
     target: torch.Tensor
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    recipe: Recipe  # how to train it (for a plain target: the check's defaults around loss_fn)
 
     @property
     def batch_size(self) -> int:
@@ -56,7 +60,7 @@ class Target:
     def shard(self, rank: int, world_size: int) -> Target:
         """Rank r's samples r, r+N, ... of every batch entry (DistributedSampler's layout)."""
         return Target(self.model, tuple(t[rank::world_size] for t in self.inputs),
-                      self.target[rank::world_size], self.loss_fn)
+                      self.target[rank::world_size], self.loss_fn, self.recipe)
 
 
 def _load_module(where: str, spec: str):
@@ -137,20 +141,28 @@ def call_target(spec: str, dtype: str = "float64") -> Target:
         built = fn()
     except Exception as e:
         raise CheckError(f"TARGET {spec}: calling {fn.__name__}() raised {_one_line(e)}") from None
-    if not isinstance(built, (tuple, list)) or len(built) != 3:
-        raise CheckError(f"TARGET {spec}: {fn.__name__}() must return (model, batch, loss_fn); "
-                          f"it returned {_describe(built)}")
-    model, batch, loss_fn = built
-    _check_parts(spec, model, batch, loss_fn)
-    if dtype == "float64":  # rounding cannot hide a real difference (docs/check.md)
+    if isinstance(built, Recipe):
+        problem = refuse(built)
+        if problem:
+            raise CheckError(f"TARGET {spec}: {problem}")
+        recipe = built
+    elif not isinstance(built, (tuple, list)) or len(built) != 3:
+        raise CheckError(f"TARGET {spec}: {fn.__name__}() must return (model, batch, loss_fn) or a "
+                          f"ddp_demo.check.Recipe; it returned {_describe(built)}")
+    else:
+        recipe = Recipe(*built)
+    model, batch, loss_fn = recipe.model, recipe.batch, recipe.loss_fn
+    _check_parts(spec, model, batch, loss_fn, needs_loss=recipe.step is None)
+    # autocast leaves float64 alone (it casts float32 only): a bf16 recipe is checked in its own dtype
+    if dtype == "float64" and recipe.autocast is None:  # rounding cannot hide a real difference (docs/check.md)
         model = model.to(torch.float64)
         batch = [t.to(torch.float64) if t.is_floating_point() else t for t in batch]
-    built = Target(model, tuple(batch[:-1]), batch[-1], loss_fn)
+    built = Target(model, tuple(batch[:-1]), batch[-1], loss_fn, recipe)
     _check_dtype(spec, built, dtype)
     return built
 
 
-def _check_parts(spec: str, model, batch, loss_fn) -> None:
+def _check_parts(spec: str, model, batch, loss_fn, needs_loss: bool = True) -> None:
     if not isinstance(model, nn.Module):
         raise CheckError(f"TARGET {spec}: the model (1st of the three) is {_describe(model)}, not a torch.nn.Module")
     if not any(p.requires_grad for p in model.parameters()):
@@ -169,7 +181,7 @@ def _check_parts(spec: str, model, batch, loss_fn) -> None:
     if len(set(sizes)) > 1:
         raise CheckError(f"TARGET {spec}: the batch entries' first dimensions differ ({sizes}); "
                           "the first dimension of each is the batch")
-    if not callable(loss_fn):
+    if needs_loss and not callable(loss_fn):
         raise CheckError(f"TARGET {spec}: loss_fn (3rd of the three) is {_describe(loss_fn)}, not callable")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise CheckError(f"TARGET {spec}: the model is not on the CPU; ddp_demo.check runs on CPU processes "
@@ -184,13 +196,17 @@ def _check_dtype(spec: str, built: Target, dtype: str) -> None:
 
 
 def check_batch_divides(spec: str, built: Target, world_sizes: tuple[int, ...]) -> None:
-    """Every rank gets B / N samples: the average of equal-sized means is the global mean."""
-    bad = [n for n in world_sizes if built.batch_size % n]
+    """Every rank gets B / N samples, in K equal micro-batches: the average of equal-sized means is
+    the global mean."""
+    k = built.recipe.accumulate
+    bad = [n for n in world_sizes if built.batch_size % (n * k)]
     if bad:
-        multiple = math.lcm(*world_sizes)
+        multiple = math.lcm(*world_sizes) * k
         fix = max(multiple, built.batch_size // multiple * multiple)
+        per = f" times {k} micro-batches" if k > 1 else ""
         raise CheckError(f"TARGET {spec}: the batch of {built.batch_size} samples does not divide by world size "
-                          f"{bad[0]}; return a batch whose size every --world-sizes value divides, e.g. {fix}")
+                          f"{bad[0]}{per}; return a batch whose size every --world-sizes value{per} divides, "
+                          f"e.g. {fix}")
 
 
 def check_repeatable(spec: str, first: Target, dtype: str) -> None:

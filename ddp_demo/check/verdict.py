@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddp_demo.check.engine import Plan, Trained
+from ddp_demo.check.engine import Plan, Trained, steps_of
+from ddp_demo.check.stalled import one_line
 from ddp_demo.check.target import Target
-from ddp_demo.core.tolerances import STEP, Tolerance, difference
+from ddp_demo.core.tolerances import BF16, STEP, Tolerance, difference
 
 
 @dataclass
@@ -54,13 +55,28 @@ class World:
 
 
 @dataclass
+class Cause:
+    """A cause of a difference, named with its fix (diagnose.py, diagnose_step.py)."""
+
+    key: str  # unused_parameters, batchnorm, randomness, summed_loss, error, not_recognised, the step's (docs)
+    title: str
+    why: str
+    fix: str
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Verdict:
     plan: Plan
     target: Target  # a fresh build, for describing the model and diagnosing it
     reference: Trained = field(repr=False)
     tolerance: dict
     worlds: list[World] = field(default_factory=list)
-    causes: list = field(default_factory=list)  # diagnose.Cause, filled in when the check fails
+    causes: list[Cause] = field(default_factory=list)  # filled in by diagnose when the check fails
+
+    @property
+    def steps(self) -> int:
+        return steps_of(self.plan, self.target.recipe)
 
     @property
     def ok(self) -> bool:
@@ -78,28 +94,38 @@ class Verdict:
         return None
 
 
-ADAM_EPS = 1e-8  # torch.optim.Adam's default eps, which the check's Adam uses
-
-
-def adam_allowance(plan: Plan, tol: Tolerance) -> float:
-    """Added to the tolerance of every value after ``plan.steps`` Adam steps.
+def adam_allowance(reference: Trained, tol: Tolerance, relative: bool = False) -> float:
+    """Added to the tolerance of every value after the steps of an optimizer of Adam's family.
 
     Adam steps by ``lr * m / (sqrt(v) + eps)``. Where a parameter's exact gradient is zero (a
     bias just before BatchNorm, the key bias of attention), its computed gradient is rounding,
     and Adam turns it into a step of up to ``lr``, in a direction rounding chose. The step's
     slope in ``g`` is at most ``1 / eps``, and a step is at most ``lr`` either way, so gradients
-    that differ by ``atol`` move a value by at most ``lr * min(2, atol / eps)`` per step.
-    Measured in docs/check.md: float64 stays far inside it; float32 uses half of it.
+    that differ by ``atol`` move a value by at most ``lr * min(2, atol / eps)`` per step, summed
+    over the steps' learning rates (a schedule changes them). A ``relative`` bound (bf16 autocast)
+    has no floor near zero: a full step either way. Measured in docs/check.md: float64 stays far
+    inside it; float32 uses half of it.
     """
-    if plan.optimizer != "adam":
+    if reference.adam_eps is None:
         return 0.0
-    return plan.steps * plan.learning_rate * min(2.0, tol.atol / ADAM_EPS)
+    return sum(reference.lrs) * (2.0 if relative else min(2.0, tol.atol / reference.adam_eps))
 
 
-def tolerance_for(plan: Plan, target: Target) -> dict:
-    """The step tolerance of the target's least precise dtype, and Adam's allowance (as the report shows them)."""
-    dtype = "float32" if target.dtype == torch.float32 else "float64"
-    return {"dtype": dtype, **dataclasses.asdict(STEP[dtype]), "adam_allowance": adam_allowance(plan, STEP[dtype])}
+def step_tolerance(name: str) -> Tolerance:
+    """``float64``, ``float32`` (the proofs' step tolerances) or ``bf16_autocast`` (proof/autocast.py's bound)."""
+    return BF16 if name == "bf16_autocast" else STEP[name]
+
+
+def tolerance_for(reference: Trained, target: Target) -> dict:
+    """The tolerance of the target's least precise dtype (bf16 under the recipe's autocast), and Adam's
+    allowance (as the report shows them)."""
+    if target.recipe.autocast is not None:
+        name = "bf16_autocast"
+    else:
+        name = "float32" if target.dtype == torch.float32 else "float64"
+    tol = step_tolerance(name)
+    allowance = adam_allowance(reference, tol, relative=name == "bf16_autocast")
+    return {"dtype": name, **dataclasses.asdict(tol), "adam_allowance": allowance}
 
 
 def compare(want: Trained, ranks: list[dict], params: set[str], tol: Tolerance, allowance: float = 0.0) -> list[Row]:
@@ -116,9 +142,10 @@ def compare(want: Trained, ranks: list[dict], params: set[str], tol: Tolerance, 
 def judge(v: Verdict, n: int, seconds: float, ranks: list[dict]) -> World:
     """The world of ``n`` processes from every rank's result for this verdict's target."""
     errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(ranks) if "error" in res]
-    if errors:
-        return World(n, seconds, error="\n".join(errors))
+    if errors:  # the first line names the rank that raised first, its step and what it did last
+        first = one_line([res["where"] for res in ranks if "where" in res])
+        return World(n, seconds, error="\n".join([first, *errors]))
     params = {name for name, _ in v.target.model.named_parameters()}
     unused = sorted({name for names in ranks[0]["unused"] for name in names})
-    rows = compare(v.reference, ranks, params, STEP[v.tolerance["dtype"]], v.tolerance["adam_allowance"])
+    rows = compare(v.reference, ranks, params, step_tolerance(v.tolerance["dtype"]), v.tolerance["adam_allowance"])
     return World(n, seconds, rows, unused=unused, ranks=ranks)

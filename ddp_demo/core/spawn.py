@@ -67,26 +67,29 @@ def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, arg
 PRELOAD = ["torch._dynamo", "ddp_demo.core.spawn", "ddp_demo.parallel.strategy"]
 
 
-def forkserver(module: str = "__main__") -> mp.context.BaseContext:
-    """multiprocessing's forkserver context, its server to import ``PRELOAD`` and ``module``.
+def forkserver(module: str = "__main__", preload: tuple[str, ...] = ()) -> mp.context.BaseContext:
+    """multiprocessing's forkserver context, its server to import ``PRELOAD``, ``preload`` and ``module``.
 
     Only the list given before the server's first fork counts (it starts once per process);
     a script's ``__main__`` is left to the workers, which import it by path."""
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD + ([module] if module != "__main__" else []))
+    context.set_forkserver_preload([*PRELOAD, *preload] + ([module] if module != "__main__" else []))
     return context
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 120.0,
-                 device: str = "cpu", backend: str = "auto", start_method: str = "forkserver") -> list[Any]:
+                 device: str = "cpu", backend: str = "auto", start_method: str = "forkserver",
+                 give_up: Callable[[], bool] | None = None, preload: tuple[str, ...] = ()) -> list[Any]:
     """Return ``[fn(ctx_0, *args), ..., fn(ctx_{N-1}, *args)]`` computed on N processes.
 
     ``device``: ``cpu`` (gloo), ``cuda`` (rank r on ``cuda:r``, nccl) or ``auto``; ``backend``
     overrides (gloo lets two ranks share one GPU, which nccl refuses). ``start_method``:
-    ``forkserver`` (module docstring) or ``spawn``."""
+    ``forkserver`` (module docstring) or ``spawn``. ``give_up()``, asked every half second, stops
+    every process before the timeout (the check: a rank raised and another waits). ``preload``:
+    more modules for the fork server to import once, if this call starts it."""
     if start_method == "forkserver" and "forkserver" not in mp.get_all_start_methods():
         start_method = "spawn"  # Windows has no fork
-    spawn = forkserver(fn.__module__) if start_method == "forkserver" else mp.get_context(start_method)
+    spawn = forkserver(fn.__module__, preload) if start_method == "forkserver" else mp.get_context(start_method)
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
@@ -107,6 +110,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), time
                 except queue.Empty:
                     if all(p.exitcode is not None for p in procs):
                         break  # everyone has exited and flushed: nothing more can arrive
+                    if give_up is not None and give_up():
+                        break
             for p in procs:
                 p.join(timeout=max(1.0, deadline - time.monotonic()))
         finally:

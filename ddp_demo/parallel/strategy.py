@@ -26,6 +26,7 @@ optimizer: there is nothing to split with.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -212,8 +213,11 @@ def wrap(module: nn.Module, ctx: DistContext, cfg: StrategyConfig, make_optimize
     optimizer = make_optimizer(model.parameters())
     if cfg.name == "zero":
         # Each rank keeps the state of its share only; step() updates that share and broadcasts it.
+        # Only the defaults the class takes: AdamW's include decoupled_weight_decay, which its
+        # __init__ refuses (torch 2.13), so passing them all breaks zero for AdamW.
+        accepted = inspect.signature(type(optimizer)).parameters
         optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=type(optimizer),
-                                            **optimizer.defaults)
+                                            **{k: v for k, v in optimizer.defaults.items() if k in accepted})
     wrapped = Wrapped(cfg.name, model, module, optimizer, reduce=cfg.reduce_grads)
     wrapped.set_grad_sync(True)
     return wrapped
