@@ -3,9 +3,10 @@
 Every rank writes where it is to a file as it goes (``trace.Progress``): the target, the step, the
 last thing it did (a forward, ``optimizer.step()``, a collective the step called), and the
 exception's last line if it raised. When a world size fails, one rank is to blame and the others
-are only waiting for it. The rank named is, in this order: the first that raised (the others then
-fail or wait on it); one whose step called a collective the others never joined; else the one whose
-progress stopped earliest (the others went on until they waited for it).
+are only waiting for it. The rank named is, in this order: one whose step called a collective the
+others never joined; the first that raised something other than a peer's time-out (the others then
+fail or wait on it); else, of the ranks that did not raise, the one whose progress stopped earliest
+(the others went on until they waited for it).
 """
 
 from __future__ import annotations
@@ -30,14 +31,25 @@ def read_progress(folder: str, world_size: int) -> list[dict]:
     return states
 
 
+# gloo's words when a collective gave up on a peer: the rank that says them only waited. A rank that
+# never returns makes the others' collectives time out at the process group's timeout, which can come
+# before the check's own deadline on a loaded machine; the one to name is then the rank that stalled.
+WAITED = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+def _waited(state: dict) -> bool:
+    return any(words in (state.get("raised") or "") for words in WAITED)
+
+
 def culprit(states: list[dict]) -> dict:
     alone = [s for s in states if s["last"].startswith("dist.")]
     if len(alone) == 1:
         return alone[0]
-    raised = [s for s in states if s.get("raised")]
+    raised = [s for s in states if s.get("raised") and not _waited(s)]
     if raised:
         return min(raised, key=lambda s: s["time"])
-    return min(states, key=lambda s: (s.get("events", 0), s["time"], s["rank"]))  # the one behind the others
+    behind = [s for s in states if not s.get("raised")] or states
+    return min(behind, key=lambda s: (s.get("events", 0), s["time"], s["rank"]))  # the one behind the others
 
 
 def others_wait(folder: str, world_size: int) -> bool:
