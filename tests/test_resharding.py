@@ -33,6 +33,7 @@ PAIRS = {  # name: (saved by, at world size, resumed by, at world size); N = 1 r
     "fsdp2-fsdp3": ("fsdp", 2, "fsdp", 3),
     "fsdp2-ddp1": ("fsdp", 2, "ddp", 1),
     "ddp1-fsdp2": ("ddp", 1, "fsdp", 2),
+    "fsdp2-zero2": ("fsdp", 2, "zero", 2),  # zero loads its own partition's optimizer state
     "zero2-zero1": ("zero", 2, "zero", 1),
 }
 

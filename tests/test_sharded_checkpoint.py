@@ -66,6 +66,16 @@ def test_stopped_and_resumed_is_bit_identical(data, uninterrupted, tmp_path, in_
     assert continued_from(tmp_path / "out", logged)
 
 
+@pytest.mark.parametrize("strategy", ["zero", "fsdp"])
+def test_a_one_file_checkpoint_resumes_under_zero_and_fsdp(data, uninterrupted, tmp_path, in_process, strategy):
+    """ddp's one file, read by name into the optimizer zero and fsdp build while wrapping."""
+    assert in_process(*job(data, tmp_path, 6), "--checkpoint-format", "file").returncode == 0
+    resumed = in_process(*job(data, tmp_path), "--strategy", strategy, "--checkpoint-format", "auto")
+    assert resumed.returncode == 0 and "step-000006.pt: step 6," in resumed.stdout, resumed.stderr
+    assert max_diff(tmp_path / "out" / "final.pt", uninterrupted / "out" / "final.pt") == 0
+    assert (tmp_path / "ckpt" / "step-000012").is_dir()  # and it goes on in its own format
+
+
 def nudged_copy(source: Path, target: Path) -> None:
     """``source`` with its first weight moved by 0.5, as a sharded checkpoint that verifies."""
     one = target.with_name(target.name + "-nudged.pt")  # not a checkpoint name: never resumed from
