@@ -77,6 +77,8 @@ REFUSED = {  # name: (flags, the flag the one line must name)
     "zero-file-checkpoints": (["--strategy", "zero", "--checkpoint-format", "file", "--checkpoint-dir", "{d}/ck"],
                               "--checkpoint-format"),
     "fsdp-file-checkpoints": (["--strategy", "fsdp", "--checkpoint-format", "file"], "--checkpoint-format"),
+    "fsdp-scratch-checkpoints": (["--strategy", "fsdp", "--ddp", "scratch", "--checkpoint-dir", "{d}/ck"],
+                                 "--ddp scratch"),
     "fsdp-fp16": (["--strategy", "fsdp", "--precision", "fp16"], "--precision"),
     "unknown-strategy": (["--strategy", "zero3"], "--strategy"),
 }

@@ -1,6 +1,6 @@
 """What a sharded checkpoint costs: save and load time, bytes on disk per rank, at N = 1, 2, 4.
 
-    python -m ddp_demo.bench.checkpoint_io [--strategies ddp zero fsdp] [--sizes 1 2 4] [--reps 3]
+    python -m ddp_demo.bench checkpoint [--strategies ddp zero fsdp] [--sizes 1 2 4] [--reps 3]
 
 The model is the benchmark's largest CPU workload (bench/run.py's ``mlp``: 3 hidden layers of
 1024, 3.2 M parameters, float32) with Adam, after one step (so the optimizer state exists: two
@@ -8,8 +8,8 @@ more tensors per parameter). Each world size is one group of processes (core/spa
 FileStore, no ports); each rank saves through resilience/sharded.py into a scratch directory and
 loads it back into a freshly wrapped model. A time is the slowest rank's, the median of
 ``--reps``; the save includes rank 0's checksums and the rename. "bytes/rank" is the size of each
-rank's ``__R_0.distcp`` file (DCP writes a replicated tensor once, so under ddp rank 0 writes
-everything, and under zero each rank its own share of the optimizer state). Benchmarks are not
+rank's ``__R_0.distcp`` file (DCP writes a replicated tensor once, spreading the replicas'
+tensors over the ranks; under zero each rank also writes its own share of the optimizer state). Benchmarks are not
 tests: the numbers depend on the disk and on the machine's load.
 """
 
@@ -94,7 +94,7 @@ def report(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddp_demo.bench.checkpoint_io", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddp_demo.bench checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--strategies", nargs="+", default=["ddp", "zero", "fsdp"], choices=["ddp", "zero", "fsdp"])
     p.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4], help="world sizes")
     p.add_argument("--reps", type=int, default=3, help="saves and loads per configuration (the median is shown)")

@@ -129,6 +129,9 @@ class TrainConfig:
         """What --strategy zero and fsdp do not (yet) combine with: refused before any process starts."""
         if self.strategy == "ddp":
             return
+        if self.strategy == "fsdp" and self.ddp == "scratch" and self.checkpoint_dir is not None:
+            raise ConfigError("--checkpoint-dir with --strategy fsdp --ddp scratch: ScratchFSDP's shards are plain "
+                              "tensors that DCP cannot place (parallel/fsdp.py); use --ddp torch to checkpoint")
         if self.checkpoint_format == "file":
             raise ConfigError(f"--checkpoint-format file with --strategy {self.strategy}: one file means gathering "
                               "the whole state on rank 0, which sharding avoids; use --checkpoint-format sharded")

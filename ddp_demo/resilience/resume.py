@@ -39,6 +39,8 @@ def resolve_resume(cfg: TrainConfig, rank: int) -> checkpoint.Found | None:
             found = checkpoint.Found(Path(cfg.resume), checkpoint.load(cfg.resume), [])
         except FileNotFoundError:
             raise ConfigError(f"--resume {cfg.resume}: no such file; pass a checkpoint path, auto or never") from None
+        except sharded.NewerFormat as e:
+            raise ConfigError(str(e)) from None
         except Exception as e:
             raise ConfigError(f"--resume {cfg.resume}: not a valid checkpoint ({e}); pass another or never") from None
     elif cfg.checkpoint_dir is None or not checkpoint.checkpoints(cfg.checkpoint_dir):
