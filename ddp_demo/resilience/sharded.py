@@ -17,7 +17,7 @@ reshards on load, so a checkpoint resumes at any world size under any strategy.
 
 Reading trusts nothing: the manifest's version and checksums are verified before use, and
 DCP's ``.metadata`` (a pickle, which DCP reads with plain ``pickle.load``) is read by
-:class:`SafeReader`, which refuses every class but DCP's own metadata types.
+:func:`safe_reader`, which refuses every class but DCP's own metadata types.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def load(path: str | Path, module, optimizer, meta: dict) -> None:
 
     from ddp_demo.parallel import state_dict
 
-    reader = SafeReader(str(path))
+    reader = safe_reader(path)
     check_model(path, reader.read_metadata().state_dict_metadata, module)
     targets = state_dict.load_targets(module, optimizer, reader.read_metadata().state_dict_metadata)
     with _quiet():
@@ -131,7 +131,7 @@ def read_full(path: str | Path) -> tuple[dict, dict]:
     import torch.distributed.checkpoint as dcp
 
     meta = verify(path)
-    reader = SafeReader(str(path))
+    reader = safe_reader(path)
     state: dict = {}
     for key, m in reader.read_metadata().state_dict_metadata.items():
         state[key] = torch.empty(m.size, dtype=m.properties.dtype)
@@ -182,16 +182,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
-# What DCP's .metadata pickle may name: its own dataclasses, torch.Size, dtypes and a layout by name.
-_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-            ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+# What DCP's .metadata pickle may name (torch 2.13, read off a checkpoint with pickletools): DCP's own
+# dataclasses and enum, torch.Size, dtypes, a layout by name, a path. Nothing else is built.
+_ALLOWED = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        ok = (module, name) in _ALLOWED or module in _ALLOWED_MODULES and not name.startswith("__") or \
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ok = (module, name) in _ALLOWED or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if not ok:
             raise ValueError(f".metadata names {module}.{name}, which a checkpoint index never holds (refused unread)")
         return super().find_class(module, name)
@@ -218,5 +223,6 @@ def _reader_class():
     return SafeReaderImpl
 
 
-def SafeReader(path: str):  # noqa: N802  (a class built on first use: DCP takes ~1 s to import)
-    return _reader_class()(path)
+def safe_reader(path: str | Path):
+    """A :class:`SafeReaderImpl` (its class is built on first use: DCP takes about 1 s to import)."""
+    return _reader_class()(str(path))
