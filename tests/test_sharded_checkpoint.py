@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -180,9 +181,11 @@ def test_bad_checkpoint_is_one_line_and_nothing_is_overwritten(data, uninterrupt
 
 
 def test_newer_format_is_not_skipped_under_resume_auto(data, uninterrupted, tmp_path, in_process):
-    """Skipping it would resume an older one and, with --keep-last, prune the newer one later."""
+    """Skipping it would resume an older one (step 4 is there) and, with --keep-last, prune the newer one later."""
     broken_copy(uninterrupted, tmp_path, "newer-format")
-    assert_one_clear_line(in_process(*job(data, tmp_path)), "--resume never", tmp_path / "out", "newer")
+    shutil.copytree(uninterrupted / "ckpt" / "step-000004", tmp_path / "ckpt" / "step-000004")
+    proc = in_process(*job(data, tmp_path))
+    assert_one_clear_line(proc, "--resume never", tmp_path / "out", "newer than this ddp_demo's")
 
 
 def test_world_size_and_strategy_need_not_match():
