@@ -135,11 +135,11 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
     loader = rank_loader(task.train, ctx, cfg.global_batch_size, cfg.seed)
     model = make_model(cfg, task, ctx.device)
     optimizer = make_optimizer(cfg.optimizer, cfg.lr, model.parameters())
-    start_step, history = resume(attempt.resume_from, model, optimizer, cfg, ctx)
-    wrapped = launcher.wrap(model, optimizer, cfg, ctx)
+    wrapped = launcher.wrap(model, optimizer, cfg, ctx)  # (resumed after: zero and fsdp build optimizers here)
+    start_step, history = resume(attempt.resume_from, model, wrapped.optimizer, cfg, ctx)
     announce(cfg, ctx, wrapped.model)
     ckpt = Checkpointer(cfg, ctx, lambda step, epoch, logs: checkpoint_state(
-        model, optimizer, cfg, ctx, history + logs, step, epoch), last_saved=start_step)
+        model, wrapped.optimizer, cfg, ctx, history + logs, step, epoch), start_step, (model, wrapped.optimizer))
     record.mark("training_started")
     with failures_explained(cfg, ckpt, attempt.stop):
         logs = history + train_loop(wrapped, loader, loss_function(task), cfg, ctx,
@@ -151,7 +151,7 @@ def run(cfg: TrainConfig, task: Task, ctx: DistContext, attempt: Attempt = Attem
 def resume(found: checkpoint.Found | None, model: torch.nn.Module, optimizer, cfg: TrainConfig,
            ctx: DistContext) -> tuple[int, list[StepLog]]:
     """Put the checkpoint's state back (if resuming); the step to go on from and the steps logged before it."""
-    start_step, saved_logs = restore(found, model, optimizer, ctx)
+    start_step, saved_logs = restore(found, model, optimizer, ctx, cfg)
     # A node that reads its own local --checkpoint-dir would resume elsewhere and desync the collectives.
     if not all_ranks_equal(torch.tensor([start_step], device=ctx.device), ctx):
         raise RunFailed(f"the ranks would resume from different steps (rank {ctx.rank}: step {start_step}): every node "
@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None, launcher: Launcher | None = None) -> int
     try:
         run(cfg, task, ctx, Attempt(found, env.restart_count, stop, started), launcher)
         return 0
-    except RunFailed as e:
+    except (RunFailed, ConfigError) as e:  # ConfigError: a checkpoint every rank refuses alike (exit 2)
         log.error(ctx.rank, str(e))
         report_to_launcher(env, f"ddp_demo: error: {e}")
-        return e.code
+        return getattr(e, "code", 2)
     except Exception as e:
         return crashed(e, ctx, cfg)
     finally:

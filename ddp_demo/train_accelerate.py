@@ -102,6 +102,9 @@ class AccelerateLauncher:
         if cfg.strategy != "ddp":
             raise ConfigError(f"--strategy {cfg.strategy} is for ddp_demo.train: Accelerate's own FSDP/ZeRO plugins "
                               "are not wired here; launch ddp_demo.train with torchrun, or drop --strategy")
+        if cfg.sharded_checkpoints:
+            raise ConfigError("--checkpoint-format sharded is for ddp_demo.train: Accelerate wraps the optimizer, "
+                              "which torch.distributed.checkpoint's state_dict helpers do not map; drop the flag")
         pick_device(env.local_rank, cfg.device)  # --device cuda without CUDA: the same one line as torchrun's
         self.accelerator = make_accelerator(cfg)
         ctx = context_of(self.accelerator)

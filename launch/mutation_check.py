@@ -53,14 +53,16 @@ RAY = "tests/test_ray.py::test_killed_and_restarted_ray_run_equals_one_process"
 SHARDING = "tests/test_sharding.py::"
 FSDP = "tests/test_fsdp_scratch.py::"
 STRATEGY_TRAIN = "tests/test_strategy_train.py::"
+SHARDED = "tests/test_sharded_checkpoint.py::"
+RESHARD = "tests/test_resharding.py::"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
 MUTATIONS = (
     Mutation(
         "resume ignores the checkpoint (still logs 'resuming from')", "ddp_demo/resilience/resume.py",
-        (('    model.load_state_dict(state["model"])\n    optimizer.load_state_dict(state["optimizer"])\n'
-          '    checkpoint.set_rng_state(state["rng"])\n', ""),
+        (('        model.load_state_dict(state["model"])\n        optimizer.load_state_dict(state["optimizer"])\n',
+          "        pass\n"), ('    checkpoint.set_rng_state(state["rng"])\n', ""),
          ('    return state["step"], state["logs"]\n', "    return 0, []\n")),
         (CKPT + "test_stopped_and_resumed_run_is_bit_identical",
          CKPT + "test_the_resumed_result_depends_on_the_checkpoint",
@@ -125,7 +127,7 @@ MUTATIONS = (
     ),
     Mutation(
         "resume restores the weights but not the optimizer state", "ddp_demo/resilience/resume.py",
-        (('    optimizer.load_state_dict(state["optimizer"])\n', ""),),
+        (('        optimizer.load_state_dict(state["optimizer"])\n', ""),),
         (CKPT + "test_stopped_and_resumed_run_is_bit_identical",),
     ),
     Mutation(
@@ -135,8 +137,61 @@ MUTATIONS = (
     ),
     Mutation(
         "--keep-last prunes nothing", "ddp_demo/resilience/checkpoint.py",
-        (("    for old in checkpoints(d)[:-keep_last]:\n", "    for old in []:\n"),),
-        (CKPT + "test_keep_last_prunes_to_the_newest",),
+        (("    for old in checkpoints(directory)[:-keep_last]:\n", "    for old in []:\n"),),
+        (CKPT + "test_keep_last_prunes_to_the_newest", SHARDED + "test_keep_last_prunes_directories"),
+    ),
+    Mutation(
+        "a sharded resume ignores the checkpoint's tensors", "ddp_demo/resilience/resume.py",
+        (("            sharded.load(found.path, module, optimizer, found.state)\n", "            pass\n"),),
+        (SHARDED + "test_stopped_and_resumed_is_bit_identical",
+         RESHARD + "test_resumed_at_another_size_or_strategy_equals_one_process"),
+    ),
+    Mutation(
+        "zero's optimizer state is not loaded from a sharded checkpoint", "ddp_demo/parallel/state_dict.py",
+        (("                optimizer.optim.state[p] = {k: v.to(p.device)", "                {k: v.to(p.device)"),),
+        (RESHARD + "test_resumed_at_another_size_or_strategy_equals_one_process[fsdp2-zero2]",),
+    ),
+    Mutation(
+        "a sharded checkpoint is written in place (no rename as the commit point)", "ddp_demo/resilience/sharded.py",
+        (("    tmp = final.with_name(final.name + PARTIAL)\n", "    tmp = final\n"),),
+        (SHARDED + "test_a_writer_killed_mid_save_leaves_no_checkpoint",),
+    ),
+    Mutation(
+        "a shard's checksum is not verified", "ddp_demo/resilience/sharded.py",
+        (("        if _sha256(path / name) != digest:\n", "        if False:\n"),),
+        (SHARDED + "test_bad_checkpoint_is_one_line_and_nothing_is_overwritten[truncated-shard]",),
+    ),
+    Mutation(
+        "a missing shard is not named", "ddp_demo/resilience/sharded.py",
+        (("        if not (path / name).is_file():\n", "        if False:\n"),),
+        (SHARDED + "test_bad_checkpoint_is_one_line_and_nothing_is_overwritten[missing-shard]",),
+    ),
+    Mutation(
+        "a checkpoint of a newer format is read", "ddp_demo/resilience/sharded.py",
+        (('    if manifest.get("format", 0) > FORMAT:\n', "    if False:\n"),),
+        (SHARDED + "test_bad_checkpoint_is_one_line_and_nothing_is_overwritten[newer-format]",
+         SHARDED + "test_newer_format_is_not_skipped_under_resume_auto"),
+    ),
+    Mutation(
+        "a newer format is skipped under --resume auto", "ddp_demo/resilience/checkpoint.py",
+        (("        except sharded.NewerFormat as e:", "        except ZeroDivisionError as e:"),),
+        (SHARDED + "test_newer_format_is_not_skipped_under_resume_auto",),
+    ),
+    Mutation(
+        "another model's sharded checkpoint is not refused before reading", "ddp_demo/resilience/sharded.py",
+        (("    check_model(path, reader.read_metadata().state_dict_metadata, module)\n", ""),),
+        (SHARDED + "test_bad_checkpoint_is_one_line_and_nothing_is_overwritten[another-model]",),
+    ),
+    Mutation(
+        "DCP's .metadata is read with plain pickle", "ddp_demo/resilience/sharded.py",
+        (("metadata = _MetadataUnpickler(f).load()\n", "metadata = pickle.load(f)\n"),),
+        (SHARDED + "test_a_checkpoint_cannot_run_code[.metadata]",),
+    ),
+    Mutation(
+        "the offline conversion drops the optimizer state", "ddp_demo/parallel/state_dict.py",
+        (("    optim_state = {index[n]: s for n, s in state[\"optim\"][\"state\"].items()}\n",
+          "    optim_state = {}\n"),),
+        (SHARDED + "test_conversion_both_ways_keeps_every_tensor",),
     ),
     Mutation(
         "checkpoints are read without weights_only", "ddp_demo/resilience/checkpoint.py",
@@ -261,7 +316,7 @@ MUTATIONS = (
         "--strategy zero/fsdp accept flags they do not support (checkpoints, fp16)",
         "ddp_demo/core/config.py",
         (("        self.check_strategy()\n", "        pass\n"),),
-        (STRATEGY_TRAIN + "test_refused_in_one_line[zero-checkpoints]",
+        (STRATEGY_TRAIN + "test_refused_in_one_line[zero-file-checkpoints]",
          STRATEGY_TRAIN + "test_refused_in_one_line[fsdp-fp16]"),
     ),
     Mutation(

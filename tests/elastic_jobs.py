@@ -144,9 +144,11 @@ class Job:
         return time.monotonic()
 
     def checkpoint(self, step: int | None = None) -> float:
-        """When the checkpoint of ``step`` (None: of any step) is complete: its checksum is written last."""
-        name = "step-*.pt.sha256" if step is None else f"step-{step:06d}.pt.sha256"
-        return self.wait_for(f"checkpoint {name}", lambda: any((self.dir / "ckpt").glob(name)))
+        """When the checkpoint of ``step`` (None: of any step) is complete: a file's checksum is written
+        last; a sharded checkpoint's directory gets its name (and so its manifest) in one rename."""
+        stem = "step-*" if step is None else f"step-{step:06d}"
+        names = (f"{stem}.pt.sha256", f"{stem}/manifest.json")
+        return self.wait_for(f"checkpoint {stem}", lambda: any(any((self.dir / "ckpt").glob(n)) for n in names))
 
     def lost_contact(self, node: int) -> float:
         return self.wait_for(f"lost-contact line from node {node}", lambda: "lost contact" in self.output(node, "err"))

@@ -39,6 +39,8 @@ def _cases(data: Path) -> dict:
     return {
         # a killed machine resets its connections: node 0 notices at once, whatever --timeout says
         "leave": (jobs.leave, [*flags, *pause(1), "--timeout", "30"], jobs.elastic_env()),
+        # the same under fsdp: sharded checkpoints, resharded from 2 ranks onto the survivor
+        "leave fsdp": (jobs.leave, [*flags, "--strategy", "fsdp", *pause(1), "--timeout", "30"], jobs.elastic_env()),
         # here --timeout bounds the pause that holds node 0 until node 1 arrives: room for a loaded machine
         "join": (jobs.join, [*flags, *pause(0), "--timeout", "120"], jobs.elastic_env()),
         # fixed membership, no restarts: the job can only end, and must end in bounded time
@@ -126,6 +128,15 @@ def test_a_node_leaves_and_the_job_goes_on_without_it(runs, reference):
     assert o.timeline == [2, 1]
     assert len(o.changes) == 1 and o.changes[0].startswith(f"world size 2 -> 1 at step {jobs.AT}: ")
     assert "a node left or failed" in o.changes[0]
+    same_training(o, reference)
+
+
+def test_a_node_leaves_an_fsdp_job_and_the_survivor_reshards(runs, reference):
+    o = outcome(runs, "leave fsdp")
+    assert o.codes[0] == 0, o.stderr[0][-3000:]
+    assert o.timeline == [2, 1] and len(o.changes) == 1
+    assert (o.out.parent / "ckpt" / f"step-{jobs.AT:06d}" / "manifest.json").exists()  # sharded, not one file
+    assert "saved by 2 process(es) under --strategy fsdp" in o.stdout[0]
     same_training(o, reference)
 
 

@@ -15,7 +15,7 @@ import pytest
 from .helpers import ROOT
 
 COMMANDS = {"ddp-demo-train", "ddp-demo-explain", "ddp-demo-check", "ddp-demo-compare", "ddp-demo-doctor",
-            "ddp-demo-verify", "ddp-demo-bench", "ddp-demo-rendezvous"}
+            "ddp-demo-verify", "ddp-demo-bench", "ddp-demo-rendezvous", "ddp-demo-checkpoint"}
 
 
 def scripts(pyproject: str) -> dict[str, str]:

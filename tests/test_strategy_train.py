@@ -70,8 +70,11 @@ def test_control_without_gradient_reduction_misses(launches, name):
 
 
 REFUSED = {  # name: (flags, the flag the one line must name)
-    "zero-checkpoints": (["--strategy", "zero", "--checkpoint-dir", "{d}/ck"], "--checkpoint-dir"),
-    "fsdp-resume-path": (["--strategy", "fsdp", "--resume", "{d}/x.pt"], "--resume"),
+    "zero-file-checkpoints": (["--strategy", "zero", "--checkpoint-format", "file", "--checkpoint-dir", "{d}/ck"],
+                              "--checkpoint-format"),
+    "fsdp-file-checkpoints": (["--strategy", "fsdp", "--checkpoint-format", "file"], "--checkpoint-format"),
+    "fsdp-scratch-checkpoints": (["--strategy", "fsdp", "--ddp", "scratch", "--checkpoint-dir", "{d}/ck"],
+                                 "--ddp scratch"),
     "fsdp-fp16": (["--strategy", "fsdp", "--precision", "fp16"], "--precision"),
     "unknown-strategy": (["--strategy", "zero3"], "--strategy"),
 }

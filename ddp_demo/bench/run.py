@@ -19,7 +19,8 @@ a few minutes on a 2-core machine; ``--quick`` checks the whole pipeline in seco
 on tiny models, and its numbers mean nothing.
 
 ``python -m ddp_demo.bench memory`` measures something else: what one rank holds under ddp,
-zero and fsdp (``bench/memory.py``).
+zero and fsdp (``bench/memory.py``); ``checkpoint``, what a sharded checkpoint costs to save
+and load at N = 1, 2, 4 (``bench/checkpoint_io.py``).
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddp_demo.bench.param_peak import main as param_peak
 
         return param_peak(argv[1:])
+    if argv[:1] == ["checkpoint"]:  # sharded checkpoints: save/load time, bytes per rank (bench/checkpoint_io.py)
+        from ddp_demo.bench.checkpoint_io import main as checkpoint_io
+
+        return checkpoint_io(argv[1:])
     args = parse_args(argv)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     plan = make_plan(args.quick, args.launchers, args.malloc)

@@ -26,6 +26,7 @@ WRAPPERS = ("torch", "scratch")  # --ddp: torch's DDP or fully_shard, or ddp_dem
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINT_FORMATS = ("auto", "file", "sharded")  # --checkpoint-format: resilience/checkpoint.py, sharded.py
 BACKENDS = ("auto", "gloo", "nccl")
 FAULT_KINDS = ("kill", "hang", "pause")  # resilience/faults.py
 
@@ -82,6 +83,10 @@ class TrainConfig:
     checkpoint_every: int = option(50, "steps between checkpoints (one is always written at the last step)",
                                    group=CHECKPOINTS)
     keep_last: int = option(3, "how many checkpoints to keep in --checkpoint-dir", group=CHECKPOINTS)
+    checkpoint_format: str = option("auto", "file: one file written by rank 0; sharded: every rank writes its shards "
+                                    "(torch.distributed.checkpoint), resumable at any world size and strategy; auto: "
+                                    "file under ddp, sharded under zero and fsdp", CHECKPOINT_FORMATS,
+                                    group=CHECKPOINTS)
     resume: str = option("auto", "auto: newest valid checkpoint if any; never: start fresh; or a checkpoint PATH",
                          group=CHECKPOINTS)
     record_samples: bool = option(False, "record each step's sample ids, rank by rank, in metrics.jsonl", group=TESTING)
@@ -97,7 +102,8 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        for name in ("model", "strategy", "optimizer", "ddp", "dtype", "device", "backend", "precision", "malloc"):
+        for name in ("model", "strategy", "optimizer", "ddp", "dtype", "device", "backend", "precision", "malloc",
+                     "checkpoint_format"):
             choices = field_named(TrainConfig, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(
@@ -123,16 +129,23 @@ class TrainConfig:
         """What --strategy zero and fsdp do not (yet) combine with: refused before any process starts."""
         if self.strategy == "ddp":
             return
-        if self.checkpoint_dir is not None or self.resume not in ("auto", "never"):
-            what = "--checkpoint-dir" if self.checkpoint_dir is not None else "--resume PATH"
-            raise ConfigError(f"{what} with --strategy {self.strategy}: sharded checkpoints are not wired yet "
-                              "(issue 22); use --strategy ddp to checkpoint, or drop the flag")
+        if self.strategy == "fsdp" and self.ddp == "scratch" and self.checkpoint_dir is not None:
+            raise ConfigError("--checkpoint-dir with --strategy fsdp --ddp scratch: ScratchFSDP's shards are plain "
+                              "tensors that DCP cannot place (parallel/fsdp.py); use --ddp torch to checkpoint")
+        if self.checkpoint_format == "file":
+            raise ConfigError(f"--checkpoint-format file with --strategy {self.strategy}: one file means gathering "
+                              "the whole state on rank 0, which sharding avoids; use --checkpoint-format sharded")
         if self.strategy == "fsdp" and self.ddp == "scratch" and self.precision != "fp32":
             raise ConfigError(f"--precision {self.precision} with --strategy fsdp --ddp scratch: ScratchFSDP has no "
                               "mixed precision (parallel/fsdp.py); use --ddp torch, or drop --precision")
         if self.strategy == "fsdp" and self.precision == "fp16":
             raise ConfigError("--precision fp16 with --strategy fsdp is not wired (its GradScaler over sharded "
                               "gradients is untested here); use --precision bf16")
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are DCP directories (resilience/sharded.py) rather than one file."""
+        return self.checkpoint_format == "sharded" or self.checkpoint_format == "auto" and self.strategy != "ddp"
 
     def check_precision(self, device_type: str) -> None:
         """fp16 needs a GradScaler, which this project runs on CUDA only (core/precision.py)."""

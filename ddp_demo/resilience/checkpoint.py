@@ -7,7 +7,10 @@ checksum mismatch is a damaged file; both are reported and skipped in favour of 
 previous checkpoint. Files are read with ``torch.load(weights_only=True)``: loading a
 checkpoint cannot run code.
 
-Only global rank 0 writes; the caller makes the other ranks wait at a barrier.
+Only global rank 0 writes; the caller makes the other ranks wait at a barrier. A sharded
+checkpoint (every rank writes, resharded on load: ``--checkpoint-format sharded``, the default
+under zero and fsdp) is a directory ``step-000120/`` instead (resilience/sharded.py); this module
+lists, verifies and prunes both kinds, so a run can resume from either.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import io
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +27,9 @@ import torch
 
 from ddp_demo.core.config import ConfigError
 from ddp_demo.core.outputs import atomic_write
+from ddp_demo.resilience import sharded
 
-NAME = re.compile(r"^step-(\d{6,})\.pt$")
+NAME = re.compile(r"^step-(\d{6,})(\.pt)?$")  # step-000120.pt: one file; step-000120: a sharded directory
 # Settings a checkpoint must share with the run that resumes it; others (steps, lr, out,
 # timeout, logging, checkpoint cadence) may change between attempts.
 MUST_MATCH = ("model", "dtype", "optimizer", "seed", "global_batch_size", "data", "grad_accum_steps")
@@ -33,8 +38,12 @@ MUST_MATCH = ("model", "dtype", "optimizer", "seed", "global_batch_size", "data"
 @dataclass
 class Found:
     path: Path
-    state: dict
+    state: dict  # a sharded checkpoint's is its meta.pt: everything but the tensors, read after wrapping
     skipped: list[str]  # one line per newer checkpoint that was unusable
+
+    @property
+    def sharded(self) -> bool:
+        return self.path.is_dir()
 
 
 def rng_state() -> dict:
@@ -60,16 +69,29 @@ def save(directory: str, step: int, state: dict, keep_last: int) -> Path:
     """Write ``state`` as the checkpoint for ``step`` and prune to the newest ``keep_last``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    path = d / f"step-{step:06d}.pt"
+    write_file(path, state)
+    prune(d, keep_last)
+    return path
+
+
+def write_file(path: Path, state: dict) -> None:
+    """The checkpoint file, then its checksum, each atomically."""
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    path = d / f"step-{step:06d}.pt"
     atomic_write(path, lambda p: p.write_bytes(data))
     atomic_write(_sum_path(path), lambda p: p.write_text(hashlib.sha256(data).hexdigest() + "\n"))
-    for old in checkpoints(d)[:-keep_last]:
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints of either kind."""
+    for old in checkpoints(directory)[:-keep_last]:
+        if old.is_dir():
+            shutil.rmtree(old)
+            continue
         _sum_path(old).unlink(missing_ok=True)
         old.unlink(missing_ok=True)
-    return path
 
 
 def checkpoints(directory: str | Path) -> list[Path]:
@@ -77,12 +99,15 @@ def checkpoints(directory: str | Path) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.iterdir() if NAME.match(p.name)), key=lambda p: int(NAME.match(p.name)[1]))
+    found = (p for p in d.iterdir() if (m := NAME.match(p.name)) and p.is_dir() == (m[2] is None))
+    return sorted(found, key=lambda p: int(NAME.match(p.name)[1]))
 
 
 def load(path: str | Path) -> dict:
     """Read and verify one checkpoint; raise ValueError naming what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        return sharded.verify(path)
     data = path.read_bytes()
     sum_file = _sum_path(path)
     if not sum_file.exists():
@@ -98,6 +123,8 @@ def newest_valid(directory: str) -> Found | None:
     for path in reversed(checkpoints(directory)):
         try:
             return Found(path, load(path), skipped)
+        except sharded.NewerFormat as e:  # not skipped: resuming an older one would prune it later
+            raise ConfigError(str(e)) from None
         except Exception as e:  # ValueError from load, or an unreadable torch file
             skipped.append(f"skipping checkpoint {path}: {e}")
     return None

@@ -1,0 +1,107 @@
+"""What a sharded checkpoint costs: save and load time, bytes on disk per rank, at N = 1, 2, 4.
+
+    python -m ddp_demo.bench checkpoint [--strategies ddp zero fsdp] [--sizes 1 2 4] [--reps 3]
+
+The model is the benchmark's largest CPU workload (bench/run.py's ``mlp``: 3 hidden layers of
+1024, 3.2 M parameters, float32) with Adam, after one step (so the optimizer state exists: two
+more tensors per parameter). Each world size is one group of processes (core/spawn.py, a
+FileStore, no ports); each rank saves through resilience/sharded.py into a scratch directory and
+loads it back into a freshly wrapped model. A time is the slowest rank's, the median of
+``--reps``; the save includes rank 0's checksums and the rename. "bytes/rank" is the size of each
+rank's ``__R_0.distcp`` file (DCP writes a replicated tensor once, spreading the replicas'
+tensors over the ranks; under zero each rank also writes its own share of the optimizer state). Benchmarks are not
+tests: the numbers depend on the disk and on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ddp_demo.bench.timing import Workload, build_workload, param_count
+from ddp_demo.core.dist import DistContext
+from ddp_demo.core.spawn import run_on_ranks
+
+LARGEST = Workload("mlp", "mlp", 32, 6)  # bench/run.py's full plan: width 1024, depth 3
+
+
+def _wrapped(strategy: str, ctx: DistContext):
+    from ddp_demo.parallel.strategy import StrategyConfig, wrap
+
+    model, x, y = build_workload(LARGEST, ctx)
+    w = wrap(model, ctx, StrategyConfig(strategy), lambda params: torch.optim.Adam(params, lr=1e-3))
+    return w, x, y
+
+
+def _timed(fn) -> float:
+    """Wall time of ``fn`` on the slowest rank (every rank starts together at a barrier)."""
+    if dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    fn()
+    took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took)
+
+
+def on_rank(ctx: DistContext, strategy: str, reps: int, scratch: str) -> dict:
+    from ddp_demo.resilience import sharded
+
+    w, x, y = _wrapped(strategy, ctx)
+    torch.nn.functional.cross_entropy(w.model(x), y).backward()
+    w.optimizer.step()
+    fresh, _, _ = _wrapped(strategy, ctx)
+    saves, loads = [], []
+    for rep in range(reps):
+        d = Path(scratch) / f"{strategy}-{ctx.world_size}-{rep}"
+        saves.append(_timed(lambda d=d: sharded.save(d, 1, w.module, w.optimizer, {}, ctx.is_main)))
+        step = d / "step-000001"
+        meta = torch.load(step / sharded.META, weights_only=True)
+        loads.append(_timed(lambda step=step, meta=meta: sharded.load(step, fresh.module, fresh.optimizer, meta)))
+    step = Path(scratch) / f"{strategy}-{ctx.world_size}-0" / "step-000001"
+    mine = step / f"__{ctx.rank}_0.distcp"
+    return {"save_s": statistics.median(saves), "load_s": statistics.median(loads),
+            "bytes": mine.stat().st_size if mine.exists() else 0,
+            "total": sum(p.stat().st_size for p in step.iterdir()), "params": param_count(w.module)}
+
+
+def measure(strategies: list[str], sizes: list[int], reps: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for n in sizes:
+            for strategy in strategies:
+                ranks = run_on_ranks(on_rank, n, (strategy, reps, scratch), timeout=600)
+                rows.append({"strategy": strategy, "n": n, **ranks[0], "bytes_per_rank": [r["bytes"] for r in ranks]})
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lines = [f"model: bench mlp, {rows[0]['params']:,} float32 parameters + Adam state; median of the slowest rank",
+             f"{'strategy':<8} {'N':>2} {'save s':>7} {'load s':>7} {'total MB':>9}  MB per rank (__R_0.distcp)"]
+    for r in rows:
+        per = " ".join(f"{b / 1e6:.1f}" for b in r["bytes_per_rank"])
+        lines.append(f"{r['strategy']:<8} {r['n']:>2} {r['save_s']:>7.3f} {r['load_s']:>7.3f} "
+                     f"{r['total'] / 1e6:>9.1f}  {per}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ddp_demo.bench checkpoint", description=__doc__.split("\n\n")[0])
+    p.add_argument("--strategies", nargs="+", default=["ddp", "zero", "fsdp"], choices=["ddp", "zero", "fsdp"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4], help="world sizes")
+    p.add_argument("--reps", type=int, default=3, help="saves and loads per configuration (the median is shown)")
+    args = p.parse_args(argv)
+    print(report(measure(args.strategies, args.sizes, args.reps)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
