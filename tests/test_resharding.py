@@ -1,4 +1,4 @@
-"""Sharded checkpoints resumed at another world size and under another strategy, through torchrun.
+"""Sharded checkpoints resumed at another world size and under another strategy.
 
 Two float64 Adam runs at N = 2 (zero, fsdp; sharded checkpoints every 2 steps) are SIGKILLed
 after step 7 (``--inject-fault kill:1:7``), mid-epoch, so step 6's checkpoint is the newest; a
@@ -6,7 +6,8 @@ ddp run in this process stops at step 6. Copies of these are resumed by a few re
 pairs (the full matrix of world sizes and strategies is launch/reshard_matrix.sh): each must
 end within WHOLE_RUN of one uninterrupted process, take its first 6 steps from the checkpoint,
 and train every later step on the same global batch as that process, split evenly over its own
-ranks. Runs at N = 1 run in this process (milliseconds); the rest are launched two rounds at once.
+ranks. Runs at N = 1 run in this process (milliseconds); the killed runs under torchrun (its agent
+stops the survivor), the resumed ones on ranks forked from a warm server (tests/forked.py).
 51 training samples, global batch 12: 4 steps an epoch, so 10 steps cross two epoch boundaries.
 """
 
@@ -22,6 +23,7 @@ import torch
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 from ddp_demo.resilience import checkpoint
 
+from .forked import forked_runs
 from .helpers import TORCHRUN, Command, continued_from, main_in_process, max_diff, metrics, run_at_once
 from .test_sharded_checkpoint import nudged_copy
 
@@ -61,8 +63,8 @@ def runs(tmp_path_factory) -> dict:
     for name, (saved_by, _, _, _) in PAIRS.items():
         shutil.copytree(d / saved_by / "ckpt", d / name / "ckpt")
         logged[name] = checkpoint.load(d / name / "ckpt" / "step-000006")["logs"]
-    second = run_at_once({name: torchrun(n, flags(data, d / name, s), d)
-                          for name, (_, _, s, n) in PAIRS.items() if n > 1})
+    second = forked_runs({name: (n, flags(data, d / name, s)) for name, (_, _, s, n) in PAIRS.items() if n > 1},
+                         dict.fromkeys(PAIRS, d))
     with pytest.MonkeyPatch.context() as monkeypatch:
         for name, (_, _, s, n) in PAIRS.items():
             if n == 1:
