@@ -88,11 +88,12 @@ def test_refused_in_one_line(name, tmp_path, in_process):
     assert not (tmp_path / "ck").exists()
 
 
-def test_accelerate_refuses_sharding_in_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flags, flag, fix", [(["--strategy", "fsdp"], "--strategy", "torchrun"),
+                                              (["--checkpoint-format", "sharded"], "--checkpoint-format", "drop")])
+def test_accelerate_refuses_sharding_in_one_line(tmp_path, monkeypatch, capsys, flags, flag, fix):
     for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "out"
-    code = train_accelerate.main(["--strategy", "fsdp", "--out", str(out)])
+    code = train_accelerate.main([*flags, "--out", str(out)])
     captured = capsys.readouterr()
-    assert_one_clear_line(subprocess.CompletedProcess([], code, captured.out, captured.err), "--strategy", out,
-                          "torchrun")
+    assert_one_clear_line(subprocess.CompletedProcess([], code, captured.out, captured.err), flag, out, fix)
