@@ -17,6 +17,7 @@ import math
 from ddp_demo.check.diagnose import diagnose
 from ddp_demo.check.engine import Plan, reference, run_world
 from ddp_demo.check.options import CheckOptions
+from ddp_demo.check.reduce_dtype import attach, check_lower, with_baselines
 from ddp_demo.check.target import call_target, check_batch_divides, check_repeatable
 from ddp_demo.check.verdict import Verdict, World, judge, tolerance_for
 from ddp_demo.core.spawn import WorkerError
@@ -27,12 +28,14 @@ def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
     target = call_target(plan.spec, plan.dtype)  # never trained: it describes and diagnoses the model
     check_batch_divides(plan.spec, target, world_sizes)
     check_repeatable(plan.spec, target, plan.dtype)
+    check_lower(plan, target)
     return Verdict(plan, target, reference(plan), tolerance_for(plan, target))
 
 
 def run_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
-    """For each N, one set of processes runs every target; each verdict judges its share."""
-    plans = [v.plan for v in verdicts]
+    """For each N, one set of processes runs every target (and the baselines of --reduce-dtype,
+    reduce_dtype.py); each verdict judges its share."""
+    plans = with_baselines([v.plan for v in verdicts])
     for n in world_sizes:
         try:
             results, seconds = run_world(n, plans, timeout)
@@ -40,8 +43,10 @@ def run_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: f
             for v in verdicts:
                 v.worlds.append(World(n, math.nan, error=str(e)))
             continue
-        for v, ranks in zip(verdicts, results, strict=True):
+        mine, baselines = results[:len(verdicts)], results[len(verdicts):]
+        for v, ranks in zip(verdicts, mine, strict=True):
             v.worlds.append(judge(v, n, seconds, ranks))
+        attach(verdicts, n, baselines, mine)
 
 
 def check_plans(plans: list[Plan], world_sizes: tuple[int, ...], timeout: float = 120.0) -> list[Verdict]:

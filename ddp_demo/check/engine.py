@@ -44,6 +44,7 @@ class Plan:
     steps: int = 3
     find_unused_parameters: bool = False
     strategy: str = "ddp"  # ddp, zero or fsdp (ddp_demo/parallel/strategy.py)
+    reduce_dtype: str | None = None  # fsdp: reduce-scatter gradients in this lower dtype (check/reduce_dtype.py)
 
     @property
     def learning_rate(self) -> float:
@@ -128,7 +129,7 @@ def train_on_rank(ctx: DistContext, plan: Plan) -> dict:
         return {"grads": trained.grads, "after": trained.after, "unused": unused, "find_unused": find_unused}
     from ddp_demo.parallel import holdings, strategy  # FSDP's imports cost a second: only when asked
 
-    w = strategy.wrap(part.model, ctx, strategy.StrategyConfig(plan.strategy),
+    w = strategy.wrap(part.model, ctx, strategy.StrategyConfig(plan.strategy, reduce_dtype=plan.reduce_dtype),
                       lambda params: make_optimizer(plan.optimizer, plan.learning_rate, params))
     trained = train(w.model, part, plan, w.optimizer)
     return {"grads": trained.grads, "after": trained.after, "unused": unused, "find_unused": find_unused,

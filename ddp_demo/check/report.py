@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from ddp_demo.check.reduce_dtype import lines as reduce_lines
 from ddp_demo.check.verdict import Row, Verdict, World
 
 
@@ -32,7 +33,8 @@ def header(v: Verdict) -> list[str]:
     model, plan = v.target.model, v.plan
     params = [p for p in model.parameters() if p.requires_grad]
     return [
-        f"ddp_demo.check {plan.spec}" + (f" --strategy {plan.strategy}" if plan.strategy != "ddp" else ""),
+        f"ddp_demo.check {plan.spec}" + (f" --strategy {plan.strategy}" if plan.strategy != "ddp" else "")
+        + (f" --reduce-dtype {plan.reduce_dtype}" if plan.reduce_dtype else ""),
         f"model {type(model).__name__}: {len(params)} parameter tensors ({sum(p.numel() for p in params):,} values); "
         f"batch of {v.target.batch_size}; {v.tolerance['dtype']}; {plan.steps} step{'s' * (plan.steps > 1)} of "
         f"{plan.optimizer}, lr {plan.learning_rate:g}",
@@ -90,7 +92,8 @@ def verdict_lines(v: Verdict) -> list[str]:
 
 
 def text(v: Verdict) -> str:
-    return "\n".join([*header(v), *(world_line(w, v.plan.steps) for w in v.worlds), *verdict_lines(v)])
+    return "\n".join([*header(v), *(world_line(w, v.plan.steps) for w in v.worlds), *reduce_lines(v),
+                      *verdict_lines(v)])
 
 
 def _finite(x: float) -> float | None:

@@ -61,6 +61,7 @@ class Verdict:
     tolerance: dict
     worlds: list[World] = field(default_factory=list)
     causes: list = field(default_factory=list)  # diagnose.Cause, filled in when the check fails
+    reduce_effects: list = field(default_factory=list)  # reduce_dtype.Effect per N, under --reduce-dtype
 
     @property
     def ok(self) -> bool:
