@@ -26,9 +26,9 @@ from ddp_demo.core.spawn import WorkerError
 def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
     """Everything that can go wrong before a process starts (CheckError), then the reference."""
     target = call_target(plan.spec, plan.dtype)  # never trained: it describes and diagnoses the model
+    check_lower(plan, target)
     check_batch_divides(plan.spec, target, world_sizes)
     check_repeatable(plan.spec, target, plan.dtype)
-    check_lower(plan, target)
     return Verdict(plan, target, reference(plan), tolerance_for(plan, target))
 
 
