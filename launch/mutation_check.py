@@ -55,6 +55,7 @@ FSDP = "tests/test_fsdp_scratch.py::"
 STRATEGY_TRAIN = "tests/test_strategy_train.py::"
 SHARDED = "tests/test_sharded_checkpoint.py::"
 RESHARD = "tests/test_resharding.py::"
+CHECK_STRATEGY = "tests/test_check_strategy.py::"
 WHOLE_RUNS = ("tests/test_train.py::test_whole_run_is_world_size_invariant",
               "tests/test_accumulation.py::test_whole_run_with_accumulation_equals_single_process")
 
@@ -278,6 +279,17 @@ MUTATIONS = (
         (('    if cfg.name == "zero":\n', "    if False:\n"),),
         (SHARDING + "test_held_bytes_exact[2-zero-adam]",
          SHARDING + "test_fsdp_holds_about_one_nth_and_zero_shrinks_optimizer_state_only[2]"),
+    ),
+    Mutation(
+        "fsdp's policy ignores the reduce dtype (reduces in the parameters' own)", "ddp_demo/parallel/strategy.py",
+        (("        if self.reduce_dtype is None:\n            return base\n", "        return base\n"),),
+        (CHECK_STRATEGY + "test_lower_reduce_dtype_is_named_with_its_measured_effect",
+         CHECK_STRATEGY + "test_reduce_dtype_goes_to_fsdp_only_and_into_its_policy"),
+    ),
+    Mutation(
+        "the check's reduce-dtype baseline reduces in the lower dtype too", "ddp_demo/check/reduce_dtype.py",
+        (("dataclasses.replace(p, reduce_dtype=None)", "dataclasses.replace(p)"),),
+        (CHECK_STRATEGY + "test_lower_reduce_dtype_is_named_with_its_measured_effect",),
     ),
     Mutation(
         "accumulation averages every micro-batch (grad_sync never turns the reduction off)",

@@ -29,6 +29,7 @@ TARGETS = {
     "sizes.py": _source(f"torch.nn.Linear(2, 1), ({X}, torch.zeros(5, 1)), print"),
     "odd.py": _source("torch.nn.Linear(2, 1), (torch.zeros(5, 2), torch.zeros(5, 1)), print"),
     "unseeded.py": _source(f"torch.nn.Linear(2, 1), ({X}, {Y}), torch.nn.functional.mse_loss", seed=False),
+    "linear.py": _source(f"torch.nn.Linear(2, 1), ({X}, {Y}), torch.nn.functional.mse_loss"),
     "vector.py": _source(f"torch.nn.Linear(2, 1), (torch.ones(6, 2), {Y}), lambda o, y: o - y"),
     # issue 24: a Recipe's own settings
     "recipe.py": "from ddp_demo.check import Recipe\n" + "\n".join(
@@ -62,6 +63,11 @@ BAD = {  # argv (with {d} the folder of TARGETS), what the one line must say
     "bad dtype": (["{d}/two.py:build", "--dtype", "float16"], "--dtype"),
     "json folder missing": ([f"{EX}/lstm.py:build", "--json", "{d}/no/such/v.json"], "--json"),
     "plot not a picture": ([f"{EX}/lstm.py:build", "--plot", "{d}/v.txt"], "--plot {d}/v.txt: use a .png"),
+    "reduce dtype without fsdp": ([f"{EX}/lstm.py:build", "--reduce-dtype", "float32"], "add --strategy fsdp"),
+    "reduce dtype unknown": ([f"{EX}/lstm.py:build", "--strategy", "fsdp", "--reduce-dtype", "float16"],
+                             "--reduce-dtype 'float16' is not known"),
+    "reduce dtype not lower": (["{d}/linear.py:build", "--strategy", "fsdp", "--dtype", "keep", "--reduce-dtype",
+                                "float32"], "not lower than"),
 }
 
 

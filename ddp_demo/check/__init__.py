@@ -20,6 +20,7 @@ from ddp_demo.check.diagnose import diagnose
 from ddp_demo.check.engine import Plan, reference, run_worlds
 from ddp_demo.check.options import CheckOptions
 from ddp_demo.check.recipe import Recipe
+from ddp_demo.check.reduce_dtype import attach, check_lower, with_baselines
 from ddp_demo.check.target import call_target, check_batch_divides, check_repeatable
 from ddp_demo.check.verdict import Verdict, World, judge, tolerance_for
 from ddp_demo.core.spawn import WorkerError
@@ -30,6 +31,7 @@ __all__ = ["Recipe", "check", "check_plans"]
 def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
     """Everything that can go wrong before a process starts (CheckError), then the reference."""
     target = call_target(plan.spec, plan.dtype)  # never trained: it describes and diagnoses the model
+    check_lower(plan, target)
     check_batch_divides(plan.spec, target, world_sizes)
     check_repeatable(plan.spec, target, plan.dtype)
     ref = reference(plan)
@@ -37,17 +39,20 @@ def prepare(plan: Plan, world_sizes: tuple[int, ...]) -> Verdict:
 
 
 def judge_worlds(verdicts: list[Verdict], world_sizes: tuple[int, ...], timeout: float) -> None:
-    """One set of processes runs every target at every N (engine.run_worlds); each verdict judges its share."""
+    """One set of processes runs every target at every N (engine.run_worlds), and the baselines of
+    --reduce-dtype (reduce_dtype.py); each verdict judges its share."""
     try:
-        worlds = run_worlds(world_sizes, [v.plan for v in verdicts], timeout)
+        worlds = run_worlds(world_sizes, with_baselines([v.plan for v in verdicts]), timeout)
     except WorkerError as e:  # a rank stopped answering: its one line first (stalled.py)
         for v in verdicts:
             v.worlds.append(World(max(world_sizes), math.nan, error=str(e)))
         return
     for n in sorted(world_sizes):
         results, seconds = worlds[n]
-        for v, ranks in zip(verdicts, results, strict=True):
+        mine, baselines = results[:len(verdicts)], results[len(verdicts):]
+        for v, ranks in zip(verdicts, mine, strict=True):
             v.worlds.append(judge(v, n, seconds, ranks))
+        attach(verdicts, n, baselines, mine)
 
 
 def check_plans(plans: list[Plan], world_sizes: tuple[int, ...], timeout: float = 120.0) -> list[Verdict]:

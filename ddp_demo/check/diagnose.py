@@ -7,7 +7,9 @@ Each detector looks for one cause and names what it found:
 - modules that draw random numbers in training mode (from torch's random-number state,
   which a forward hook reads before and after each module);
 - a loss that sums over the batch (from the numbers: DDP's gradient times N is exactly the
-  single-process gradient, at every failing N).
+  single-process gradient, at every failing N);
+- under ``--reduce-dtype``, gradients averaged in a lower dtype (from the numbers: the same fsdp
+  run reducing in the parameters' dtype, reduce_dtype.py).
 
 When none applies the cause is "not recognised" and the report prints every tensor's difference.
 """
@@ -134,6 +136,22 @@ def summed_loss(v: Verdict) -> Cause | None:
         "average instead of summing (e.g. reduction='mean'), or multiply the loss by the world size")
 
 
+def lower_reduce_dtype(v: Verdict) -> Cause | None:
+    """The reduce dtype's own effect (reduce_dtype.Effect) over the tolerance at some N."""
+    over = [e for e in v.reduce_effects if not e.ok]
+    if not over:
+        return None
+    worst, dtype, low = max(over, key=lambda e: e.moved), v.tolerance["dtype"], v.plan.reduce_dtype
+    return Cause(
+        "reduce_dtype", f"fsdp reduce-scatters gradients in {low}, below the parameters' {dtype}: that alone "
+        f"moved the parameters by {worst.moved:.2g} at N={worst.world_size}",
+        f"MixedPrecisionPolicy(reduce_dtype={low}) rounds every averaged gradient to {low}; the same run reducing "
+        f"in {dtype} differs from one process by {worst.baseline:.2g}",
+        f"reduce in the parameters' dtype (MixedPrecisionPolicy(reduce_dtype=None): drop --reduce-dtype); or, "
+        f"if the model is float32 and reduces in float32, check it in float32 (--dtype keep); or "
+        f"accept {low}'s rounding as the bound of your training")
+
+
 def error(v: Verdict) -> Cause | None:
     failed = [w for w in v.worlds if w.error]
     if not failed:
@@ -151,7 +169,8 @@ def diagnose(v: Verdict) -> list:
     causes = [c for c in (error(v), unused_parameters(v)) if c]
     if not all(w.numbers_match for w in v.worlds if not w.error):
         causes += step_causes(v)
-        causes += [c for c in (buffers_per_rank(v), batchnorm(v), randomness(v), summed_loss(v)) if c]
+        found = (lower_reduce_dtype(v), buffers_per_rank(v), batchnorm(v), randomness(v), summed_loss(v))
+        causes += [c for c in found if c]
     if not causes:
         causes.append(Cause("not_recognised", "cause not recognised",
                             "no known cause fits; the table below shows every tensor's difference", ""))

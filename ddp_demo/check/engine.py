@@ -56,6 +56,7 @@ class Plan:
     steps: int = 3
     find_unused_parameters: bool = False
     strategy: str = "ddp"  # ddp, zero or fsdp (ddp_demo/parallel/strategy.py)
+    reduce_dtype: str | None = None  # fsdp: reduce-scatter gradients in this lower dtype (check/reduce_dtype.py)
 
     @property
     def learning_rate(self) -> float:
@@ -190,7 +191,7 @@ def train_on_rank(ctx: DistContext, plan: Plan, progress: Progress) -> dict:
                 "lrs": trained.lrs, "trace": trained.trace}
     from ddp_demo.parallel import holdings, strategy  # FSDP's imports cost a second: only when asked
 
-    w = strategy.wrap(part.model, ctx, strategy.StrategyConfig(plan.strategy), make)
+    w = strategy.wrap(part.model, ctx, strategy.StrategyConfig(plan.strategy, reduce_dtype=plan.reduce_dtype), make)
     model = Sharded(w.model, w.set_grad_sync) if plan.strategy == "fsdp" else w.model
     trained = train(model, part, plan, w.optimizer, k, Watch(progress, plan.strategy == "zero"))
     return {"grads": trained.grads, "after": trained.after, "unused": unused, "find_unused": find_unused,

@@ -25,6 +25,9 @@ class CheckOptions:
                                           "gradient are then not a failure")
     strategy: str = option("ddp", "ddp, zero (optimizer state sharded), fsdp (fully_shard) or all three: the "
                            "strategy the model is trained under on N processes", ("ddp", "zero", "fsdp", "all"))
+    reduce_dtype: str | None = option(None, "fsdp only: reduce-scatter the gradients in this dtype, below the "
+                                      "parameters', and measure what that alone changes (docs/check.md)",
+                                      ("float32", "bfloat16"), type_=str)
     timeout: float = option(120.0, "seconds the check's processes may take, every N together; a rank that stops "
                             "is then named in one line (exit 2)")
     json: str | None = option(None, "also write the verdict as JSON to this file (format: docs/check.md)", type_=str)
@@ -40,15 +43,19 @@ class CheckOptions:
             raise CheckError(f"--lr must be a positive number (got {self.lr})")
         if not self.timeout > 0:
             raise CheckError(f"--timeout must be a positive number of seconds (got {self.timeout})")
-        for name in ("dtype", "optimizer", "strategy"):
+        for name in ("dtype", "optimizer", "strategy", *(("reduce_dtype",) if self.reduce_dtype else ())):
             choices = field_named(CheckOptions, name).metadata["choices"]
             if getattr(self, name) not in choices:
-                raise CheckError(f"--{name} {getattr(self, name)!r} is not known; use one of: {', '.join(choices)}")
+                raise CheckError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not known; use one of: "
+                                 f"{', '.join(choices)}")
+        if self.reduce_dtype is not None and self.strategy not in ("fsdp", "all"):
+            raise CheckError(f"--reduce-dtype is fully_shard's (fsdp's) reduce dtype, not {self.strategy}'s; "
+                             "add --strategy fsdp (or all), or drop --reduce-dtype")
 
     def plans(self, spec: str) -> list[Plan]:
         names = ("ddp", "zero", "fsdp") if self.strategy == "all" else (self.strategy,)
-        return [Plan(spec, self.dtype, self.optimizer, self.lr, self.steps, self.find_unused_parameters, name)
-                for name in names]
+        return [Plan(spec, self.dtype, self.optimizer, self.lr, self.steps, self.find_unused_parameters, name,
+                     self.reduce_dtype if name == "fsdp" else None) for name in names]
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:

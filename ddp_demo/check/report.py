@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from ddp_demo.check.reduce_dtype import lines as reduce_lines
 from ddp_demo.check.verdict import Row, Verdict, World
 
 WHO = {"ddp": "DDP", "zero": "ZeRO (over DDP)", "fsdp": "FSDP (fully_shard)"}
@@ -49,7 +50,8 @@ def header(v: Verdict) -> list[str]:
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = "float32 under bf16 autocast" if v.tolerance["dtype"] == "bf16_autocast" else v.tolerance["dtype"]
     return [
-        f"ddp_demo.check {plan.spec}" + (f" --strategy {plan.strategy}" if plan.strategy != "ddp" else ""),
+        f"ddp_demo.check {plan.spec}" + (f" --strategy {plan.strategy}" if plan.strategy != "ddp" else "")
+        + (f" --reduce-dtype {plan.reduce_dtype}" if plan.reduce_dtype else ""),
         f"model {type(model).__name__}: {len(params)} parameter tensors ({sum(p.numel() for p in params):,} values); "
         f"batch of {v.target.batch_size}; {dtype}; {training(v)}",
         tolerance_line(v),
@@ -109,7 +111,8 @@ def verdict_lines(v: Verdict) -> list[str]:
 
 
 def text(v: Verdict) -> str:
-    return "\n".join([*header(v), *(world_line(w, v.steps) for w in v.worlds), *verdict_lines(v)])
+    return "\n".join([*header(v), *(world_line(w, v.steps) for w in v.worlds), *reduce_lines(v),
+                      *verdict_lines(v)])
 
 
 def _finite(x: float) -> float | None:

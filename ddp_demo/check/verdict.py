@@ -73,6 +73,7 @@ class Verdict:
     tolerance: dict
     worlds: list[World] = field(default_factory=list)
     causes: list[Cause] = field(default_factory=list)  # filled in by diagnose when the check fails
+    reduce_effects: list = field(default_factory=list)  # reduce_dtype.Effect per N, under --reduce-dtype
 
     @property
     def steps(self) -> int:

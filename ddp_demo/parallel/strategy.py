@@ -50,6 +50,7 @@ DDP_IMPLS = ("torch", "scratch")
 # gradient has (FSDP2 docs, MixedPrecisionPolicy.reduce_dtype). The sharded parameters and the
 # optimizer stay in the parameters' own dtype.
 BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+REDUCE_DTYPES = ("float32", "bfloat16")  # StrategyConfig.reduce_dtype: below the parameters' own (float64 or float32)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -66,12 +67,32 @@ class StrategyConfig:
     """The trainer's --precision: bf16 gives fsdp its MixedPrecisionPolicy (BF16_POLICY)."""
     reduce_grads: bool = True
     """False is the negative control: every rank trains on its own gradient, nothing is averaged."""
+    reduce_dtype: str | None = None
+    """fsdp (fully_shard) only: reduce-scatter the gradients in this dtype (float32 or bfloat16) instead of the
+    parameters' own (None), as MixedPrecisionPolicy.reduce_dtype does; the average then carries its rounding."""
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
         if self.ddp_impl not in DDP_IMPLS:
             raise ValueError(f"unknown DDP implementation {self.ddp_impl!r}; choose one of {', '.join(DDP_IMPLS)}")
+        if self.reduce_dtype is not None:
+            self._check_reduce_dtype()
+
+    def _check_reduce_dtype(self) -> None:
+        if self.reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(f"unknown reduce dtype {self.reduce_dtype!r}; choose one of {', '.join(REDUCE_DTYPES)}")
+        if self.name != "fsdp" or self.ddp_impl != "torch":
+            raise ValueError(f"a reduce dtype ({self.reduce_dtype}) is fully_shard's MixedPrecisionPolicy: it needs "
+                             f"strategy fsdp with torch's implementation, not {self.name} with {self.ddp_impl}'s; "
+                             "drop the reduce dtype or use fsdp")
+
+    def policy(self) -> MixedPrecisionPolicy:
+        """fully_shard's mixed precision: bf16 compute under --precision bf16, the reduce dtype if one is set."""
+        base = BF16_POLICY if self.precision == "bf16" else MixedPrecisionPolicy()
+        if self.reduce_dtype is None:
+            return base
+        return MixedPrecisionPolicy(param_dtype=base.param_dtype, reduce_dtype=getattr(torch, self.reduce_dtype))
 
 
 @dataclass
@@ -178,7 +199,7 @@ def shard_fully(module: nn.Module, cfg: StrategyConfig, ctx: DistContext) -> lis
     """``fully_shard`` each block (:func:`shard_units`), then the root; returns the 0-dim
     parameters left whole (:class:`Replicas`)."""
     scalars = [p for p in module.parameters() if p.dim() == 0]
-    policy = BF16_POLICY if cfg.precision == "bf16" else MixedPrecisionPolicy()
+    policy = cfg.policy()
     # The mesh follows ctx.device (gloo on the CPU, nccl on CUDA). fully_shard's default mesh is
     # CUDA whenever CUDA exists, which would break --device cpu on a machine with GPUs.
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
