@@ -461,7 +461,13 @@ MUTATIONS = (
     ),
     Mutation(
         "a stalled check names the first rank, not the one behind", "ddp_demo/check/stalled.py",
-        (('    return min(states, key=lambda s: (s.get("events", 0), s["time"], s["rank"]))', "    return states[0]"),),
+        (('    return min(behind, key=lambda s: (s.get("events", 0), s["time"], s["rank"]))', "    return states[0]"),),
+        (RECIPE + "test_the_rank_named_is_the_one_to_blame",),
+    ),
+    Mutation(
+        "a rank whose collective gave up waiting is blamed, not the rank it waited for", "ddp_demo/check/stalled.py",
+        (('    raised = [s for s in states if s.get("raised") and not _waited(s)]',
+          '    raised = [s for s in states if s.get("raised")]'),),
         (RECIPE + "test_the_rank_named_is_the_one_to_blame",),
     ),
     Mutation(

@@ -94,6 +94,11 @@ def test_the_rank_named_is_the_one_to_blame():
               _state(1, "forward of micro-batch 1", 8, "ValueError: bad", 4.0)]
     assert one_line(raised) == ("rank 1 raised in step 2 of t.py:f (ddp): ValueError: bad "
                                 "(last: forward of micro-batch 1)")
+    # rank 0's collective gave up on rank 1 (gloo's time-out can come before the check's deadline):
+    # rank 1, which never came, is the one to name
+    waited = [_state(0, "backward of micro-batch 1", 9, "RuntimeError: [gloo] Timed out waiting 25000ms for recv", 5.0),
+              _state(1, "forward of micro-batch 1", 8, t=1.0)]
+    assert culprit(waited)["rank"] == 1
 
 
 def test_others_wait_only_when_a_rank_raised_alone(tmp_path):
