@@ -20,7 +20,8 @@ from ddp_demo.core.tolerances import STEP, WHOLE_RUN, max_abs_diff, within
 from ddp_demo.proof.cases import DTYPE_NAMES, accum_cases, accum_ok, accum_rows
 from ddp_demo.proof.equivalence import reference_grads
 
-from .helpers import PYTHON, ROOT, Command, run_at_once, run_cmd, torchrun_args
+from .forked import ForkedRuns
+from .helpers import PYTHON, ROOT, Command, run_at_once, run_cmd
 
 FLAGS = ["--model", "mlp", "--dtype", "float64", "--steps", "30", "--global-batch-size", "16", "--seed", "5"]
 
@@ -52,14 +53,20 @@ def launches(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     and the unsynchronised launch. ``{name: (directory, process)}``."""
     d = {name: tmp_path_factory.mktemp(name) for name in ("checks", "torchrun", "accelerate", "accelerate_k2",
                                                           "unsynchronised")}
-    procs = run_at_once({
-        "checks": accelerate_cpu("--out", str(d["checks"]), cwd=d["checks"], entry="ddp_demo.proof.accelerate_checks"),
-        "torchrun": Command(torchrun_args(2, "ddp_demo.train", *FLAGS, "--out", str(d["torchrun"])), d["torchrun"]),
-        "accelerate": accelerate_cpu(*FLAGS, "--out", str(d["accelerate"]), cwd=d["accelerate"]),
-        "accelerate_k2": accelerate_cpu(*FLAGS, "--grad-accum-steps", "2", "--out", str(d["accelerate_k2"]),
-                                        cwd=d["accelerate_k2"]),
-        "unsynchronised": unsynchronised(d["unsynchronised"]),
-    })
+    # the torchrun job's ranks fork from a warm server (tests/forked.py): the reference, not what is tested
+    torchrun = ForkedRuns({"torchrun": (2, [*FLAGS, "--out", d["torchrun"]])}, d)
+    try:
+        procs = run_at_once({
+            "checks": accelerate_cpu("--out", str(d["checks"]), cwd=d["checks"],
+                                     entry="ddp_demo.proof.accelerate_checks"),
+            "accelerate": accelerate_cpu(*FLAGS, "--out", str(d["accelerate"]), cwd=d["accelerate"]),
+            "accelerate_k2": accelerate_cpu(*FLAGS, "--grad-accum-steps", "2", "--out", str(d["accelerate_k2"]),
+                                            cwd=d["accelerate_k2"]),
+            "unsynchronised": unsynchronised(d["unsynchronised"]),
+        })
+    finally:
+        reference = torchrun.wait()
+    procs |= reference
     return {name: (d[name], procs[name]) for name in d}
 
 

@@ -1,8 +1,8 @@
-"""The explain walkthrough under real torchrun, and its negative control.
+"""The explain walkthrough, its views and its negative control.
 
-The plain walkthrough runs under torchrun; the control and the other views run the same
-``main`` on ranks forked from a warm server (tests/forked.py), all at once: each prints what it
-computed, whatever the timing.
+Each runs explain's ``main`` on 2 ranks forked from a warm server (tests/forked.py), all at once:
+each prints what it computed, whatever the timing. The README's ``torchrun ... -m ddp_demo.explain``
+runs under torchrun itself in tests/test_readme.py.
 """
 
 from __future__ import annotations
@@ -11,21 +11,15 @@ import subprocess
 
 import pytest
 
-from .forked import ForkedRuns
-from .helpers import Command, run_at_once, torchrun_args
+from .forked import forked_runs
 
-FLAGS = {"control": ["--skip-allreduce"], "buckets": ["--buckets"], "shards": ["--shards"]}
+FLAGS = {"plain": [], "control": ["--skip-allreduce"], "buckets": ["--buckets"], "shards": ["--shards"]}
 
 
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    dirs = {name: tmp_path_factory.mktemp(name) for name in ("plain", *FLAGS)}
-    forked = ForkedRuns({name: (2, flags) for name, flags in FLAGS.items()}, dirs, module="ddp_demo.explain")
-    try:
-        launched = run_at_once({"plain": Command(torchrun_args(2, "ddp_demo.explain"), dirs["plain"])})
-    finally:
-        done = forked.wait()
-    return launched | done
+    return forked_runs({name: (2, flags) for name, flags in FLAGS.items()},
+                       {name: tmp_path_factory.mktemp(name) for name in FLAGS}, module="ddp_demo.explain")
 
 
 def test_explain_two_ranks(explained):

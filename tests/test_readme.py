@@ -47,10 +47,11 @@ def extra(name: str) -> list[str]:
 def test_the_learner_installs_no_lint_or_kubernetes_and_the_tests_get_what_they_need():
     """Issue 26: the first command installed ruff, kubernetes, kubeflow and check-jsonschema to train an MLP."""
     first, second = quickstart_commands()
-    assert '-e ".[demo]"' in first and '-e ".[test]"' in second and second.endswith("python -m pytest")
+    assert '-e ".[demo]"' in first and '-e ".[test]"' in second and second.endswith("python -m pytest -n 2")
     learner = " ".join(extra("demo"))
     assert not any(tool in learner for tool in ("ruff", "kube", "jsonschema", "pytest"))
     assert "ddp_demo[demo]" in extra("test") and any(r.startswith("kubeflow-training") for r in extra("test"))
+    assert any(r.startswith("pytest-xdist") for r in extra("test"))  # the README's -n 2
     assert any(r.startswith("ruff") for r in extra("dev")) and not any(r.startswith("ruff") for r in extra("test"))
 
 

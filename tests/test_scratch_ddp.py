@@ -12,7 +12,7 @@ both wrappers on the same rank with the same data and initial weights:
 - negative control: ScratchDDP with its hooks removed misses by >= 100x the tolerance.
 
 Then overlap (N = 2), uneven inputs with and without Join (proof/join.py), and whole runs of
-``ddp_demo.train --ddp scratch`` (one under real torchrun, the others in the suites' process
+``ddp_demo.train --ddp scratch`` (one on forked ranks, the others in the suites' process
 groups) against ``--ddp torch``. ``python -m ddp_demo.verify --scratch`` prints the same checks.
 """
 
@@ -30,7 +30,8 @@ from ddp_demo.core.tolerances import STEP, WHOLE_RUN, max_abs_diff
 from ddp_demo.proof import join, scratch
 from ddp_demo.proof.cases import DTYPE_NAMES
 
-from .helpers import load, max_diff, torchrun
+from .forked import forked_runs
+from .helpers import load, max_diff
 
 WORLD_SIZES = (1, 2, 3, 4)
 SEVERAL_BUCKETS, ONE_BUCKET = scratch.OVERLAP_BUCKET_BYTES
@@ -158,9 +159,11 @@ def test_negative_control_without_join_the_last_all_reduce_times_out(wrapper):
 # ---- the trainer: ddp_demo.train --ddp scratch --------------------------------------------------
 
 
-def test_whole_run_at_n2_under_torchrun_equals_torch_ddp(tmp_path):
-    """The real command line, against the same run with --ddp torch (in the N = 2 suite)."""
-    proc = torchrun(2, "ddp_demo.train", *scratch.TRAIN_FLAGS, "--ddp", "scratch", "--out", str(tmp_path), cwd=tmp_path)
+def test_whole_run_at_n2_equals_torch_ddp(tmp_path):
+    """The trainer's command line (its main on 2 forked ranks, tests/forked.py), against the same run
+    with --ddp torch (in the N = 2 suite)."""
+    proc = forked_runs({"scratch": (2, [*scratch.TRAIN_FLAGS, "--ddp", "scratch", "--out", tmp_path])},
+                       {"scratch": tmp_path})["scratch"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = results(2)[0]["train"]["torch"]
     assert want["failed"] is None

@@ -1,7 +1,7 @@
 """The trainer as users run it: real torchrun, real files.
 
-N = 2 and the README's default job run under torchrun, the plain-python run as a command of its
-own; N = 1 and 4 and the control run the same ``main`` on ranks forked from a warm server
+N = 2 runs under torchrun, the plain-python run as a command of its own; N = 1 and 4, the control
+and the README's default job run the same ``main`` on ranks forked from a warm server
 (tests/forked.py: what they prove is the trainer's, not the launcher's, and each torchrun
 launch costs 3.5 s of CPU per process before it trains).
 
@@ -40,13 +40,13 @@ JOB = [*FLAGS, "--model", "cnn"]
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone"]
 LAUNCHES = {  # name: how python starts it, the job's flags
     "n2": ([*TORCHRUN, "--nproc_per_node=2"], [*JOB, "--log-all-ranks"]),
-    "default": ([*TORCHRUN, "--nproc_per_node=2"], []),  # the README's main job: no flags
     "python": ([], JOB),  # plain python, no launcher
 }
 FORKED = {  # name: ranks, the job's flags
     "n1": (1, JOB),
     "n4": (4, JOB),  # 4 oversubscribes 2 cores: fine
     "nosync": (2, [*JOB, "--skip-grad-sync"]),  # the negative control
+    "default": (2, []),  # the README's main job, no flags (test_readme.py runs it under torchrun as written)
 }
 
 
