@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -46,11 +47,21 @@ def _rank_main(rank: int, world_size: int, port: int, module: str, argv: list[st
         os.dup2(os.open(f"{logs}/{rank}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     code = 1
     try:
-        code = importlib.import_module(module).main(argv)
+        code = _script(module, argv) if module.endswith(".py") else importlib.import_module(module).main(argv)
     finally:
         sys.stdout.flush()  # a forked worker leaves by os._exit: nothing flushes for it
         sys.stderr.flush()
         os._exit(code)
+
+
+def _script(path: str, argv: list[str]) -> int:
+    """A script run as ``python path argv...`` runs it (its ``__main__`` block); its exit code."""
+    sys.argv = [path, *argv]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    return 0
 
 
 class _Job:
@@ -82,7 +93,8 @@ class _Job:
 
 
 class ForkedRuns:
-    """``{name: (N, argv)}``: ``module``'s ``main(argv)`` on N forked ranks (0: one plain process),
+    """``{name: (N, argv)}``: ``module``'s ``main(argv)`` on N forked ranks (0: one plain process; a
+    ``module`` ending in ``.py`` is a script, run as ``python module argv``),
     every job started at once, here; ``wait`` collects them, each result holding the ranks' stdout
     and stderr in rank order and the first non-zero exit code. Start them before a launch that
     should share the cores with them, and ``wait`` in a ``finally``: it kills what is left."""

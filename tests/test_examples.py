@@ -19,6 +19,7 @@ import torch
 
 from ddp_demo.core.tolerances import WHOLE_RUN
 
+from .forked import ForkedRuns
 from .helpers import PYTHON, TORCHRUN, Command, run_at_once
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -62,21 +63,31 @@ def _torchrun2(script: Path, *flags: str, cwd: Path) -> Command:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """The three runs, started at once (run_at_once; none depends on timing): the single process
-    (``A.pt``), the DDP script (``B.pt``) and the control, DDP swapped for a plain wrapper
-    (``C.pt``). ``{name: (working directory, process)}``."""
+    """Every run at once (none depends on timing): the single process (``A.pt``), the DDP script
+    (``B.pt``) and its control, DDP swapped for a plain wrapper (``C.pt``), the FSDP script (``F.pt``)
+    and its control, the reduce-scatter reducing nothing (``G.pt``). ``{name: (working directory, process)}``."""
     d = {name: tmp_path_factory.mktemp(name) for name in ("single", "ddp", "control", "fsdp", "fsdp_control")}
     wrapper = d["control"] / "ddp_without_sync.py"
     wrapper.write_text(WITHOUT_SYNC)
     unreduced = d["fsdp_control"] / "fsdp_without_reduce.py"
     unreduced.write_text(WITHOUT_REDUCE)
-    procs = run_at_once({
-        "single": Command([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], d["single"]),
-        "ddp": _torchrun2(DDP, "--dtype", "float64", "--out", "B.pt", cwd=d["ddp"]),
-        "control": _torchrun2(wrapper, str(DDP), "--dtype", "float64", "--out", "C.pt", cwd=d["control"]),
-        "fsdp": _torchrun2(FSDP, "--dtype", "float64", "--out", "F.pt", cwd=d["fsdp"]),
-        "fsdp_control": _torchrun2(unreduced, str(FSDP), "--dtype", "float64", "--out", "G.pt", cwd=d["fsdp_control"]),
-    }, timeout=240)
+    # examples/ddp.py and both controls run on 2 ranks forked from a warm server (tests/forked.py), as
+    # torchrun would start them (RANK, WORLD_SIZE, MASTER_ADDR/PORT); tests/test_readme.py runs
+    # `torchrun ... examples/ddp.py` itself, and examples/fsdp.py runs under torchrun here.
+    forked = [ForkedRuns({"ddp": (2, ["--dtype", "float64", "--out", "B.pt"])}, d, module=str(DDP)),
+              ForkedRuns({"control": (2, [str(DDP), "--dtype", "float64", "--out", "C.pt"])}, d, module=str(wrapper)),
+              ForkedRuns({"fsdp_control": (2, [str(FSDP), "--dtype", "float64", "--out", "G.pt"])}, d,
+                         module=str(unreduced))]
+    try:
+        launched = run_at_once({
+            "single": Command([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], d["single"]),
+            "fsdp": _torchrun2(FSDP, "--dtype", "float64", "--out", "F.pt", cwd=d["fsdp"]),
+        }, timeout=240)
+    finally:
+        done: dict = {}
+        for runs in forked:
+            done |= runs.wait(240)
+    procs = launched | done
     return {name: (d[name], procs[name]) for name in d}
 
 
