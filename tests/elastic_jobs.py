@@ -19,9 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .helpers import PYTHON, max_diff
+from .helpers import PYTHON, max_diff, small_data
 from .nodes import MULTINODE, Host, node_env
 
 STEPS, AT = 12, 6  # 51 training samples at a global batch of 16: 3 steps an epoch, 4 epochs; the change at 6
@@ -34,11 +32,7 @@ def train_flags(data: Path, steps: int = STEPS) -> list[str]:
             "--steps", str(steps), "--checkpoint-every", "3", "--record-samples"]
 
 
-def write_data(path: Path) -> Path:
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, 10, generator=g)
-    torch.save((x, (x[:, 0] > 0).long()), path)
-    return path
+write_data = small_data  # the resume tests' data file (tests/helpers.py)
 
 
 def sample_ids(out: Path) -> list[list[int]]:

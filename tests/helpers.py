@@ -183,6 +183,14 @@ def continued_from(out: Path, logged: list[dict]) -> bool:
     return len(logged) > 0 and metrics(out)[: len(logged)] == logged
 
 
+def small_data(path: Path) -> Path:
+    """The resume tests' data file: 64 samples of 10 features (seed 5), labelled by the first one's sign."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 10, generator=g)
+    torch.save((x, (x[:, 0] > 0).long()), path)
+    return path
+
+
 def rewrite_checkpoint(path: Path, change, checksum: bool = True) -> None:
     """Load a checkpoint, ``change(state)``, save it back: with a matching ``.sha256`` (a checkpoint
     that verifies but holds other values), or keeping the old one (a damaged checkpoint)."""

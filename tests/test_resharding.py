@@ -18,13 +18,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from ddp_demo.core.tolerances import CONTROL_MARGIN, WHOLE_RUN
 from ddp_demo.resilience import checkpoint
 
 from .forked import forked_runs
-from .helpers import TORCHRUN, Command, continued_from, main_in_process, max_diff, metrics, run_at_once
+from .helpers import TORCHRUN, Command, continued_from, main_in_process, max_diff, metrics, run_at_once, small_data
 from .test_sharded_checkpoint import nudged_copy
 
 BASE = ["--dtype", "float64", "--global-batch-size", "12", "--optimizer", "adam", "--lr", "0.01", "--steps", "10",
@@ -52,9 +51,7 @@ def torchrun(n: int, args: list[str], cwd: Path) -> Command:
 def runs(tmp_path_factory) -> dict:
     """The reference (one process, in this process), the killed runs, then the resumed pairs."""
     d = tmp_path_factory.mktemp("reshard")
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, 10, generator=g)
-    torch.save((x, (x[:, 0] > 0).long()), data := d / "xy.pt")
+    data = small_data(d / "xy.pt")
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert main_in_process([*BASE, "--data", data, "--out", d / "ref"], monkeypatch) == 0
         assert main_in_process(flags(data, d / "ddp", "ddp", "--steps", "6"), monkeypatch) == 0

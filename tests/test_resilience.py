@@ -39,6 +39,7 @@ from .helpers import (
     nudge_weights,
     rewrite_checkpoint,
     run_at_once,
+    small_data,
     tensors,
 )
 
@@ -89,11 +90,7 @@ def resumed_from(stdout: str) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, 10, generator=g)
-    path = tmp_path_factory.mktemp("data") / "xy.pt"
-    torch.save((x, (x[:, 0] > 0).long()), path)
-    return path
+    return small_data(tmp_path_factory.mktemp("data") / "xy.pt")
 
 
 # The first attempt of each job: processes, extra flags, steps, torchrun's --max-restarts.

@@ -22,7 +22,7 @@ import torch
 from ddp_demo import checkpoint as convert
 from ddp_demo.resilience import checkpoint, sharded
 
-from .helpers import PYTHON, ROOT, assert_one_clear_line, clean_env, continued_from, max_diff
+from .helpers import PYTHON, ROOT, assert_one_clear_line, clean_env, continued_from, max_diff, small_data
 
 BASE = ["--dtype", "float64", "--global-batch-size", "16", "--checkpoint-every", "2", "--keep-last", "20",
         "--optimizer", "adam", "--checkpoint-format", "sharded"]
@@ -30,11 +30,7 @@ BASE = ["--dtype", "float64", "--global-batch-size", "16", "--checkpoint-every",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, 10, generator=g)
-    path = tmp_path_factory.mktemp("data") / "xy.pt"
-    torch.save((x, (x[:, 0] > 0).long()), path)
-    return path
+    return small_data(tmp_path_factory.mktemp("data") / "xy.pt")
 
 
 def job(data: Path, d: Path, steps: int = 12, *extra) -> list:
