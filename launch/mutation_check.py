@@ -77,9 +77,9 @@ MUTATIONS = (
          "tests/test_data.py::test_each_step_sees_the_same_samples_whatever_the_world_size"),
     ),
     Mutation(
-        "the trainer skips the DDP wrap", "ddp_demo/train.py",
-        (('    return DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)\n',
-          "    return model\n"),),
+        "the trainer skips the DDP wrap", "ddp_demo/parallel/strategy.py",  # where --strategy ddp wraps (issue 21)
+        (('        DDP(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)\n',
+          "        module\n"),),
         (_eq("trainer"), WHOLE_RUNS[0]),
     ),
     Mutation(
