@@ -5,8 +5,14 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 
 from .helpers import main_in_process
+
+# One intra-op thread per test process, as torchrun gives each worker: `-n 2` runs two test processes
+# on the 2 cores, and torch's default (a thread per core) spends the time handing the suite's tiny ops
+# between threads (core/env.py's PLAIN_PYTHON_THREADS says the same of the trainer).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

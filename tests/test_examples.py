@@ -20,7 +20,6 @@ import torch
 from ddp_demo.core.tolerances import WHOLE_RUN
 
 from .forked import ForkedRuns
-from .helpers import PYTHON, TORCHRUN, Command, run_at_once
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SINGLE, DDP, FSDP = EXAMPLES / "single_process.py", EXAMPLES / "ddp.py", EXAMPLES / "fsdp.py"
@@ -57,10 +56,6 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _torchrun2(script: Path, *flags: str, cwd: Path) -> Command:
-    return Command([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), *flags], cwd)
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """Every run at once (none depends on timing): the single process (``A.pt``), the DDP script
@@ -71,24 +66,20 @@ def launched(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
     wrapper.write_text(WITHOUT_SYNC)
     unreduced = d["fsdp_control"] / "fsdp_without_reduce.py"
     unreduced.write_text(WITHOUT_REDUCE)
-    # examples/ddp.py and both controls run on 2 ranks forked from a warm server (tests/forked.py), as
-    # torchrun would start them (RANK, WORLD_SIZE, MASTER_ADDR/PORT); tests/test_readme.py runs
-    # `torchrun ... examples/ddp.py` itself, and examples/fsdp.py runs under torchrun here.
-    forked = [ForkedRuns({"ddp": (2, ["--dtype", "float64", "--out", "B.pt"])}, d, module=str(DDP)),
+    # Every script runs on ranks forked from a warm server (tests/forked.py), as torchrun would start
+    # them (RANK, WORLD_SIZE, MASTER_ADDR/PORT), the single process as plain `python` (0 ranks);
+    # tests/test_readme.py runs `python examples/single_process.py` and `torchrun ... examples/ddp.py`
+    # themselves, as written.
+    forked = [ForkedRuns({"single": (0, ["--dtype", "float64", "--out", "A.pt"])}, d, module=str(SINGLE)),
+              ForkedRuns({"ddp": (2, ["--dtype", "float64", "--out", "B.pt"])}, d, module=str(DDP)),
               ForkedRuns({"control": (2, [str(DDP), "--dtype", "float64", "--out", "C.pt"])}, d, module=str(wrapper)),
+              ForkedRuns({"fsdp": (2, ["--dtype", "float64", "--out", "F.pt"])}, d, module=str(FSDP)),
               ForkedRuns({"fsdp_control": (2, [str(FSDP), "--dtype", "float64", "--out", "G.pt"])}, d,
                          module=str(unreduced))]
-    try:
-        launched = run_at_once({
-            "single": Command([PYTHON, str(SINGLE), "--dtype", "float64", "--out", "A.pt"], d["single"]),
-            "fsdp": _torchrun2(FSDP, "--dtype", "float64", "--out", "F.pt", cwd=d["fsdp"]),
-        }, timeout=240)
-    finally:
-        done: dict = {}
-        for runs in forked:
-            done |= runs.wait(240)
-    procs = launched | done
-    return {name: (d[name], procs[name]) for name in d}
+    done: dict = {}
+    for runs in forked:
+        done |= runs.wait(240)
+    return {name: (d[name], done[name]) for name in d}
 
 
 @pytest.fixture(scope="module")

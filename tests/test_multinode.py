@@ -1,6 +1,8 @@
 """Multi-node training, proven: two torchrun agents (``--nnodes=2``, c10d rendezvous), each
 started by ``launch/multinode.sh``, train the model one process trains (float64, within 1e-10)
-— first both on this machine over 127.0.0.1, then across two real hosts (network namespaces)."""
+across two real hosts (network namespaces), and the same launch without gradient sync does not.
+(Two agents on one machine over 127.0.0.1 are the same launch with less in the way: the hosts'
+own addresses and interfaces are what can go wrong, so that is what runs here.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytest
 
 from ddp_demo.core.tolerances import WHOLE_RUN
 
-from .helpers import free_port, load, max_diff, train
+from .forked import forked_runs
+from .helpers import load, max_diff
 from .nodes import MULTINODE, Host, node_env, run_nodes, two_hosts
 
 FLAGS = ["--dtype", "float64", "--steps", "6", "--global-batch-size", "16", "--seed", "5", "--model", "mlp"]
@@ -20,45 +23,11 @@ FLAGS = ["--dtype", "float64", "--steps", "6", "--global-batch-size", "16", "--s
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> dict:
-    """The reference: one plain process, no launcher."""
+    """The reference: one plain process, no launcher (forked from the warm server: tests/forked.py)."""
     d = tmp_path_factory.mktemp("single")
-    proc = train(*FLAGS, "--out", str(d), cwd=d)
+    proc = forked_runs({"single": (0, [*FLAGS, "--out", str(d)])}, {"single": d})["single"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load(d / "final.pt")
-
-
-
-def two_local_nodes(out, *extra: str) -> tuple[list[list[str]], list[dict[str, str]]]:
-    """Node 0 hosts the rendezvous store on 127.0.0.1; node 1 joins it. Same flags on both."""
-    env = {"RDZV_HOST": "127.0.0.1", "RDZV_PORT": str(free_port()), "RDZV_ID": out.name}
-    cmd = [MULTINODE, *FLAGS, *extra, "--out", str(out)]
-    return [cmd, cmd], [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}]
-
-
-@pytest.fixture(scope="module")
-def local_jobs(tmp_path_factory) -> dict:
-    """Two jobs of two agents each, at once (4 agents on 2 cores: fine): synced, and the control."""
-    d = tmp_path_factory.mktemp("local")
-    synced, control = two_local_nodes(d / "synced", "--preflight"), two_local_nodes(d / "control", "--skip-grad-sync")
-    nodes = run_nodes(synced[0] + control[0], synced[1] + control[1], cwd=d)
-    return {"synced": (d / "synced", nodes[:2]), "control": (d / "control", nodes[2:])}
-
-
-def test_two_agents_on_one_machine_equal_one_process(local_jobs, single):
-    out, nodes = local_jobs["synced"]
-    for node in nodes:
-        assert node.returncode == 0, node.stderr[-3000:]
-    stdout = "".join(n.stdout for n in nodes)
-    assert stdout.count("training mlp on 2 process(es)") == 1  # one world of 2, rank 0 speaks once
-    assert max_diff(load(out / "final.pt"), single) <= WHOLE_RUN
-
-
-def test_negative_control_two_agents_without_gradient_sync_differ(local_jobs, single):
-    """The same launch with DDP's all-reduce disabled: the check above must be able to fail."""
-    out, nodes = local_jobs["control"]
-    assert any(n.returncode != 0 for n in nodes)
-    assert "ranks hold different parameters" in "".join(n.stderr for n in nodes)
-    assert max_diff(load(out / "final.pt"), single) > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -73,24 +42,47 @@ def host_env(host: Host, store: Host, port: int, node_rank: int) -> dict[str, st
             "LOCAL_ADDR": host.addr, "GLOO_SOCKET_IFNAME": host.ifname}
 
 
-def test_two_hosts_equal_one_process(hosts, single, tmp_path):
+@pytest.fixture(scope="module")
+def host_jobs(hosts, tmp_path_factory) -> dict:
+    """Two jobs on the two hosts at once, each node started by launch/multinode.sh with its own
+    rendezvous port (4 agents on 2 cores: fine): synced, with ``--preflight``, and the control,
+    the same launch with DDP's all-reduce disabled. ``{name: (out dir, [node 0, node 1], wall s)}``."""
     a, b = hosts
-    port = a.free_port()
-    cmd = [MULTINODE, *FLAGS, "--preflight", "--out", str(tmp_path / "out")]
+    d = tmp_path_factory.mktemp("hosts")
+    jobs = {"synced": ["--preflight"], "control": ["--skip-grad-sync"]}
+    commands, envs = [], []
+    for name, extra in jobs.items():
+        port = a.free_port()
+        cmd = [MULTINODE, *FLAGS, *extra, "--out", str(d / name)]
+        commands += [a.cmd(*cmd), b.cmd(*cmd)]
+        envs += [host_env(a, a, port, 0), host_env(b, a, port, 1)]
     start = time.perf_counter()
-    nodes = run_nodes([a.cmd(*cmd), b.cmd(*cmd)], [host_env(a, a, port, 0), host_env(b, a, port, 1)], cwd=tmp_path)
+    nodes = run_nodes(commands, envs, cwd=d)
     wall = time.perf_counter() - start
+    return {name: (d / name, nodes[2 * i : 2 * i + 2], wall) for i, name in enumerate(jobs)}
+
+
+def test_two_hosts_equal_one_process(hosts, host_jobs, single):
+    out, nodes, wall = host_jobs["synced"]
     for host, node in zip(hosts, nodes, strict=True):
         print(f"--- {host.netns} ({host.addr} on {host.ifname}), exit {node.returncode} ---\n{node.stdout}")
         assert node.returncode == 0, node.stderr[-3000:]
         assert "7 of 7 checks passed" in node.stdout  # the doctor, run by launch/multinode.sh
-    print(f"two hosts: wall time {wall:.1f} s")
+    print(f"two hosts: wall time {wall:.1f} s (the control job ran beside it)")
     stdout = "".join(n.stdout for n in nodes)
     assert stdout.count("preflight: 6 launch checks passed") == 1  # the same checks in the workers
-    assert stdout.count("training mlp on 2 process(es)") == 1
-    diff = max_diff(load(tmp_path / "out" / "final.pt"), single)
+    assert stdout.count("training mlp on 2 process(es)") == 1  # one world of 2, rank 0 speaks once
+    diff = max_diff(load(out / "final.pt"), single)
     print(f"two hosts vs one process: max |difference| in final.pt = {diff:.3g}")
     assert diff <= WHOLE_RUN
+
+
+def test_negative_control_two_hosts_without_gradient_sync_differ(host_jobs, single):
+    """The same launch with DDP's all-reduce disabled: the check above must be able to fail."""
+    out, nodes, _ = host_jobs["control"]
+    assert any(n.returncode != 0 for n in nodes)
+    assert "ranks hold different parameters" in "".join(n.stderr for n in nodes)
+    assert max_diff(load(out / "final.pt"), single) > 1e-3
 
 
 def doctor_on(host: Host, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ attempts themselves also check that the steps before the checkpoint were taken f
 
 from __future__ import annotations
 
-import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ddp_demo.core.tolerances import WHOLE_RUN
 from ddp_demo.resilience import checkpoint
 
-from .forked import ForkedRuns
+from .forked import ForkedRuns, ranks_by_hand
 from .helpers import (
-    PYTHON,
     TORCHRUN,
     Command,
     clean_env,
@@ -242,25 +240,10 @@ def test_sigterm_to_the_launcher_stops_cleanly_and_a_rerun_resumes(data, tmp_pat
     assert rerun.returncode == 0 and f"step {step}," in rerun.stdout, rerun.stderr
 
 
-@contextlib.contextmanager
-def ranks_by_hand(flags: list[str], cwd: Path, world_size: int = 2):
-    """``world_size`` trainer processes started without a launcher (nothing restarts or stops
-    them), joined through a store this test hosts on the port it bound (port 0: no race).
-    Rank r writes ``cwd/rank{r}.out`` and ``.err``; whatever is left is killed at the end."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    env = clean_env({"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port),
-                     "TORCHELASTIC_USE_AGENT_STORE": "True"})
-    procs = []
-    try:
-        for r in range(world_size):
-            with open(cwd / f"rank{r}.out", "w") as out, open(cwd / f"rank{r}.err", "w") as err:
-                procs.append(subprocess.Popen([PYTHON, "-m", "ddp_demo.train", *flags], cwd=cwd, stdout=out,
-                                              stderr=err, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                              start_new_session=True))
-        yield procs
-    finally:
-        for p in procs:
-            kill_session(p)
+def exit_code(rank, seconds: float) -> int | None:
+    """A rank's exit code once it has ended, or None if it still runs after ``seconds``."""
+    rank.join(seconds)
+    return rank.exitcode
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data, tmp_path):
@@ -269,8 +252,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data, tmp_path):
     flags = job(data, tmp_path / "out", tmp_path / "ckpt", "--log-all-ranks", steps=10**6)
     with ranks_by_hand(flags, tmp_path) as procs:
         wait_until(lambda: checkpoint.checkpoints(tmp_path / "ckpt"), 90, "the first checkpoint")
-        procs[1].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=60) for p in procs]
+        os.kill(procs[1].pid, signal.SIGTERM)
+        codes = [exit_code(p, 60) for p in procs]
     assert codes == [128 + signal.SIGTERM] * 2
     err = [(tmp_path / f"rank{r}.err").read_text() for r in (0, 1)]
     ours = re.findall(r"ddp_demo: error: stopped by a signal after step (\d+)", err[0])
@@ -287,10 +270,11 @@ def test_survivor_exits_on_its_own_when_a_peer_is_lost(data, tmp_path, kind, tim
     (SIGSTOPped) one says nothing, so ``--timeout`` is what ends the wait."""
     flags = job(data, tmp_path / "out", None, "--timeout", str(timeout), "--inject-fault", f"{kind}:1:3",
                 steps=10**6)
+    log = tmp_path / "rank1.out"
     with ranks_by_hand(flags, tmp_path) as procs:
-        wait_until(lambda: "injecting fault" in (tmp_path / "rank1.out").read_text(), 90, "the fault")
+        wait_until(lambda: log.exists() and "injecting fault" in log.read_text(), 90, "the fault")
         struck = time.monotonic()
-        code = procs[0].wait(timeout=timeout + 60)
+        code = exit_code(procs[0], timeout + 60)
         waited = time.monotonic() - struck
     print(f"{kind}: rank 0 exited {waited:.1f} s after the fault (--timeout {timeout})")  # shown by pytest -rA
     assert code == 1
