@@ -63,9 +63,9 @@ def _worker(fn, rank: int, world_size: int, store_path: str, timeout: float, arg
 
 
 # What the fork server imports before serving: torch, the optimizers' torch._dynamo, the
-# process group and the strategies (FSDP2's DTensor; ZeroRedundancyOptimizer, which the
-# strategies import only when zero runs).
-PRELOAD = ["torch._dynamo", "ddp_demo.core.spawn", "ddp_demo.parallel.strategy", "torch.distributed.optim"]
+# process group and the strategies (FSDP2's DTensor; ZeroRedundancyOptimizer is left to the
+# ranks that run zero, as in the trainer).
+PRELOAD = ["torch._dynamo", "ddp_demo.core.spawn", "ddp_demo.parallel.strategy"]
 
 
 def forkserver(module: str = "__main__", preload: tuple[str, ...] = ()) -> mp.context.BaseContext:
