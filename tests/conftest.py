@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from .helpers import main_in_process
+from .no_skips import pytest_runtest_makereport  # noqa: F401  (a hook: CI fails a skipped test)
 
 # One intra-op thread per test process, as torchrun gives each worker: `-n 2` runs two test processes
 # on the 2 cores, and torch's default (a thread per core) spends the time handing the suite's tiny ops

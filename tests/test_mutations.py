@@ -12,8 +12,9 @@ import pytest
 
 from .helpers import PYTHON, ROOT, run_cmd
 
+sys.path.insert(0, str(ROOT / "launch"))  # the script imports its table, launch/mutations.py, from beside it
 spec = importlib.util.spec_from_file_location("mutation_check", ROOT / "launch" / "mutation_check.py")
-mutation_check = sys.modules["mutation_check"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+mutation_check = sys.modules["mutation_check"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mutation_check)
 MUTATIONS = mutation_check.MUTATIONS
 
