@@ -461,5 +461,11 @@ MUTATIONS = (
         (('        report.outcome = "failed"\n', '        pass\n'),),
         ("tests/test_no_skips.py::test_a_skip_fails_only_where_every_test_must_run",),
     ),
+    Mutation(
+        "a run that gave up on a stuck rank still waits out its timeout", "ddp_demo/core/spawn.py",
+        (("p.join(timeout=1.0 if gave_up else max(1.0, deadline - time.monotonic()))",
+          "p.join(timeout=max(1.0, deadline - time.monotonic()))"),),
+        (RECIPE + "test_giving_up_on_a_stuck_rank_ends_the_run_at_once_not_at_its_timeout",),
+    ),
 )
 

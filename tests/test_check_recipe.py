@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
+import torch
 
+from ddp_demo.check.diagnose_step import gradient_ratio
 from ddp_demo.check.report import text
 from ddp_demo.check.stalled import culprit, one_line, others_wait
+from ddp_demo.core.spawn import WorkerError, run_on_ranks
 from ddp_demo.core.tolerances import BF16_CONTROL_MARGIN, CONTROL_MARGIN
 
 from .check_group import EX, STEP_FAILING, STEP_PASSING, verdicts
@@ -46,6 +50,18 @@ def test_the_ratios_are_found_in_what_happened():
         assert verdicts()[f"step_bugs.py:rank_seeded_{gen}"].causes[0].names == [gen]
     assert verdicts()["step_bugs.py:decay_local"].causes[0].names == ["0.bias", "0.weight", "2.bias", "2.weight"]
     assert "clip_grad_norm_ on local gradients" in verdicts()["step_bugs.py:clip_local"].causes[0].title
+
+
+def test_the_ratio_pairs_each_gradient_with_its_own_tolerance_when_a_parameter_has_none():
+    """A parameter the loss never reached has no gradient: each tensor is still checked against its own
+    row's tolerance (a zip over the names once paired ``b`` with ``unused``'s)."""
+    g = {"a": torch.ones(3), "unused": None, "b": torch.full((2,), 5.0)}
+    rows = [SimpleNamespace(name=n, stage="gradient", tolerance=1e-9) for n in ("a", "b")]
+    reference = SimpleNamespace(reference=SimpleNamespace(grads=g))
+    doubled = SimpleNamespace(ranks=[{"grads": {"a": 2 * g["a"], "b": 2 * g["b"]}}], rows=rows)
+    assert gradient_ratio(reference, doubled) == pytest.approx(2.0)
+    off = SimpleNamespace(ranks=[{"grads": {"a": 2 * g["a"], "b": 3 * g["b"]}}], rows=rows)  # no one ratio fits
+    assert gradient_ratio(reference, off) is None
 
 
 def test_the_recipe_is_what_ran():
@@ -118,6 +134,21 @@ def test_others_wait_only_when_a_rank_raised_alone(tmp_path):
     assert not others_wait(str(tmp_path), 2)  # rank 1 went on after rank 0 raised: not waiting for it
     write(1, None, world=3)
     assert not others_wait(str(tmp_path), 2)  # rank 1 sat out this world size
+
+
+def _rank_1_stuck(ctx) -> int:
+    if ctx.rank == 1:
+        time.sleep(120)  # stuck for good, as a rank in a collective its peer never joins
+    return ctx.rank
+
+
+def test_giving_up_on_a_stuck_rank_ends_the_run_at_once_not_at_its_timeout():
+    """What ``others_wait`` is for: once it says give up, run_on_ranks kills the stuck rank and reports,
+    instead of waiting out the rest of its timeout (60 s here) for that rank to exit."""
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"ranks \[(0, )?1\] returned nothing"):  # rank 0 may not have answered yet
+        run_on_ranks(_rank_1_stuck, 2, timeout=60, give_up=lambda: True)
+    assert time.monotonic() - start < 20
 
 
 HANGS = {"raises_on_one_rank": "rank 1 raised in step 2 of ",

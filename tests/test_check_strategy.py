@@ -40,7 +40,9 @@ def build_mlp():
 def fsdp_verdicts() -> dict:
     plans = {"bn": Plan(BN + "build", strategy="fsdp"), "bn_synced": Plan(BN + "build_synced", strategy="fsdp"),
              "lower": Plan(MLP_TARGET, strategy="fsdp", reduce_dtype="float32"),
-             "own": Plan(MLP_TARGET, strategy="fsdp")}
+             "own": Plan(MLP_TARGET, strategy="fsdp"),
+             # a recipe under bf16 autocast, its reductions in bfloat16: measured against the bf16 bound
+             "recipe_bf16": Plan("examples/check/recipe.py:build", strategy="fsdp", reduce_dtype="bfloat16")}
     return dict(zip(plans, check_plans(list(plans.values()), (2,), timeout=240), strict=True))
 
 
@@ -66,6 +68,14 @@ def test_lower_reduce_dtype_is_named_with_its_measured_effect():
     assert (f"N=2: fsdp reduce-scattered gradients in float32, below the parameters' float64: that alone moved the "
             f"parameters by {effect.moved:.2g} (reducing in float64: {effect.baseline:.2g}); over the float64 "
             "tolerance 1e-12") in text(v)
+
+
+def test_a_bf16_recipes_lower_reduce_dtype_is_measured_against_its_bf16_bound():
+    """The recipe's tolerance is autocast's bound, not a dtype's step tolerance (it once raised a KeyError)."""
+    v = fsdp_verdicts()["recipe_bf16"]
+    (effect,) = v.reduce_effects
+    assert effect.world_size == 2 and effect.moved > 0, effect
+    assert "fsdp reduce-scattered gradients in bfloat16" in text(v), text(v)
 
 
 def test_reducing_in_the_parameters_dtype_passes_and_names_no_reduce_dtype():

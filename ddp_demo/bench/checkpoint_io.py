@@ -19,13 +19,11 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ddp_demo.bench.timing import Workload, build_workload, param_count
+from ddp_demo.bench.timing import Workload, build_workload, param_count, slowest_rank, timed
 from ddp_demo.core.dist import DistContext
 from ddp_demo.core.spawn import run_on_ranks
 
@@ -40,18 +38,6 @@ def _wrapped(strategy: str, ctx: DistContext):
     return w, x, y
 
 
-def _timed(fn) -> float:
-    """Wall time of ``fn`` on the slowest rank (every rank starts together at a barrier)."""
-    if dist.is_initialized():
-        dist.barrier()
-    start = time.perf_counter()
-    fn()
-    took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(took, op=dist.ReduceOp.MAX)
-    return float(took)
-
-
 def on_rank(ctx: DistContext, strategy: str, reps: int, scratch: str) -> dict:
     from ddp_demo.resilience import sharded
 
@@ -62,13 +48,15 @@ def on_rank(ctx: DistContext, strategy: str, reps: int, scratch: str) -> dict:
     saves, loads = [], []
     for rep in range(reps):
         d = Path(scratch) / f"{strategy}-{ctx.world_size}-{rep}"
-        saves.append(_timed(lambda d=d: sharded.save(d, 1, w.module, w.optimizer, {}, ctx.is_main)))
+        saves.append(timed(lambda d=d: sharded.save(d, 1, w.module, w.optimizer, {}, ctx.is_main), 1, ctx))
         step = d / "step-000001"
         meta = torch.load(step / sharded.META, weights_only=True)
-        loads.append(_timed(lambda step=step, meta=meta: sharded.load(step, fresh.module, fresh.optimizer, meta)))
+        loads.append(timed(lambda step=step, meta=meta: sharded.load(step, fresh.module, fresh.optimizer, meta),
+                            1, ctx))
+    slowest = slowest_rank({"save": saves, "load": loads}, ctx)  # each repetition on the slowest rank
     step = Path(scratch) / f"{strategy}-{ctx.world_size}-0" / "step-000001"
     mine = step / f"__{ctx.rank}_0.distcp"
-    return {"save_s": statistics.median(saves), "load_s": statistics.median(loads),
+    return {"save_s": statistics.median(slowest["save"]), "load_s": statistics.median(slowest["load"]),
             "bytes": mine.stat().st_size if mine.exists() else 0,
             "total": sum(p.stat().st_size for p in step.iterdir()), "params": param_count(w.module)}
 

@@ -173,7 +173,7 @@ def _sync_device(ctx: DistContext) -> None:
         torch.cuda.synchronize(ctx.device)  # CUDA runs asynchronously: wait before reading the clock
 
 
-def _timed(fn: Callable, n: int, ctx: DistContext) -> float:
+def timed(fn: Callable, n: int, ctx: DistContext) -> float:
     """Seconds per call of ``fn`` over ``n`` calls, all ranks starting together."""
     if dist.is_initialized():
         dist.barrier()
@@ -198,7 +198,7 @@ def interleaved(fns: dict[str, Callable], steps: dict[str, int], r: Reps, ctx: D
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(r.reps):
         for name, fn in fns.items():
-            times[name].append(_timed(fn, steps[name], ctx))
+            times[name].append(timed(fn, steps[name], ctx))
     return slowest_rank(times, ctx)
 
 

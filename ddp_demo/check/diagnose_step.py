@@ -57,12 +57,12 @@ def all_in_no_sync(v: Verdict) -> Cause | None:
 def gradient_ratio(v: Verdict, w: World) -> float | None:
     """The r with (the gradient rank 0's optimizer saw) = r x one process's, tensor by tensor, if one fits."""
     got, want = w.ranks[0]["grads"], v.reference.grads
-    pairs = [(got.get(n), g) for n, g in want.items() if g is not None]
-    if not pairs or any(a is None for a, _ in pairs) or not any(bool(g.any()) for _, g in pairs):
+    pairs = [(n, got.get(n), g) for n, g in want.items() if g is not None]
+    if not pairs or any(a is None for _, a, _ in pairs) or not any(bool(g.any()) for *_, g in pairs):
         return None
-    r = sum(float((a * g).sum()) for a, g in pairs) / sum(float((g * g).sum()) for _, g in pairs)
+    r = sum(float((a * g).sum()) for _, a, g in pairs) / sum(float((g * g).sum()) for *_, g in pairs)
     tol = {row.name: row.tolerance for row in w.rows if row.stage == "gradient"}
-    if any(difference(a, r * g) > max(1.0, abs(r)) * tol[n] for (a, g), n in zip(pairs, want, strict=False)):
+    if any(difference(a, r * g) > max(1.0, abs(r)) * tol[n] for n, a, g in pairs):
         return None
     return r
 

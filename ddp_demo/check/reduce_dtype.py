@@ -21,8 +21,7 @@ import torch
 
 from ddp_demo.check.engine import Plan, Trained
 from ddp_demo.check.target import CheckError, Target
-from ddp_demo.check.verdict import Verdict, compare
-from ddp_demo.core.tolerances import STEP
+from ddp_demo.check.verdict import Verdict, compare, step_tolerance
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def with_baselines(plans: list[Plan]) -> list[Plan]:
 
 def _worst_parameter(want: Trained, ranks: list[dict], v: Verdict) -> tuple[float, bool]:
     params = {name for name, _ in v.target.model.named_parameters()}
-    rows = [r for r in compare(want, ranks, params, STEP[v.tolerance["dtype"]], v.tolerance["adam_allowance"])
+    rows = [r for r in compare(want, ranks, params, step_tolerance(v.tolerance["dtype"]), v.tolerance["adam_allowance"])
             if r.kind == "parameter" and r.stage == "after_steps"]
     return max((r.max_abs_diff for r in rows), default=0.0), all(r.ok for r in rows)
 

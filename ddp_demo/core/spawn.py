@@ -103,6 +103,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), time
             p.start()
         deadline = time.monotonic() + timeout
         outputs: dict[int, tuple[bool, Any]] = {}
+        gave_up = False
         try:
             while len(outputs) < world_size and time.monotonic() < deadline:
                 try:
@@ -112,9 +113,10 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), time
                     if all(p.exitcode is not None for p in procs):
                         break  # everyone has exited and flushed: nothing more can arrive
                     if give_up is not None and give_up():
+                        gave_up = True  # a rank is stuck for good: the finally below kills it now
                         break
             for p in procs:
-                p.join(timeout=max(1.0, deadline - time.monotonic()))
+                p.join(timeout=1.0 if gave_up else max(1.0, deadline - time.monotonic()))
         finally:
             for p in procs:
                 if p.is_alive():

@@ -22,6 +22,9 @@ a parameter's state whole on one rank, so nothing needs slicing).
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -31,15 +34,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.optim import ZeroRedundancyOptimizer
+
+if TYPE_CHECKING:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
 # Whole tensors on every rank: what a one-file checkpoint holds (docs: StateDictOptions.full_state_dict)
 FULL = StateDictOptions(full_state_dict=True)
 
 
+def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a ZeroRedundancyOptimizer, without importing its module (0.3 s): only a
+    zero run has loaded it (parallel/strategy.py imports it when zero wraps), and only then can one exist."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
+
+
 def logical_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """This rank's part of the logical state (sharded where the strategy shards). Every rank calls it."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if _is_zero(optimizer):
         return {"model": get_model_state_dict(module), "optim": {"state": zero_state(module, optimizer)}}
     optim = get_optimizer_state_dict(module, optimizer)
     return {"model": get_model_state_dict(module), "optim": {"state": optim["state"]}}
@@ -64,7 +76,7 @@ def load_targets(module: nn.Module, optimizer: torch.optim.Optimizer, saved: dic
     """Tensors for DCP to fill in place: this rank's layout (DTensor shards under fsdp), so DCP
     reads only the slices each rank needs, whatever world size wrote them. ``saved``: the
     checkpoint's key -> TensorStorageMetadata (its ``.metadata``)."""
-    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+    if not _is_zero(optimizer):
         # An optimizer that has not stepped has no state yet; torch's get_optimizer_state_dict
         # creates it (a step with lr 0 on zero gradients) so that there is something to fill.
         return logical_state(module, optimizer)
@@ -87,7 +99,7 @@ def apply_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict
     layout. ``groups``: :func:`param_groups` as saved (the saved lr etc. win, as in a file checkpoint)."""
     options = FULL if full else StateDictOptions()
     set_model_state_dict(module, state["model"], options=options)
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if _is_zero(optimizer):
         names = {p: n for n, p in module.named_parameters()}
         for group in optimizer.optim.param_groups:
             for p in group["params"]:
