@@ -16,6 +16,12 @@ from .no_skips import pytest_runtest_makereport  # noqa: F401  (a hook: CI fails
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The README's newcomer run first: its commands run one after another for about two minutes, so
+    started last (the file sorts late) it was the only thing left running at the end of `-n 2`."""
+    items.sort(key=lambda item: item.get_closest_marker("newcomer") is None)
+
+
 @pytest.fixture
 def in_process(monkeypatch, capsys):
     """``run(*argv)``: ``ddp_demo.train.main(argv)`` in this process (see ``main_in_process``);
