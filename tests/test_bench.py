@@ -121,3 +121,19 @@ def test_launcher_step_times_are_cut_into_blocks_after_warm_up(tmp_path: Path):
     assert blocks == pytest.approx([0.010, 0.010, 0.015, 0.020, 0.020])
     with pytest.raises(ValueError):
         block_step_times(metrics, warmup=10)
+
+
+def test_the_checkpoint_bench_reports_each_strategy_and_what_each_rank_writes():
+    """``python -m ddp_demo.bench checkpoint --quick``'s measurement: a row per strategy and N; at N = 2
+    both ranks write a share (DCP writes each tensor once, so none writes it all) and no tensor is lost."""
+    from ddp_demo.bench import checkpoint_io
+
+    rows = checkpoint_io.measure(["ddp", "zero", "fsdp"], [1, 2], 1, checkpoint_io.QUICK)
+    by = {(r["strategy"], r["n"]): r for r in rows}
+    assert sorted(by) == sorted((s, n) for s in ("ddp", "zero", "fsdp") for n in (1, 2))
+    assert all(r["save_s"] > 0 and r["load_s"] > 0 and len(r["bytes_per_rank"]) == r["n"] for r in rows)
+    for strategy in ("ddp", "zero", "fsdp"):
+        (alone,), shares = by[strategy, 1]["bytes_per_rank"], by[strategy, 2]["bytes_per_rank"]
+        assert all(0 < b < 0.8 * alone for b in shares) and sum(shares) >= 0.95 * alone, (strategy, alone, shares)
+    lines = checkpoint_io.report(rows).splitlines()
+    assert len(lines) == 2 + len(rows) and lines[2].split()[:2] == ["ddp", "1"]

@@ -1,6 +1,6 @@
 """What a sharded checkpoint costs: save and load time, bytes on disk per rank, at N = 1, 2, 4.
 
-    python -m ddp_demo.bench checkpoint [--strategies ddp zero fsdp] [--sizes 1 2 4] [--reps 3]
+    python -m ddp_demo.bench checkpoint [--strategies ddp zero fsdp] [--sizes 1 2 4] [--reps 3] [--quick]
 
 The model is the benchmark's largest CPU workload (bench/run.py's ``mlp``: 3 hidden layers of
 1024, 3.2 M parameters, float32) with Adam, after one step (so the optimizer state exists: two
@@ -9,8 +9,9 @@ FileStore, no ports); each rank saves through resilience/sharded.py into a scrat
 loads it back into a freshly wrapped model. A time is the slowest rank's, the median of
 ``--reps``; the save includes rank 0's checksums and the rename. "bytes/rank" is the size of each
 rank's ``__R_0.distcp`` file (DCP writes a replicated tensor once, spreading the replicas'
-tensors over the ranks; under zero each rank also writes its own share of the optimizer state). Benchmarks are not
-tests: the numbers depend on the disk and on the machine's load.
+tensors over the ranks; under zero each rank also writes its own share of the optimizer state).
+Benchmarks are not tests: the numbers depend on the disk and on the machine's load. ``--quick``
+(a 64-wide MLP, N = 1 and 2, one repetition) checks the pipeline in seconds and measures nothing.
 """
 
 from __future__ import annotations
@@ -28,23 +29,24 @@ from ddp_demo.core.dist import DistContext
 from ddp_demo.core.spawn import run_on_ranks
 
 LARGEST = Workload("mlp", "mlp", 32, 6)  # bench/run.py's full plan: width 1024, depth 3
+QUICK = Workload("mlp", "mlp", 8, 1, mlp_width=64, mlp_depth=2)
 
 
-def _wrapped(strategy: str, ctx: DistContext):
+def _wrapped(strategy: str, ctx: DistContext, workload: Workload):
     from ddp_demo.parallel.strategy import StrategyConfig, wrap
 
-    model, x, y = build_workload(LARGEST, ctx)
+    model, x, y = build_workload(workload, ctx)
     w = wrap(model, ctx, StrategyConfig(strategy), lambda params: torch.optim.Adam(params, lr=1e-3))
     return w, x, y
 
 
-def on_rank(ctx: DistContext, strategy: str, reps: int, scratch: str) -> dict:
+def on_rank(ctx: DistContext, strategy: str, reps: int, scratch: str, workload: Workload = LARGEST) -> dict:
     from ddp_demo.resilience import sharded
 
-    w, x, y = _wrapped(strategy, ctx)
+    w, x, y = _wrapped(strategy, ctx, workload)
     torch.nn.functional.cross_entropy(w.model(x), y).backward()
     w.optimizer.step()
-    fresh, _, _ = _wrapped(strategy, ctx)
+    fresh, _, _ = _wrapped(strategy, ctx, workload)
     saves, loads = [], []
     for rep in range(reps):
         d = Path(scratch) / f"{strategy}-{ctx.world_size}-{rep}"
@@ -61,12 +63,12 @@ def on_rank(ctx: DistContext, strategy: str, reps: int, scratch: str) -> dict:
             "total": sum(p.stat().st_size for p in step.iterdir()), "params": param_count(w.module)}
 
 
-def measure(strategies: list[str], sizes: list[int], reps: int) -> list[dict]:
+def measure(strategies: list[str], sizes: list[int], reps: int, workload: Workload = LARGEST) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for n in sizes:
             for strategy in strategies:
-                ranks = run_on_ranks(on_rank, n, (strategy, reps, scratch), timeout=600)
+                ranks = run_on_ranks(on_rank, n, (strategy, reps, scratch, workload), timeout=600)
                 rows.append({"strategy": strategy, "n": n, **ranks[0], "bytes_per_rank": [r["bytes"] for r in ranks]})
     return rows
 
@@ -86,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", nargs="+", default=["ddp", "zero", "fsdp"], choices=["ddp", "zero", "fsdp"])
     p.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4], help="world sizes")
     p.add_argument("--reps", type=int, default=3, help="saves and loads per configuration (the median is shown)")
+    p.add_argument("--quick", action="store_true", help="a tiny MLP at N = 1, 2, one repetition: checks, measures nothing")
     args = p.parse_args(argv)
-    print(report(measure(args.strategies, args.sizes, args.reps)), flush=True)
+    sizes, reps, workload = ([1, 2], 1, QUICK) if args.quick else (args.sizes, args.reps, LARGEST)
+    print(report(measure(args.strategies, sizes, reps, workload)), flush=True)
     return 0
 
 

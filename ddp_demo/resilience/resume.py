@@ -78,7 +78,7 @@ class Checkpointer:
         if not self.cfg.checkpoint_dir or step == 0 or step == self.last_saved:
             return
         if self.cfg.sharded_checkpoints:  # every rank writes its shards; rank 0 commits and prunes
-            meta = self.state_fn(step, epoch, logs)
+            meta = self.state_fn(step, epoch, logs) if self.ctx.is_main else {}  # meta.pt: rank 0's
             sharded.save(self.cfg.checkpoint_dir, step, *self.trained, meta, self.ctx.is_main)
             if self.ctx.is_main:
                 checkpoint.prune(Path(self.cfg.checkpoint_dir), self.cfg.keep_last)

@@ -47,8 +47,9 @@ def save(directory: str | Path, step: int, module, optimizer, meta: dict, is_mai
     """Every rank calls this: DCP writes each rank's shards, then rank 0 commits (renames)."""
     from ddp_demo.parallel import state_dict
 
-    meta = {**meta, "params": [n for n, _ in module.named_parameters()],
-            "param_groups": state_dict.param_groups(module, optimizer)}
+    if is_main:  # only rank 0 writes meta.pt
+        meta = {**meta, "params": [n for n, _ in module.named_parameters()],
+                "param_groups": state_dict.param_groups(module, optimizer)}
     final = Path(directory) / f"step-{step:06d}"
     write(final, state_dict.logical_state(module, optimizer), meta, is_main)
     return final
