@@ -40,7 +40,12 @@ def _wrapped(strategy: str, ctx: DistContext, workload: Workload):
     return w, x, y
 
 
-def on_rank(ctx: DistContext, strategy: str, reps: int, scratch: str, workload: Workload = LARGEST) -> dict:
+def on_rank(ctx: DistContext, strategies: list[str], reps: int, scratch: str, workload: Workload = LARGEST) -> dict:
+    """Every strategy in turn, in this one group: ``{strategy: this rank's row}``."""
+    return {strategy: _one_strategy(ctx, strategy, reps, scratch, workload) for strategy in strategies}
+
+
+def _one_strategy(ctx: DistContext, strategy: str, reps: int, scratch: str, workload: Workload) -> dict:
     from ddp_demo.resilience import sharded
 
     w, x, y = _wrapped(strategy, ctx, workload)
@@ -67,9 +72,9 @@ def measure(strategies: list[str], sizes: list[int], reps: int, workload: Worklo
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for n in sizes:
-            for strategy in strategies:
-                ranks = run_on_ranks(on_rank, n, (strategy, reps, scratch, workload), timeout=600)
-                rows.append({"strategy": strategy, "n": n, **ranks[0], "bytes_per_rank": [r["bytes"] for r in ranks]})
+            ranks = run_on_ranks(on_rank, n, (strategies, reps, scratch, workload), timeout=600)
+            rows += [{"strategy": s, "n": n, **ranks[0][s], "bytes_per_rank": [r[s]["bytes"] for r in ranks]}
+                     for s in strategies]
     return rows
 
 
