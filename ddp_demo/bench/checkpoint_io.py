@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", nargs="+", default=["ddp", "zero", "fsdp"], choices=["ddp", "zero", "fsdp"])
     p.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4], help="world sizes")
     p.add_argument("--reps", type=int, default=3, help="saves and loads per configuration (the median is shown)")
-    p.add_argument("--quick", action="store_true", help="a tiny MLP at N = 1, 2, one repetition: checks, measures nothing")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny MLP at N = 1, 2, one repetition (ignores --sizes, --reps): checks, measures nothing")
     args = p.parse_args(argv)
     sizes, reps, workload = ([1, 2], 1, QUICK) if args.quick else (args.sizes, args.reps, LARGEST)
     print(report(measure(args.strategies, sizes, reps, workload)), flush=True)
